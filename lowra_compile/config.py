@@ -1,0 +1,111 @@
+"""LowRAConfig: every option of the `lowra` backend, validated once.
+
+`torch.compile(model, backend="lowra", options={...})` hands the options dict to the backend, which
+turns it into a `LowRAConfig` through `LowRAConfig.from_options`. Unknown names and bad values raise a
+`ValueError` that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SUPPORTED_BITS = (1, 2, 3, 4)
+CODEBOOKS = ("lloyd", "nf", "uniform")
+KERNELS = ("auto", "triton", "reference")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+CALIBRATION = ("fisher", "activation", "off")
+
+
+@dataclass(frozen=True)
+class LowRAConfig:
+    """Options of the LowRA pipeline (all have defaults; see README "Options").
+
+    bits:         average code bits per frozen weight over the whole model (the budget), in [1, 4].
+    bit_choices:  bit widths a single output channel may get; the paper's set is (1, 2, 4).
+    group_size:   K elements sharing one absmax scale.
+    codebook:     "lloyd" (weighted Lloyd-Max per channel), "nf" (NormalFloat levels), "uniform" (RTN grid).
+    calibrate:    "fisher" (E[x^2] and E[g^2] from the first batch), "activation" (E[x^2] only) or
+                  "off" (plain weight error, the paper's data-free criterion). True means "fisher".
+    loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist and B is zero (0 = off).
+    lloyd_iters:  Lloyd-Max iterations per codebook.
+    skip:         substrings of parameter names whose linears stay dense (e.g. "lm_head").
+    kernels:      "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+    inner:        compiler run on the rewritten graph.
+    min_bits / max_bits: per-channel floor and ceiling applied on top of bit_choices.
+    progress:     show progress bars during quantization.
+    """
+
+    bits: float = 2.0
+    bit_choices: tuple[int, ...] = SUPPORTED_BITS
+    group_size: int = 64
+    codebook: str = "lloyd"
+    calibrate: str = "fisher"
+    loftq_iters: int = 1
+    lloyd_iters: int = 12
+    skip: tuple[str, ...] = ("lm_head",)
+    kernels: str = "auto"
+    inner: str = "inductor"
+    min_bits: int = 1
+    max_bits: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = tuple(sorted(set(int(b) for b in self.bit_choices)))
+        object.__setattr__(self, "bit_choices", choices)
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.calibrate is True:
+            object.__setattr__(self, "calibrate", "fisher")
+        elif self.calibrate is False:
+            object.__setattr__(self, "calibrate", "off")
+        bad = [b for b in choices if b not in SUPPORTED_BITS]
+        if not choices or bad:
+            raise ValueError(f"lowra: bit_choices {self.bit_choices} must be a non-empty subset of {SUPPORTED_BITS}")
+        allowed = self.allowed_bits
+        if not allowed:
+            raise ValueError(
+                f"lowra: no bit width in bit_choices={choices} lies within min_bits={self.min_bits} "
+                f"and max_bits={self.max_bits}; widen the range"
+            )
+        if not (1.0 <= float(self.bits) <= 4.0):
+            raise ValueError(f"lowra: bits={self.bits} is outside [1, 4]; pick an average budget such as 2.0 or 1.5")
+        if float(self.bits) < min(allowed) - 1e-9:
+            raise ValueError(
+                f"lowra: bits={self.bits} is below the smallest allowed width {min(allowed)}; "
+                f"add smaller widths to bit_choices or raise the budget"
+            )
+        _check_choice("codebook", self.codebook, CODEBOOKS)
+        _check_choice("kernels", self.kernels, KERNELS)
+        _check_choice("inner", self.inner, INNER_COMPILERS)
+        _check_choice("calibrate", self.calibrate, CALIBRATION)
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"lowra: group_size={self.group_size} must be a positive multiple of 8 (64 is the default)")
+        if self.loftq_iters < 0 or self.lloyd_iters < 0:
+            raise ValueError("lowra: loftq_iters and lloyd_iters must be >= 0")
+
+    @property
+    def allowed_bits(self) -> tuple[int, ...]:
+        return tuple(b for b in self.bit_choices if self.min_bits <= b <= self.max_bits)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "LowRAConfig" | None) -> "LowRAConfig":
+        """Build a config from `torch.compile(..., options=...)`; unknown names raise with the valid list."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"lowra: unknown option(s) {unknown}; valid options are {sorted(names)}")
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> "LowRAConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"lowra: {name}={value!r} is not one of {valid}")
+

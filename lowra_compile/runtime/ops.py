@@ -1,0 +1,111 @@
+"""The `lowra::*` torch.library ops: schemas, fake functions, autograd, and the reference implementation.
+
+    lowra::dequant(packed, k, group_size, dtype) -> W [N, K]
+    lowra::lora_linear(x, x_lora, packed, group_size, bias?, lora_a?, lora_b?, scaling) -> y
+    lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx)
+        -> (dx, dx_lora, dA, dB)
+
+The default implementation (every device) is `runtime.reference`. The codegen package registers faster
+CUDA implementations on the same ops (`op.register_kernel("cuda", ...)`), so graphs rewritten by the
+passes call `torch.ops.lowra.*` and pick up whichever implementation the device has. The backward of
+`lora_linear` is itself an op, so aot_autograd and inductor keep it as one opaque call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from . import reference
+
+
+@custom_op("lowra::dequant", mutates_args=())
+def dequant(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    return reference.dequantize(packed, k, group_size, dtype)
+
+
+@dequant.register_fake
+def _(packed, k, group_size, dtype):
+    return packed[0].new_empty(packed[0].shape[0], k, dtype=dtype)
+
+
+@custom_op("lowra::lora_linear", mutates_args=())
+def lora_linear(
+    x: Tensor,
+    x_lora: Tensor,
+    packed: list[Tensor],
+    group_size: int,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+) -> Tensor:
+    return reference.lora_linear(x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling)
+
+
+@lora_linear.register_fake
+def _(x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling):
+    dtype = reference.lora_output_dtype(x, lora_a)
+    return x.new_empty(*x.shape[:-1], packed[0].shape[0], dtype=dtype)
+
+
+@custom_op("lowra::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    grad: Tensor,
+    x_lora: Tensor,
+    packed: list[Tensor],
+    group_size: int,
+    k: int,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return reference.lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx)
+
+
+@lora_linear_backward.register_fake
+def _(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx):
+    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
+        return grad.new_empty(0)
+
+    dx = grad.new_empty(*grad.shape[:-1], k) if need_dx else empty()
+    if lora_a is None:
+        return dx, empty(), empty(), empty()
+    return dx, x_lora.new_empty(x_lora.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling = inputs
+    has_lora = lora_a is not None
+    ctx.save_for_backward(x_lora if has_lora else None, lora_a, lora_b, *packed)
+    ctx.group_size, ctx.scaling, ctx.k = group_size, scaling, x.shape[-1]
+    ctx.x_dtype, ctx.has_bias, ctx.has_lora = x.dtype, bias is not None, has_lora
+
+
+def _backward(ctx, grad: Tensor):
+    x_lora, lora_a, lora_b, *packed = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    if x_lora is None:
+        x_lora = grad.new_empty(0)
+    dx, dx_lora, da, db = torch.ops.lowra.lora_linear_backward(
+        grad, x_lora, packed, ctx.group_size, ctx.k, lora_a, lora_b, ctx.scaling, need_dx
+    )
+    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    no_packed_grad = [None] * len(packed)
+    if not ctx.has_lora:
+        return (dx.to(ctx.x_dtype) if need_dx else None), None, no_packed_grad, None, dbias, None, None, None
+    return (
+        dx.to(ctx.x_dtype) if need_dx else None,
+        dx_lora if ctx.needs_input_grad[1] else None,
+        no_packed_grad,
+        None,
+        dbias,
+        da if ctx.needs_input_grad[5] else None,
+        db if ctx.needs_input_grad[6] else None,
+        None,
+    )
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,87 @@
+"""Pure-torch reference of the LowRA ops: the specification every kernel is tested against, and the
+implementation used on CPU and under fake tensors.
+
+    dequantize:        packed tensors -> dense W [N, K] in original row order
+    lora_linear:       y  = x W^T + b + s * (x_lora A^T) B^T
+    lora_linear_bwd:   dx = dy W ;  S = x_lora A^T ;  dS = s * dy B ;  dB = s * dy^T S ;  dA = dS^T x_lora ;
+                       dx_lora = dS A
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .format import BIT_WIDTHS, dequantize_absmax, unpack_codes
+
+
+def dequantize(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    """Dense [N, K] weight in original row order, computed in fp32 and cast to `dtype`."""
+    perm, absmax_codes, absmax_scale, *groups = packed
+    n = perm.shape[0]
+    absmax = dequantize_absmax(absmax_codes, absmax_scale)
+    scale = absmax.repeat_interleave(group_size, dim=1)[:, :k]  # [N, K], packed row order
+    out = torch.empty(n, k, dtype=torch.float32, device=perm.device)
+    start = 0
+    for i, bits in enumerate(BIT_WIDTHS):
+        codes, codebook = groups[2 * i], groups[2 * i + 1]
+        rows = codes.shape[0]
+        if rows == 0:
+            continue
+        values = torch.gather(codebook.float(), 1, unpack_codes(codes, bits, k))
+        out[perm[start : start + rows].long()] = values * scale[start : start + rows]
+        start += rows
+    return out.to(dtype)
+
+
+def lora_output_dtype(x: Tensor, lora_a: Tensor | None) -> torch.dtype:
+    return x.dtype if lora_a is None else torch.promote_types(x.dtype, lora_a.dtype)
+
+
+def lora_linear(
+    x: Tensor,
+    x_lora: Tensor,
+    packed: list[Tensor],
+    group_size: int,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+) -> Tensor:
+    w = dequantize(packed, x.shape[-1], group_size, x.dtype)
+    y = F.linear(x, w, bias)
+    if lora_a is None:
+        return y
+    return y + scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
+
+
+def lora_linear_backward(
+    grad: Tensor,
+    x_lora: Tensor,
+    packed: list[Tensor],
+    group_size: int,
+    k: int,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dx_lora, dA, dB); the ones not computed are empty tensors (x_lora may be empty without LoRA)."""
+    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
+        return grad.new_empty(0)
+
+    dx = empty()
+    if need_dx:
+        w = dequantize(packed, k, group_size, grad.dtype)
+        dx = grad @ w
+    if lora_a is None:
+        return dx, empty(), empty(), empty()
+    g2 = grad.reshape(-1, grad.shape[-1]).to(lora_b.dtype)
+    xl2 = x_lora.reshape(-1, x_lora.shape[-1]).to(lora_a.dtype)
+    s = xl2 @ lora_a.t()
+    ds = scaling * (g2 @ lora_b)
+    db = scaling * (g2.t() @ s)
+    da = ds.t() @ xl2
+    dx_lora = (ds @ lora_a).view(*x_lora.shape[:-1], lora_a.shape[1])
+    return dx, dx_lora, da, db
