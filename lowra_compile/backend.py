@@ -1,0 +1,71 @@
+"""The `lowra` torch.compile backend: `torch.compile(model, backend="lowra", options={...})`.
+
+Per graph Dynamo hands over:
+    match     frozen linears (+ LoRA branches), already-packed ops after a recompile
+    pipeline  for weights never seen before: calibrate on this (first) batch, quantize, plan, LoftQ, attach
+    rewrite   a copy of the graph with one lowra.lora_linear per site, packed tensors as extra inputs
+    inner     inductor / aot_eager / eager on the rewritten graph
+    release   free every dense weight that all graphs now read through its packed form
+
+This module must not register the backend itself: the `torch_dynamo_backends` entry point does that
+(and `lowra_compile/__init__.py` for source checkouts).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import fx
+
+from . import codegen
+from .config import LowRAConfig
+from .passes.match import match_sites
+from .passes.pipeline import quantize_sites
+from .passes.release import packed_weight, release
+from .passes.rewrite import rewrite
+
+
+def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, inputs)
+
+
+def _shares_storage(weight: torch.Tensor, others: list) -> bool:
+    """True when another input views the same storage (tied embeddings): that weight must stay dense."""
+    ptr = weight.untyped_storage().data_ptr()
+    return any(
+        isinstance(t, torch.Tensor) and t is not weight and t.untyped_storage().data_ptr() == ptr
+        for t in others
+    )
+
+
+def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
+    """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
+    config = LowRAConfig.from_options(options)
+    codegen.set_kernel_mode(config.kernels)
+    sites = match_sites(gm, config.skip)
+    dense = [i for i, s in enumerate(sites) if s.packed is None]
+    new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
+    if new:
+        quantize_sites(gm, sites, new, example_inputs, config)
+    weights = {i: example_inputs[sites[i].weight_index] for i in dense}
+    packed = {i: list(w._lowra_packed) for i, w in weights.items()}
+    group_size = {i: s.group_size if s.packed is not None else weights[i]._lowra_group_size for i, s in enumerate(sites)}
+    fake_mode = torch._guards.detect_fake_mode()
+    new_gm, extra = rewrite(gm, sites, packed, group_size, fake_mode)
+    fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in extra] if fake_mode else extra
+    compiled = _compile_inner(new_gm, [*example_inputs, *fakes], config.inner)
+    for weight in weights.values():
+        if not _shares_storage(weight, example_inputs):
+            release(weight)
+
+    def run(*args):
+        return compiled(*args, *extra)
+
+    return run

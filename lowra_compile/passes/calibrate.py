@@ -1,0 +1,77 @@
+"""Sensitivity statistics from the first real batch the backend is compiled on.
+
+Runs the graph once on the real example inputs (Dynamo hands the backend the real parameters and the
+first batch) and records, for each site:
+
+    x2[k]  = E[x_k^2] over all tokens, per input channel        (always)
+    g2[n]  = E[(dL/dy_n)^2] over all tokens, per output channel  (when the graph returns a scalar loss)
+
+Together they give the diagonal-Fisher (OBD) error estimate of DESIGN.md section 6. The gradient is
+taken with `torch.autograd.grad` against the site outputs only, so no `.grad` of any parameter changes
+and the user's first optimizer step is unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx
+
+from .match import LinearSite
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    x2: Tensor  # [K] float32
+    g2: Tensor | None  # [N] float32, None when the graph has no loss
+
+
+def _mean_square(t: Tensor) -> Tensor:
+    return t.detach().float().pow(2).reshape(-1, t.shape[-1]).mean(0)
+
+
+def _find_loss(out) -> Tensor | None:
+    leaves = out if isinstance(out, (tuple, list)) else (out,)
+    for t in leaves:
+        if isinstance(t, Tensor) and t.numel() == 1 and t.dtype.is_floating_point and t.requires_grad:
+            return t
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    """Interpreter that records each site's input and makes its output differentiable."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[LinearSite], want_grad: bool):
+        super().__init__(gm)
+        self.inputs = {s.base: i for i, s in enumerate(sites)}
+        self.outputs = {s.output: i for i, s in enumerate(sites)}
+        self.x2: dict[int, Tensor] = {}
+        self.probes: dict[int, Tensor] = {}
+        self.want_grad = want_grad
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n in self.inputs:
+            self.x2[self.inputs[n]] = _mean_square(self.env[n.args[0]])
+        if n in self.outputs and self.want_grad and isinstance(result, Tensor) and torch.is_grad_enabled():
+            # Adding a zero that requires grad makes even a layer with no trainable input differentiable.
+            probe = torch.zeros((), device=result.device, dtype=result.dtype, requires_grad=True)
+            result = result + probe
+            self.probes[self.outputs[n]] = result
+        return result
+
+
+def calibrate(gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, use_loss: bool = True) -> list[SiteStats]:
+    """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch)."""
+    recorder = _Recorder(gm, sites, want_grad=use_loss)
+    with torch.enable_grad() if use_loss else torch.no_grad():
+        out = recorder.run(*example_inputs)
+    loss = _find_loss(out) if use_loss else None
+    g2: dict[int, Tensor] = {}
+    if loss is not None and recorder.probes:
+        keys = list(recorder.probes)
+        grads = torch.autograd.grad(loss, [recorder.probes[k] for k in keys], allow_unused=True)
+        g2 = {k: _mean_square(g) for k, g in zip(keys, grads) if g is not None}
+    del out, loss, recorder.probes
+    return [SiteStats(recorder.x2[i], g2.get(i)) for i in range(len(sites))]

@@ -1,0 +1,170 @@
+"""Find the frozen linear layers of a Dynamo graph and the PEFT LoRA branches on them.
+
+A site is one frozen linear, in one of two forms, optionally followed by a LoRA branch:
+
+    before (first compile)                          before (recompile, weight already packed)
+    %y  = linear(%x, %W_frozen, %b)                 %y = lowra.lora_linear(%x, %x, [%p0..%p10], 64, %b,
+                                                                           None, None, 0.0)
+    then, optionally, the LoRA branch:
+    %xl = dropout(%x, p, True, False)     # absent when lora_dropout=0; x_lora may be any node
+    %h  = linear(%xl, %A, None)
+    %z  = linear(%h, %B, None)
+    %m  = mul(%z, scaling)                # scaling: python float, or a SymFloat node under dynamic=True
+    %o  = add(%y, %m)
+
+`match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call.
+A weight is only a site when every use of it in the graph is such a linear; anything else (DoRA's norm of
+W, a tied embedding) leaves the layer dense, with one warning that names it.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .sources import placeholder_name
+
+_ADD = (operator.add, torch.add)
+_MUL = (operator.mul, torch.mul)
+_DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+
+
+@dataclass
+class LoraBranch:
+    """The nodes of one LoRA branch: x_lora feeds linear(A); `add` is the node whose value the site replaces."""
+
+    x_lora: fx.Node
+    lora_a: fx.Node
+    lora_b: fx.Node
+    scaling: float | fx.Node
+    nodes: tuple[fx.Node, ...]  # linear(A), linear(B), mul, add: replaced by the fused op
+    add: fx.Node
+
+
+@dataclass
+class LinearSite:
+    """One frozen linear. `weight_index` is the position of W in the graph's placeholders (= example_inputs)."""
+
+    name: str
+    base: fx.Node
+    x: fx.Node
+    bias: fx.Node | None
+    weight: fx.Node | None  # placeholder of the dense weight (None for an already packed op)
+    weight_index: int | None
+    packed: list[fx.Node] | None  # packed tensor nodes of an existing lowra op
+    group_size: int | None  # of an existing lowra op
+    lora: LoraBranch | None
+    shape: tuple[int, int]
+
+    @property
+    def output(self) -> fx.Node:
+        return self.lora.add if self.lora else self.base
+
+
+def _is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.linear
+
+
+def _is_lowra(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (
+        torch.ops.lowra.lora_linear.default,
+        torch.ops.lowra.lora_linear,
+    )
+
+
+def _example(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return x, w, bias
+
+
+def _trainable_placeholder(node) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return False
+    value = _example(node)
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _match_lora(base: fx.Node) -> LoraBranch | None:
+    """The LoRA branch added onto `base`, if `base`'s only user is `add(base, mul(linear(linear(xl, A), B), s))`."""
+    add = _only_user(base)
+    if add is None or add.op != "call_function" or add.target not in _ADD or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is base else add.args[0]
+    if not isinstance(other, fx.Node) or other.target not in _MUL or len(other.users) != 1:
+        return None
+    lin_b, scaling = other.args
+    if not isinstance(lin_b, fx.Node):
+        lin_b, scaling = scaling, lin_b
+    if not isinstance(lin_b, fx.Node) or not _is_linear(lin_b) or len(lin_b.users) != 1:
+        return None
+    h, lora_b, b_bias = _linear_args(lin_b)
+    if b_bias is not None or not _is_linear(h) or len(h.users) != 1 or not _trainable_placeholder(lora_b):
+        return None
+    x_lora, lora_a, a_bias = _linear_args(h)
+    if a_bias is not None or not _trainable_placeholder(lora_a):
+        return None
+    if not isinstance(scaling, (int, float, fx.Node)):
+        return None
+    return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, other, add), add)
+
+
+def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSite]:
+    """All rewritable frozen linears of `gm`, in graph order. Warns once per layer it must leave dense."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+    sites: list[LinearSite] = []
+    for node in gm.graph.nodes:
+        if _is_linear(node):
+            x, w, bias = _linear_args(node)
+            value = _example(w) if isinstance(w, fx.Node) else None
+            if w not in index or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
+                continue
+            name = placeholder_name(w)
+            if any(s in name for s in skip):
+                continue
+            reason = _unsupported(w, value)
+            if reason:
+                warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=2)
+                continue
+            sites.append(
+                LinearSite(name, node, x, bias, w, index[w], None, None, _match_lora(node), tuple(value.shape))
+            )
+        elif _is_lowra(node) and node.args[5] is None:
+            x, _, packed, group_size, bias = node.args[:5]
+            shape = (_example(packed[0]).shape[0], _example(x).shape[-1])
+            name = placeholder_name(packed[0]).removesuffix("._lowra_packed[0]")
+            sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape))
+    return sites
+
+
+def _unsupported(w: fx.Node, value: torch.Tensor) -> str | None:
+    if not value.dtype.is_floating_point:
+        return f"weight dtype {value.dtype} is not floating point (quantize a float model)"
+    others = [u for u in w.users if not (_is_linear(u) and u.args[1] is w)]
+    if others:
+        ops = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
+        return f"its weight is also read outside F.linear ({', '.join(ops)}), e.g. DoRA or a tied embedding"
+    return None
+
+
+def sibling_groups(sites: list[LinearSite]) -> list[list[int]]:
+    """Indices of sites that read the same input node (q/k/v, gate/up): kernels may read that input once."""
+    groups: dict[fx.Node, list[int]] = {}
+    for i, site in enumerate(sites):
+        groups.setdefault(site.x, []).append(i)
+    return list(groups.values())

@@ -1,0 +1,93 @@
+"""Quantize the new sites of a graph: calibrate -> quantize -> plan -> LoftQ -> attach packed weights.
+
+This is the one place where the per-site passes meet the whole-model plan. Every result is cached on
+the weight Parameter (`release.attach`), so a later graph (recompile, eval, generation) finds it and
+never quantizes the same weight twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from ..config import LowRAConfig
+from .calibrate import SiteStats, calibrate
+from .loftq import loftq_init
+from .match import LinearSite
+from .plan import plan_bits
+from .quantize import assemble, quantize_layer
+from .release import attach
+
+
+def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, example_inputs))
+
+
+def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> float:
+    """The LoRA scaling as a number: a python float, or `item()` of a placeholder under dynamic=True."""
+    if not isinstance(scaling, fx.Node):
+        return float(scaling)
+    source = scaling.args[0] if scaling.args else None
+    if isinstance(source, fx.Node) and source in values:
+        return float(values[source])
+    raise ValueError(f"lowra: cannot read the LoRA scaling from graph node {scaling.format_node()}")
+
+
+def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:
+    if config.calibrate == "off":
+        return [None] * len(sites)
+    stats = calibrate(gm, sites, example_inputs, use_loss=config.calibrate == "fisher")
+    if config.calibrate == "fisher":
+        missing = [sites[i].name for i in new if stats[i].g2 is None]
+        if missing:
+            # Fisher errors of some layers and activation errors of others are not comparable: use E[x^2] for all.
+            warnings.warn(
+                f"lowra: no loss gradient reached {len(missing)} layer(s) (e.g. {missing[0]!r}; is the first call "
+                "a training batch with labels?); planning on activation-weighted error instead",
+                stacklevel=3,
+            )
+            stats = [SiteStats(s.x2, None) for s in stats]
+    return stats
+
+
+@torch.no_grad()
+def quantize_sites(
+    gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig
+) -> None:
+    """Quantize `sites[i]` for i in `new` under one whole-model bit budget and attach the packed weights."""
+    values = _placeholder_values(gm, example_inputs)
+    stats = _statistics(gm, sites, new, example_inputs, config)
+    choices = config.allowed_bits
+    layers, errors = [], []
+    for i in tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer"):
+        site, weight = sites[i], example_inputs[sites[i].weight_index]
+        x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
+        lq = quantize_layer(weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters)
+        err = lq.error
+        if stats[i] is not None and stats[i].g2 is not None:
+            err = err * stats[i].g2.to(err.device)[:, None]
+        layers.append(lq)
+        errors.append(err)
+    bits = plan_bits(errors, [sites[i].shape[1] for i in new], choices, config.bits)
+    for j, i in enumerate(tqdm(new, desc="lowra: pack", disable=not config.progress, unit="layer")):
+        site, weight = sites[i], example_inputs[sites[i].weight_index]
+        packed = None
+        if site.lora is not None and config.loftq_iters > 0:
+            lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
+            if not lora_b.any():
+                s = _scaling_value(site.lora.scaling, values)
+                x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
+                packed, a, b = loftq_init(
+                    weight.detach(), bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
+                    config.codebook, x2, config.lloyd_iters,
+                )
+                lora_a.copy_(a.to(lora_a.dtype))
+                lora_b.copy_(b.to(lora_b.dtype))
+        if packed is None:
+            packed = assemble(layers[j], bits[j], weight.dtype)
+        attach(weight, packed.to(weight.device))
+        layers[j] = None  # free the candidate codes of every width as we go

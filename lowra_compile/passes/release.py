@@ -1,0 +1,99 @@
+"""Free the dense frozen weights that every graph now reads through their packed form.
+
+    before: W  Parameter [N, K], N*K*4 bytes, read by lowra.lora_linear's caller only as a placeholder
+    after:  W  ReleasedWeight [N, K], storage resized to 0; W._lowra_packed = (perm, absmax, ..., codebook_4)
+
+The Parameter object stays (same id, shape, dtype, requires_grad), so Dynamo's guards still hold and no
+recompile follows. Its class becomes `ReleasedWeight`, whose `__torch_function__` sends `F.linear` to the
+packed op and dequantizes for anything else, so eager calls of the model, `state_dict()` and `torch.save`
+keep working. On a recompile Dynamo inlines that `__torch_function__`, so the new graph holds the packed
+op directly. `materialize` undoes it all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from ..runtime.format import PackedWeight
+
+# Tensor methods that only read metadata: safe on a weight whose storage is gone.
+_METADATA = {
+    Tensor.size, Tensor.dim, Tensor.stride, Tensor.is_contiguous, Tensor.numel, Tensor.element_size,
+    Tensor.untyped_storage, Tensor.data_ptr, Tensor.__repr__,
+    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
+    Tensor.is_leaf.__get__, Tensor.grad.__get__, Tensor.ndim.__get__, Tensor.layout.__get__,
+    Tensor.is_cuda.__get__, Tensor.is_sparse.__get__, Tensor.is_quantized.__get__, Tensor.is_meta.__get__,
+    Tensor.requires_grad_, Tensor.__hash__,
+}
+
+
+def packed_weight(p: Tensor) -> PackedWeight | None:
+    """The packed form cached on a parameter by the backend, if any."""
+    return getattr(p, "_lowra_weight", None)
+
+
+def dequantized(p: Tensor) -> Tensor:
+    pw = p._lowra_weight
+    return torch.ops.lowra.dequant(list(p._lowra_packed), pw.shape[1], pw.group_size, pw.dtype)
+
+
+class ReleasedWeight(torch.nn.Parameter):
+    """A frozen weight whose dense storage was freed; reads go through its packed form."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is F.linear and isinstance(args[1], ReleasedWeight) and not isinstance(args[0], ReleasedWeight):
+                x, w = args[0], args[1]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
+            if func in _METADATA:
+                return func(*args, **kwargs)
+
+            def densify(a):
+                return dequantized(a) if isinstance(a, ReleasedWeight) else a
+
+            return func(*tree_map(densify, args), **tree_map(densify, kwargs))
+
+    def __reduce_ex__(self, proto):
+        # torch.save / deepcopy never touch the freed storage: they store the dequantized weight.
+        with torch._C.DisableTorchFunctionSubclass():
+            return (torch.nn.Parameter, (dequantized(self), False))
+
+    def __repr__(self) -> str:
+        pw = self._lowra_weight
+        return f"ReleasedWeight(shape={tuple(pw.shape)}, code_bits={pw.code_bits():.2f}, packed)"
+
+
+def attach(p: Tensor, packed: PackedWeight) -> None:
+    """Cache the packed form on the parameter, so recompiles never quantize again."""
+    p._lowra_weight = packed
+    p._lowra_packed = tuple(packed.tensors())
+    p._lowra_group_size = packed.group_size
+
+
+def release(p: Tensor) -> None:
+    """Free `p`'s dense storage; it must already carry its packed form (`attach`)."""
+    if isinstance(p, ReleasedWeight):
+        return
+    with torch.no_grad():
+        p.untyped_storage().resize_(0)
+    p.__class__ = ReleasedWeight
+
+
+def materialize_weight(p: Tensor) -> None:
+    """Give a released weight its dense storage back (dequantized) and its plain Parameter class."""
+    if not isinstance(p, ReleasedWeight):
+        return
+    with torch._C.DisableTorchFunctionSubclass():
+        dense = dequantized(p)
+        p.__class__ = torch.nn.Parameter
+        with torch.no_grad():
+            p.untyped_storage().resize_(dense.numel() * dense.element_size())
+            p.copy_(dense)
+    for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size"):
+        delattr(p, attr)

@@ -1,0 +1,103 @@
+"""Replace each site by one `lowra.lora_linear` call on its packed weight.
+
+    before                                            after
+    %y  = linear(%x, %W, %b)                          %p0 .. %p10 = placeholder   (packed tensors, appended)
+    %xl = dropout(%x, 0.1, True, False)               %xl = dropout(%x, 0.1, True, False)
+    %h  = linear(%xl, %A, None)                       %o  = lowra.lora_linear(%x, %xl, [%p0..%p10], 64, %b,
+    %z  = linear(%h, %B, None)                                                %A, %B, 2.0)
+    %m  = mul(%z, 2.0)
+    %o  = add(%y, %m)
+
+Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
+too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
+keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
+New placeholders carry static fake values; the caller passes the real packed tensors as trailing
+arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from .match import LinearSite
+
+_DYNAMO_ATTRS = ("meta", "_param_name_to_source")
+
+
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of Dynamo's GraphModule that can be changed freely, and the old -> new node map."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda n: env[n])
+        if hasattr(node, "_dynamo_source"):
+            new._dynamo_source = node._dynamo_source
+        env[node] = new
+    copy = fx.GraphModule(gm, graph)
+    for attr in _DYNAMO_ATTRS:
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy, env
+
+
+def _add_placeholders(graph: fx.Graph, tensors: list[Tensor], prefix: str, fake_mode) -> list[fx.Node]:
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    nodes = []
+    with graph.inserting_after(last):
+        for i, t in reversed(list(enumerate(tensors))):
+            node = graph.placeholder(f"{prefix}_{i}")
+            node._dynamo_source = None
+            fake = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
+            node.meta["example_value"] = node.meta["val"] = fake
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+            nodes.append(node)
+    return nodes[::-1]
+
+
+def rewrite(
+    gm: fx.GraphModule,
+    sites: list[LinearSite],
+    packed: dict[int, list[Tensor]],
+    group_size: dict[int, int],
+    fake_mode=None,
+) -> tuple[fx.GraphModule, list[Tensor]]:
+    """Copy `gm` and fuse every site listed in `packed` (site index -> packed tensors) into one op call.
+
+    Sites that are already packed ops reuse their own packed inputs. Returns the new module and the
+    tensors to append to its arguments, in placeholder order.
+    """
+    new_gm, env = copy_graph_module(gm)
+    graph = new_gm.graph
+    extra: list[Tensor] = []
+    for i, site in enumerate(sites):
+        if site.packed is not None:
+            packed_nodes = [env[p] for p in site.packed]
+        elif i in packed:
+            packed_nodes = _add_placeholders(graph, packed[i], f"lowra_packed_{i}", fake_mode)
+            extra += packed[i]
+        else:
+            continue
+        lora = site.lora
+        args = (
+            env[site.x],
+            env[lora.x_lora] if lora else env[site.x],
+            packed_nodes,
+            group_size[i],
+            env[site.bias] if isinstance(site.bias, fx.Node) else site.bias,
+            env[lora.lora_a] if lora else None,
+            env[lora.lora_b] if lora else None,
+            (env[lora.scaling] if isinstance(lora.scaling, fx.Node) else float(lora.scaling)) if lora else 0.0,
+        )
+        old_out = env[site.output]
+        with graph.inserting_before(old_out):
+            fused = graph.call_function(torch.ops.lowra.lora_linear.default, args)
+        fused.meta = dict(old_out.meta)
+        old_out.replace_all_uses_with(fused)
+        for node in reversed((env[site.base], *(env[n] for n in (lora.nodes if lora else ())))):
+            if not node.users:
+                graph.erase_node(node)
+    # Placeholders must keep their relative order: the appended ones come after Dynamo's.
+    graph.lint()
+    new_gm.recompile()
+    return new_gm, extra

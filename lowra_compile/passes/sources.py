@@ -1,0 +1,33 @@
+"""Names for Dynamo placeholders: parameter FQNs recovered from `node._dynamo_source`.
+
+Dynamo names a parameter placeholder after its access path (`L_self_dict_modules_...`); its source chain
+(`L['self'].__dict__['_modules']['model']._parameters['weight']`) gives back the module path that
+`model.named_parameters()` uses, which is what users see in warnings and the report.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+_SKIP = {"_modules", "_parameters", "_buffers", "__dict__"}
+
+
+def source_to_fqn(source) -> str:
+    parts: list[str] = []
+    while source is not None:
+        member = getattr(source, "member", None)
+        index = getattr(source, "index", None)
+        if member is not None:
+            parts.append(str(member))
+        elif index is not None:
+            parts.append(f"[{index}]" if isinstance(index, int) else str(index))
+        source = getattr(source, "base", None)
+    names = [p for p in reversed(parts) if p not in _SKIP]
+    return ".".join(names).replace(".[", "[")
+
+
+def placeholder_name(node: fx.Node) -> str:
+    """The parameter name of a placeholder, or the placeholder's own name when it has no source."""
+    source = getattr(node, "_dynamo_source", None)
+    name = source_to_fqn(source) if source is not None else ""
+    return name or str(node.target)
