@@ -1,6 +1,23 @@
-"""lowra-compile: `torch.compile(model, backend="lowra")` for LoRA on 1-4 bit mixed-precision base weights."""
+"""lowra-compile: `torch.compile(model, backend="lowra")` for LoRA on 1-4 bit mixed-precision base weights.
 
-from . import runtime
+    model = torch.compile(peft_model, backend="lowra", options={"bits": 2.0})
+    ...train as usual...
+    print(lowra_compile.report(model))
+"""
+
+import torch
+
+from . import codegen, runtime
+from .api import materialize, quantize_
+from .backend import lowra_backend
 from .config import LowRAConfig
+from .report import KernelReport, report
 
-__all__ = ["LowRAConfig", "runtime"]
+codegen.register_kernels()
+
+# An installed package publishes the backend through its `torch_dynamo_backends` entry point, which
+# list_backends() already includes; a source checkout on PYTHONPATH has none, so register it here.
+if "lowra" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(lowra_backend, name="lowra")
+
+__all__ = ["KernelReport", "LowRAConfig", "lowra_backend", "materialize", "quantize_", "report", "runtime"]

@@ -62,11 +62,16 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+def _concrete(value):
+    """Under dynamic shapes Dynamo passes sizes as SymInts; the run needs the values of this batch."""
+    return value.node.hint if isinstance(value, (torch.SymInt, torch.SymFloat)) else value
+
+
 def calibrate(gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, use_loss: bool = True) -> list[SiteStats]:
     """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch)."""
     recorder = _Recorder(gm, sites, want_grad=use_loss)
     with torch.enable_grad() if use_loss else torch.no_grad():
-        out = recorder.run(*example_inputs)
+        out = recorder.run(*[_concrete(v) for v in example_inputs])
     loss = _find_loss(out) if use_loss else None
     g2: dict[int, Tensor] = {}
     if loss is not None and recorder.probes:

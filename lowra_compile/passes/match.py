@@ -137,13 +137,23 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSi
             name = placeholder_name(w)
             if any(s in name for s in skip):
                 continue
-            reason = _unsupported(w, value)
+            if not value.dtype.is_floating_point:
+                raise ValueError(
+                    f"lowra: layer {name!r} has {value.dtype} weights; only real floating-point weights can be "
+                    f"quantized. Convert the model to float32/bfloat16 or skip the layer with options={{'skip': ({name!r},)}}"
+                )
+            reason = _unsupported(w)
             if reason:
                 warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=2)
                 continue
-            sites.append(
-                LinearSite(name, node, x, bias, w, index[w], None, None, _match_lora(node), tuple(value.shape))
-            )
+            lora = _match_lora(node)
+            if lora is not None and _match_lora(lora.add) is not None:
+                warnings.warn(
+                    f"lowra: layer {name!r} has several active LoRA adapters: the first is fused into the "
+                    "low-bit op, the others run as separate ops",
+                    stacklevel=2,
+                )
+            sites.append(LinearSite(name, node, x, bias, w, index[w], None, None, lora, tuple(value.shape)))
         elif _is_lowra(node) and node.args[5] is None:
             x, _, packed, group_size, bias = node.args[:5]
             shape = (_example(packed[0]).shape[0], _example(x).shape[-1])
@@ -152,9 +162,7 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSi
     return sites
 
 
-def _unsupported(w: fx.Node, value: torch.Tensor) -> str | None:
-    if not value.dtype.is_floating_point:
-        return f"weight dtype {value.dtype} is not floating point (quantize a float model)"
+def _unsupported(w: fx.Node) -> str | None:
     others = [u for u in w.users if not (_is_linear(u) and u.args[1] is w)]
     if others:
         ops = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})

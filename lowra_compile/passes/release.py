@@ -60,9 +60,13 @@ class ReleasedWeight(torch.nn.Parameter):
             return func(*tree_map(densify, args), **tree_map(densify, kwargs))
 
     def __reduce_ex__(self, proto):
-        # torch.save / deepcopy never touch the freed storage: they store the dequantized weight.
+        # torch.save / pickle never touch the freed storage: they store the dequantized weight.
         with torch._C.DisableTorchFunctionSubclass():
             return (torch.nn.Parameter, (dequantized(self), False))
+
+    def __deepcopy__(self, memo):
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.nn.Parameter(dequantized(self), requires_grad=False)
 
     def __repr__(self) -> str:
         pw = self._lowra_weight

@@ -1,0 +1,177 @@
+"""`lowra_compile.report(model)`: what the backend did to each layer, and which kernels ran.
+
+Per quantized layer: shape, output channels per bit width, code bits and effective bits per weight
+(codes + codebooks + scales + permutation), bytes before and after, and the kernel path(s) the
+codegen log recorded for that layer's shape (with time and throughput when timing was requested).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import codegen
+from .passes.release import ReleasedWeight, packed_weight
+from .runtime.format import BIT_WIDTHS
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    shape: tuple[int, int]
+    channels_per_bits: dict[int, int]
+    code_bits: float
+    effective_bits: float
+    bytes_dense: int
+    bytes_packed: int
+    released: bool
+    kernels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    layers: tuple[LayerRow, ...]
+    kernels: tuple[dict, ...] = field(default_factory=tuple)
+
+    @property
+    def params(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.layers)
+
+    def _weighted(self, attr: str) -> float:
+        total = self.params
+        return sum(getattr(r, attr) * r.shape[0] * r.shape[1] for r in self.layers) / total if total else 0.0
+
+    @property
+    def code_bits(self) -> float:
+        return self._weighted("code_bits")
+
+    @property
+    def effective_bits(self) -> float:
+        return self._weighted("effective_bits")
+
+    @property
+    def bytes_dense(self) -> int:
+        return sum(r.bytes_dense for r in self.layers)
+
+    @property
+    def bytes_packed(self) -> int:
+        return sum(r.bytes_packed for r in self.layers)
+
+    def summary(self) -> dict:
+        return {
+            "layers": len(self.layers),
+            "params": self.params,
+            "code_bits": round(self.code_bits, 4),
+            "effective_bits": round(self.effective_bits, 4),
+            "bytes_dense": self.bytes_dense,
+            "bytes_packed": self.bytes_packed,
+            "channels_per_bits": {b: sum(r.channels_per_bits[b] for r in self.layers) for b in BIT_WIDTHS},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(
+            {"summary": self.summary(), "layers": [asdict(r) for r in self.layers], "kernels": list(self.kernels)},
+            indent=indent,
+            default=str,
+        )
+
+    def _table(self, sep: str, markdown: bool) -> list[str]:
+        head = ["layer", "shape", "1b/2b/3b/4b channels", "code bits", "eff. bits", "MiB dense->packed", "kernel"]
+        rows = [
+            [
+                r.name,
+                f"{r.shape[0]}x{r.shape[1]}",
+                "/".join(str(r.channels_per_bits[b]) for b in BIT_WIDTHS),
+                f"{r.code_bits:.3f}",
+                f"{r.effective_bits:.3f}",
+                f"{r.bytes_dense / 2**20:.2f}->{r.bytes_packed / 2**20:.2f}" + ("" if r.released else " (dense kept)"),
+                ", ".join(r.kernels) or "-",
+            ]
+            for r in self.layers
+        ]
+        if markdown:
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            return lines + ["| " + " | ".join(row) + " |" for row in rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        fmt = lambda row: sep.join(x.ljust(w) for x, w in zip(row, widths))  # noqa: E731
+        return [fmt(head), "-" * (sum(widths) + len(sep) * (len(widths) - 1))] + [fmt(row) for row in rows]
+
+    def _footer(self) -> str:
+        s = self.summary()
+        return (
+            f"{s['layers']} layers, {s['params']:,} weights: {s['code_bits']:.3f} code bits, "
+            f"{s['effective_bits']:.3f} effective bits per weight; "
+            f"{s['bytes_dense'] / 2**20:.1f} MiB dense -> {s['bytes_packed'] / 2**20:.1f} MiB packed"
+        )
+
+    def __str__(self) -> str:
+        return "\n".join(["lowra kernel report", *self._table("  ", False), self._footer()])
+
+    def to_markdown(self) -> str:
+        return "\n".join([*self._table(" | ", True), "", self._footer()])
+
+    def plot(self, path: str) -> None:
+        """PNG: code bits per layer (stacked channel shares per width) and kernel times when measured."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        timed = [k for k in self.kernels if k.get("time_ms") is not None]
+        fig, axes = plt.subplots(2 if timed else 1, 1, figsize=(max(8, len(self.layers) * 0.15), 7 if timed else 4))
+        ax = axes[0] if timed else axes
+        bottom = [0.0] * len(self.layers)
+        for b in BIT_WIDTHS:
+            share = [b * r.channels_per_bits[b] / r.shape[0] for r in self.layers]
+            ax.bar(range(len(self.layers)), share, bottom=bottom, label=f"{b}-bit channels")
+            bottom = [x + y for x, y in zip(bottom, share)]
+        ax.set_ylabel("code bits per weight")
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=7)
+        if timed:
+            labels = [f"{k.get('path')} {k.get('M')}x{k.get('K')}x{k.get('N')}" for k in timed]
+            axes[1].barh(labels, [k["time_ms"] for k in timed])
+            axes[1].set_xlabel("ms")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _kernels_by_shape(log: list[dict]) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for rec in log:
+        key = (rec.get("N"), rec.get("K"))
+        label = rec.get("path", "?")
+        if rec.get("time_ms") is not None:
+            label += f" {rec['time_ms']:.3f}ms"
+        if label not in out.setdefault(key, []):
+            out[key].append(label)
+    return out
+
+
+def report(model: torch.nn.Module) -> KernelReport:
+    """The kernel report of a model compiled with `backend="lowra"` (or quantized with `quantize_`)."""
+    log = list(codegen.kernel_log())
+    by_shape = _kernels_by_shape(log)
+    rows = []
+    for name, p in model.named_parameters(remove_duplicate=True):
+        pw = packed_weight(p)
+        if pw is None:
+            continue
+        n, k = pw.shape
+        rows.append(
+            LayerRow(
+                name=name.removeprefix("_orig_mod."),
+                shape=(n, k),
+                channels_per_bits=pw.rows_per_width(),
+                code_bits=pw.code_bits(),
+                effective_bits=pw.effective_bits(),
+                bytes_dense=n * k * torch.empty((), dtype=pw.dtype).element_size(),
+                bytes_packed=pw.nbytes(),
+                released=isinstance(p, ReleasedWeight),
+                kernels=tuple(by_shape.get((n, k), ())),
+            )
+        )
+    return KernelReport(tuple(rows), tuple(log))

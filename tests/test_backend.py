@@ -1,0 +1,239 @@
+"""End to end: `torch.compile(model, backend="lowra")` on tiny PEFT Llamas and plain linear stacks."""
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import lowra_compile
+from lowra_compile.passes.release import ReleasedWeight, packed_weight
+
+from .tiny_models import batch, tiny_peft_llama
+
+QUIET = {"progress": False, "inner": "eager"}
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="lowra", options={**QUIET, **options})
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_unchanged_training_loop_losses_fall():
+    model = tiny_peft_llama()
+    compiled = _compile(model, bits=2.0)
+    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    data = batch(16)
+    losses = []
+    for _ in range(20):
+        loss = compiled(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.2, losses
+
+
+@pytest.mark.parametrize(
+    "inner,dynamic", [("eager", None), ("aot_eager", None), ("inductor", None), ("eager", True)]
+)
+def test_lora_gradients_match_eager_model_on_dequantized_weights(inner, dynamic):
+    model = tiny_peft_llama()
+    compiled = torch.compile(model, backend="lowra", dynamic=dynamic, options={**QUIET, "inner": inner})
+    data = batch(16)
+    compiled(**data).loss.backward()  # first call: calibrate, quantize, LoftQ init, release
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)  # released weights deep-copy as dense dequantized Parameters
+    assert not any(isinstance(p, ReleasedWeight) for p in reference.parameters())
+
+    counters.clear()
+    loss = compiled(**data).loss
+    loss.backward()
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    assert not counters["graph_break"]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    got, want = _lora_grads(model), _lora_grads(reference)
+    assert got.keys() == want.keys() and len(got) == 28
+    for name in got:
+        assert (got[name] - want[name]).abs().max() <= 1e-5, name
+        assert got[name].abs().sum() > 0, name
+
+
+def test_four_sequence_lengths_recompile_at_most_once_and_fuse_lora(monkeypatch):
+    graphs = []
+    rewrite = lowra_compile.backend.rewrite
+
+    def spy(*args, **kwargs):
+        gm, extra = rewrite(*args, **kwargs)
+        graphs.append(gm)
+        return gm, extra
+
+    monkeypatch.setattr(lowra_compile.backend, "rewrite", spy)
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    counters.clear()
+    for length in (16, 12, 20, 10):
+        compiled(**batch(length)).loss.backward()
+    assert not counters["graph_break"]
+    assert len(graphs) <= 2
+    for gm in graphs:  # the recompiled graph reads packed weights and still fuses every adapter
+        ops = [n for n in gm.graph.nodes if n.target is torch.ops.lowra.lora_linear.default]
+        assert len(ops) == 14 and all(n.args[5] is not None for n in ops)
+        assert not [n for n in gm.graph.nodes if n.target is F.linear and "lora" not in str(n.args[1])][:-1]
+
+
+def test_frozen_weights_released_eager_calls_and_checkpoints_keep_working(tmp_path):
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    data = batch(16)
+    compiled(**data).loss.backward()
+    frozen = [p for p in model.parameters() if packed_weight(p) is not None]
+    assert len(frozen) == 14  # 7 projections x 2 layers; lm_head is skipped by default
+    assert all(isinstance(p, ReleasedWeight) and p.untyped_storage().nbytes() == 0 for p in frozen)
+    rep = lowra_compile.report(compiled)
+    fp32_bytes = sum(p.numel() * 4 for p in frozen)
+    held = sum(p.untyped_storage().nbytes() + packed_weight(p).nbytes() for p in frozen)
+    assert held <= rep.effective_bits / 32 * fp32_bytes * 1.01
+    assert abs(rep.code_bits - 2.0) <= 0.01
+
+    with torch.no_grad():
+        out = compiled(**data).logits
+        torch.testing.assert_close(model(**data).logits, out)  # the uncompiled model, eagerly
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    fresh = tiny_peft_llama(seed=1)
+    fresh.load_state_dict(torch.load(path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**data).logits, out, atol=1e-5, rtol=1e-5)
+
+
+def test_materialize_restores_dense_weights():
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    data = batch(8)
+    with torch.no_grad():
+        out = compiled(**data).logits
+    lowra_compile.materialize(model)
+    assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**data).logits, out)
+
+
+def test_plain_sequential_without_adapters_under_no_grad():
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(100, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32)).requires_grad_(False)
+    x = torch.randn(8, 100)
+    compiled = _compile(seq, bits=3.0)
+    with torch.no_grad():
+        y = compiled(x)
+    assert isinstance(seq[0].weight, ReleasedWeight) and isinstance(seq[2].weight, ReleasedWeight)
+    w0, w2 = (lowra_compile.passes.release.dequantized(seq[i].weight) for i in (0, 2))
+    torch.testing.assert_close(y, F.linear(F.relu(F.linear(x, w0, seq[0].bias)), w2, seq[2].bias))
+    assert abs(lowra_compile.report(compiled).code_bits - 3.0) <= 0.01
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"bits": 5.0}, "outside"),
+        ({"bits": 0.5}, "outside"),
+        ({"bits": 1.5, "bit_choices": (2, 4)}, "below the smallest"),
+        ({"bitz": 2.0}, "unknown option"),
+        ({"bit_choices": (1, 5)}, "subset"),
+        ({"codebook": "k-means"}, "codebook"),
+    ],
+)
+def test_bad_options_raise_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        lowra_compile.LowRAConfig.from_options(options)
+    compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(64, 64)).requires_grad_(False), backend="lowra", options=options)
+    with pytest.raises(Exception, match=message):
+        compiled(torch.randn(2, 64))
+
+
+def test_complex_weights_raise_naming_the_layer():
+    lin = torch.nn.Linear(64, 64, dtype=torch.complex64).requires_grad_(False)
+    compiled = _compile(torch.nn.Sequential(lin))
+    with pytest.raises(Exception, match=r"complex64.*skip"):
+        compiled(torch.randn(2, 64, dtype=torch.complex64))
+
+
+def _compiled_matches_eager(model, compiled, data):
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**data).logits, model(**data).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_layers_stay_dense_and_train():
+    # PEFT's DoRA calls its base layer outside any graph Dynamo captures (graph breaks), so the backend
+    # never sees those linears: they stay dense and exact, and the model still trains.
+    model = tiny_peft_llama(use_dora=True)
+    compiled = _compile(model)
+    compiled(**batch(8)).loss.backward()
+    magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
+    assert magnitudes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+    assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())
+    _compiled_matches_eager(model, compiled, batch(8, seed=1))
+
+
+class _ReadsWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64).requires_grad_(False)
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight) + self.proj.weight.sum(0)
+
+
+def test_weight_read_outside_linear_stays_dense_with_a_warning():
+    module = _ReadsWeight()
+    x = torch.randn(4, 64)
+    expected = module(x)
+    compiled = _compile(module)
+    with pytest.warns(UserWarning, match="proj.weight.*stays dense"):
+        got = compiled(x)
+    torch.testing.assert_close(got, expected)
+    assert not isinstance(module.proj.weight, ReleasedWeight)
+
+
+def test_multiple_active_adapters_fuse_the_first_and_warn():
+    from peft import LoraConfig
+
+    model = tiny_peft_llama()
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # non-zero: both adapters change the output
+    compiled = _compile(model, loftq_iters=0)
+    with pytest.warns(UserWarning, match="several active LoRA adapters"):
+        compiled(**batch(8)).loss.backward()
+    _compiled_matches_eager(model, compiled, batch(8, seed=1))
+
+
+def test_report_table_json_and_markdown():
+    model = tiny_peft_llama()
+    compiled = _compile(model, bits=1.5)
+    compiled(**batch(8)).loss.backward()
+    rep = lowra_compile.report(compiled)
+    assert len(rep.layers) == 14 and abs(rep.code_bits - 1.5) <= 0.01
+    assert rep.effective_bits > rep.code_bits and rep.bytes_packed < rep.bytes_dense / 8
+    text = str(rep)
+    assert "q_proj" in text and "effective bits" in text
+    import json
+
+    data = json.loads(rep.to_json())
+    assert data["summary"]["layers"] == 14
+    assert rep.to_markdown().startswith("| layer |")
