@@ -29,3 +29,16 @@ def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, **lora_kwargs):
 def batch(length: int = 16, size: int = 2, seed: int = 0) -> dict:
     ids = torch.randint(0, VOCAB, (size, length), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def capture_graph(fn, *args, **kwargs):
+    """The Dynamo graph and real example inputs that a backend would receive for `fn(*args, **kwargs)`."""
+    captured = []
+
+    def backend(gm, example_inputs, **_):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch.compile(fn, backend=backend)(*args, **kwargs)
+    assert len(captured) == 1, "expected one graph"
+    return captured[0]

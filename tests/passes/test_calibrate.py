@@ -1,0 +1,46 @@
+import torch
+
+from lowra_compile.passes.calibrate import calibrate
+from lowra_compile.passes.match import match_sites
+
+from ..tiny_models import capture_graph
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(8, 6).requires_grad_(False)
+        self.b = torch.nn.Linear(6, 4).requires_grad_(False)
+        self.head = torch.nn.Parameter(torch.randn(4))  # trainable, so a loss reaches the frozen layers
+
+    def forward(self, x, target=None):
+        y = self.b(torch.tanh(self.a(x))) * self.head
+        return ((y - target) ** 2).mean() if target is not None else y
+
+
+def test_first_batch_second_moments_and_loss_gradients():
+    model, x, target = TwoLayers(), torch.randn(3, 5, 8), torch.randn(3, 5, 4)
+    gm, inputs = capture_graph(model, x, target)
+    sites = match_sites(gm)
+    stats = calibrate(gm, sites, inputs)
+
+    h_in = x.requires_grad_(False)
+    ya = model.a(h_in).requires_grad_()
+    yb = model.b(torch.tanh(ya))
+    yb.retain_grad()
+    loss = ((yb * model.head - target) ** 2).mean()
+    ga, gb = torch.autograd.grad(loss, [ya, yb])
+    torch.testing.assert_close(stats[0].x2, (x**2).reshape(-1, 8).mean(0))
+    torch.testing.assert_close(stats[1].x2, (torch.tanh(ya) ** 2).reshape(-1, 6).mean(0))
+    torch.testing.assert_close(stats[0].g2, (ga**2).reshape(-1, 6).mean(0))
+    torch.testing.assert_close(stats[1].g2, (gb**2).reshape(-1, 4).mean(0))
+    assert model.head.grad is None, "calibration must not leave gradients on parameters"
+
+
+def test_graph_without_loss_gives_activation_statistics_only():
+    model, x = TwoLayers(), torch.randn(3, 8)
+    gm, inputs = capture_graph(model, x)
+    stats = calibrate(gm, match_sites(gm), inputs)
+    assert all(s.g2 is None for s in stats)
+    torch.testing.assert_close(stats[0].x2, (x**2).mean(0))

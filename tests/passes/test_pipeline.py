@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+import lowra_compile
+from lowra_compile.passes import pipeline
+
+from ..tiny_models import batch, tiny_peft_llama
+
+
+def _spy(monkeypatch):
+    seen = {"x2": [], "errors": []}
+    quantize_layer, plan_bits = pipeline.quantize_layer, pipeline.plan_bits
+
+    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters):
+        seen["x2"].append(x2)
+        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters)
+
+    def plan_spy(errors, in_features, choices, budget):
+        seen["errors"] = errors
+        return plan_bits(errors, in_features, choices, budget)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", quantize_spy)
+    monkeypatch.setattr(pipeline, "plan_bits", plan_spy)
+    return seen
+
+
+def _first_step(options, data):
+    model = tiny_peft_llama()
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager", **options})
+    out = compiled(**data)
+    if out.loss is not None:
+        out.loss.backward()
+    return model
+
+
+def test_calibrate_off_plans_on_plain_weight_error(monkeypatch):
+    seen = _spy(monkeypatch)
+    _first_step({"calibrate": "off"}, batch(8))
+    assert len(seen["x2"]) == 14 and all(x2 is None for x2 in seen["x2"])
+
+
+def test_fisher_errors_are_activation_errors_times_gradient_moments(monkeypatch):
+    seen = _spy(monkeypatch)
+    _first_step({"calibrate": "activation", "loftq_iters": 0}, batch(8))
+    activation = [e.clone() for e in seen["errors"]]
+    assert all(x2 is not None and x2.shape[0] in (64, 128) for x2 in seen["x2"])
+    seen["x2"].clear()
+    torch._dynamo.reset()
+    _first_step({"calibrate": "fisher", "loftq_iters": 0}, batch(8))
+    ratios = [f / a.clamp_min(1e-30) for f, a in zip(seen["errors"], activation)]
+    # per row, the Fisher error is the activation error times one factor E[g^2] shared by every width
+    for r in ratios:
+        assert torch.allclose(r, r[:, :1].expand_as(r), rtol=1e-4)
+        assert (r[:, 0] > 0).all()
+
+
+def test_fisher_without_a_loss_falls_back_to_activation_statistics(monkeypatch):
+    seen = _spy(monkeypatch)
+    data = batch(8)
+    data.pop("labels")
+    with pytest.warns(UserWarning, match="no loss gradient"):
+        _first_step({"calibrate": "fisher"}, data)
+    assert all(x2 is not None for x2 in seen["x2"])
+
+
+def test_packing_happens_once_per_weight(monkeypatch):
+    seen = _spy(monkeypatch)
+    model = tiny_peft_llama()
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    compiled(**batch(8)).loss.backward()
+    with torch.no_grad():  # grad mode and shape changes recompile; the weights are packed already
+        model.eval()
+        compiled(**batch(12))
+    assert len(seen["x2"]) == 14
+    assert lowra_compile.report(compiled).layers
