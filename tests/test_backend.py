@@ -237,3 +237,24 @@ def test_report_table_json_and_markdown():
     data = json.loads(rep.to_json())
     assert data["summary"]["layers"] == 14
     assert rep.to_markdown().startswith("| layer |")
+
+
+def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch):
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    data = batch(8)
+    compiled(**data).loss.backward()
+    path = tmp_path / "base.lowra.safetensors"
+    assert lowra_compile.save_quantized(compiled, path) == 14
+    with torch.no_grad():
+        want = compiled(**data).logits
+
+    fresh = tiny_peft_llama(seed=3)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if packed_weight(v) is None}, strict=False)
+    lowra_compile.load_quantized(fresh, path)
+    assert sum(isinstance(p, ReleasedWeight) for p in fresh.parameters()) == 14
+    monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer", None)  # must not be called
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = _compile(fresh)(**data).logits
+    torch.testing.assert_close(got, want)

@@ -32,6 +32,7 @@ from torch import Tensor
 BIT_WIDTHS = (1, 2, 3, 4)
 ABSMAX_BLOCK = 256
 CODEBOOK_DTYPE = torch.float16
+TENSOR_COUNT = 3 + 2 * len(BIT_WIDTHS)  # length of PackedWeight.tensors()
 
 
 def words_per_row(bits: int, k: int) -> int:

@@ -1,0 +1,57 @@
+"""Save and load the packed base weights of a model (safetensors), so a run can skip quantization.
+
+    lowra_compile.save_quantized(model, "base.lowra.safetensors")      # after the first compiled step
+    model = build_the_same_architecture(); peft_model.load_adapter(...) # adapters: PEFT as usual
+    lowra_compile.load_quantized(model, "base.lowra.safetensors")      # attaches + releases packed weights
+    torch.compile(model, backend="lowra")                               # finds them: no re-quantization
+
+One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
+"lowra" holds shape, dtype and group size per parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .passes.release import attach, packed_weight, release
+from .runtime.format import TENSOR_COUNT, PackedWeight
+
+
+def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
+    """Write every packed weight of `model` to `path`; returns how many layers were saved."""
+    tensors, meta = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        pw = packed_weight(p)
+        if pw is None:
+            continue
+        name = name.removeprefix("_orig_mod.")
+        for i, t in enumerate(pw.tensors()):
+            tensors[f"{name}::{i}"] = t.detach().contiguous().cpu()
+        meta[name] = {"shape": list(pw.shape), "dtype": str(pw.dtype).removeprefix("torch."), "group_size": pw.group_size}
+    if not meta:
+        raise ValueError("lowra: the model has no packed weights; run one compiled step (or quantize_) first")
+    save_file(tensors, str(path), metadata={"lowra": json.dumps(meta)})
+    return len(meta)
+
+
+def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Attach the packed weights in `path` to `model`'s parameters of the same names and free the dense ones."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lowra"])
+        for name, info in meta.items():
+            try:
+                p = model.get_parameter(name)
+            except AttributeError as err:
+                raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
+            if tuple(p.shape) != tuple(info["shape"]):
+                raise ValueError(f"lowra: layer {name!r} is {tuple(p.shape)} here but {tuple(info['shape'])} in {path}")
+            tensors = [f.get_tensor(f"{name}::{i}").to(p.device) for i in range(TENSOR_COUNT)]
+            dtype = getattr(torch, info["dtype"])
+            attach(p, PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"]))
+            release(p)
+    return model
