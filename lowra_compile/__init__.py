@@ -8,7 +8,7 @@
 import torch
 
 from . import codegen, runtime
-from .api import materialize, quantize_
+from .api import materialize, merge, quantize_
 from .backend import lowra_backend
 from .checkpoint import load_quantized, save_quantized
 from .config import LowRAConfig
@@ -21,4 +21,4 @@ codegen.register_kernels()
 if "lowra" not in torch._dynamo.list_backends(exclude_tags=()):
     torch._dynamo.register_backend(lowra_backend, name="lowra")
 
-__all__ = ["KernelReport", "LowRAConfig", "lowra_backend", "materialize", "quantize_", "report", "runtime", "load_quantized", "save_quantized"]
+__all__ = ["KernelReport", "LowRAConfig", "lowra_backend", "materialize", "merge", "quantize_", "report", "runtime", "load_quantized", "save_quantized"]

@@ -30,3 +30,16 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(p, ReleasedWeight):
             materialize_weight(p)
     return model
+
+
+def merge(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold the LoRA adapters into dense weights: dequantize the base, then PEFT's `merge_and_unload`.
+
+    Returns the merged plain transformers model (dense, in the base weights' dtype), ready for export or
+    for quantizing again with a new `torch.compile(..., backend="lowra")`.
+    """
+    materialize(model)
+    base = getattr(model, "_orig_mod", model)
+    if not hasattr(base, "merge_and_unload"):
+        raise ValueError("lowra: merge needs a PEFT model (it has no merge_and_unload); use materialize() instead")
+    return base.merge_and_unload()

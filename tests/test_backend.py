@@ -258,3 +258,16 @@ def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch
     with torch.no_grad():
         got = _compile(fresh)(**data).logits
     torch.testing.assert_close(got, want)
+
+
+def test_merge_folds_adapters_into_the_dequantized_base():
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    data = batch(8)
+    compiled(**data).loss.backward()  # LoftQ makes the adapters non-zero
+    with torch.no_grad():
+        want = compiled(**data).logits
+    merged = lowra_compile.merge(model)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
