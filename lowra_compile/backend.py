@@ -50,6 +50,8 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     config = LowRAConfig.from_options(options)
     codegen.set_kernel_mode(config.kernels)
     sites = match_sites(gm, config.skip)
+    if not sites:
+        return _compile_inner(gm, example_inputs, config.inner)
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
