@@ -271,3 +271,20 @@ def test_merge_folds_adapters_into_the_dequantized_base():
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_model_trains():
+    model = tiny_peft_llama().to(torch.bfloat16)
+    compiled = _compile(model)
+    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    data = batch(16)
+    losses = []
+    for _ in range(3):
+        loss = compiled(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
+    assert len(released) == 14 and all(p.dtype == torch.bfloat16 for p in released)
