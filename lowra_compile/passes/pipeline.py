@@ -88,6 +88,6 @@ def quantize_sites(
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
         if packed is None:
-            packed = assemble(layers[j], bits[j], weight.dtype)
+            packed = assemble(layers[j], weight.detach(), bits[j])
         attach(weight, packed.to(weight.device))
         layers[j] = None  # free the candidate codes of every width as we go

@@ -1,0 +1,57 @@
+"""LoftQ initialisation: choose the LoRA factors so that Q + s * B @ A approximates W better than Q alone.
+
+    B, A = 0
+    repeat T times:
+        Q    = quantize(W - s * B @ A)                (widths per row fixed by the plan)
+        B, A = rank-r SVD of (W - deq(Q)) / s,  split as U sqrt(S), sqrt(S) Vh
+
+PEFT initialises B to zero, so without this the adapters start by adding nothing and fine-tuning first
+has to undo the quantization error; with it the first step already starts from W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..runtime.format import PackedWeight
+from ..runtime.reference import dequantize
+from .quantize import quantize_rows
+
+_FULL_SVD_MAX = 2048  # above this, a randomised low-rank SVD is much faster and as accurate for rank r
+
+
+def _low_rank(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    if min(residual.shape) <= _FULL_SVD_MAX:
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    else:
+        u, s, v = torch.svd_lowrank(residual, q=min(rank + 16, min(residual.shape)), niter=4)
+        vh = v.t()
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root[None, :]).contiguous()
+
+
+@torch.no_grad()
+def loftq_init(
+    weight: Tensor,
+    bits_per_row: Tensor,
+    rank: int,
+    scaling: float,
+    iters: int,
+    group_size: int,
+    codebook: str,
+    x2: Tensor | None,
+    lloyd_iters: int,
+) -> tuple[PackedWeight, Tensor, Tensor]:
+    """(packed Q, lora_A [rank, K], lora_B [N, rank]) after `iters` >= 1 alternating steps, in fp32."""
+    if iters < 1 or scaling == 0:
+        raise ValueError("lowra: LoftQ needs iters >= 1 and a non-zero LoRA scaling")
+    w = weight.float()
+    n, k = w.shape
+    a, b = w.new_zeros(rank, k), w.new_zeros(n, rank)
+    packed = None
+    for _ in range(iters):
+        packed = quantize_rows(w - scaling * b @ a, bits_per_row, group_size, codebook, x2, lloyd_iters)
+        residual = (w - dequantize(packed.tensors(), k, group_size, torch.float32)) / scaling
+        a, b = _low_rank(residual, rank)
+    return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, group_size), a, b

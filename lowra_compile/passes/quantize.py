@@ -1,0 +1,169 @@
+"""Per-layer quantization: absmax groups, per-channel codebooks at every candidate width, their errors.
+
+For a weight W [N, K] (rows = output channels):
+
+    absmax[n, g]  = max |W[n, g*G:(g+1)*G]|, double-quantized (runtime.format.quantize_absmax)
+    v[n, k]       = W[n, k] / absmax[n, k // G]                    in [-1, 1]
+    u[n, k]       = absmax[n, k // G]^2 * E[x_k^2]                 (E[x^2] = 1 without calibration)
+    levels_b[n]   = 2^b sorted levels per row: weighted Lloyd-Max on (v[n], u[n]) from NormalFloat init,
+                    or fixed NF / uniform levels
+    error[n, b]   = sum_k u[n, k] * (v[n, k] - levels_b[n][code])^2 = sum_k (dW[n, k])^2 * E[x_k^2]
+
+All rows of a layer are processed at once; codes come from `torch.searchsorted` on the per-row
+thresholds (midpoints of sorted levels), never from an argmin over all levels. Levels are rounded to
+the stored fp16 before the final assignment, so errors describe exactly what `runtime` dequantizes.
+Only levels and errors are kept per width; `assemble` recomputes the codes of the chosen width, so
+planning a large model never holds codes for every width at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..runtime.format import CODEBOOK_DTYPE, PackedWeight, dequantize_absmax, pack_weight, quantize_absmax
+
+NF_OFFSET = 0.9677  # QLoRA's NF4 quantile offset
+
+
+def nf_levels(bits: int) -> Tensor:
+    """NormalFloat levels: 2^(b-1) positive and 2^(b-1) - 1 negative normal quantiles plus 0, in [-1, 1]."""
+    if bits == 1:
+        return torch.tensor([-1.0, 1.0])
+    normal = torch.distributions.Normal(0.0, 1.0)
+    half = 2 ** (bits - 1)
+    pos = normal.icdf(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1])
+    neg = -normal.icdf(torch.linspace(NF_OFFSET, 0.5, half)[:-1])
+    levels = torch.cat([neg, torch.zeros(1), pos]).sort().values
+    return levels / levels.abs().max()
+
+
+def uniform_levels(bits: int) -> Tensor:
+    """The round-to-nearest grid: 2^b evenly spaced levels from -1 to 1."""
+    return torch.linspace(-1.0, 1.0, 2**bits)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Candidates of one layer. Tensors: absmax_codes uint8 [N, G], absmax_scale [N, ceil(G/256)],
+    levels {b: [N, 2^b] float32, fp16-exact}, error [N, len(bit_choices)] float32."""
+
+    bit_choices: tuple[int, ...]
+    group_size: int
+    absmax_codes: Tensor
+    absmax_scale: Tensor
+    levels: dict[int, Tensor]
+    error: Tensor
+
+
+def _check_weight(weight: Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"lowra: expected a 2-D linear weight, got shape {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise ValueError(f"lowra: cannot quantize {weight.dtype} weights; convert the model to float32/bfloat16")
+
+
+def _normalise(weight: Tensor, group_size: int, absmax_codes: Tensor, absmax_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """v = W / absmax (in [-1, 1]) and the per-element absmax, both [N, K] float32."""
+    k = weight.shape[1]
+    absmax = dequantize_absmax(absmax_codes, absmax_scale).repeat_interleave(group_size, dim=1)[:, :k]
+    v = weight.float() / absmax.clamp_min(torch.finfo(torch.float32).tiny)
+    return v.clamp(-1.0, 1.0), absmax
+
+
+def group_absmax(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Double-quantized absmax of every `group_size` run along K (the last run may be shorter)."""
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    padded = weight.new_zeros(n, groups * group_size, dtype=torch.float32)
+    padded[:, :k] = weight.float().abs()
+    return quantize_absmax(padded.view(n, groups, group_size).amax(-1))
+
+
+def _assign(v: Tensor, levels: Tensor) -> Tensor:
+    """Index of the nearest level per element (levels sorted per row): search the midpoints."""
+    thresholds = (levels[:, 1:] + levels[:, :-1]) / 2
+    return torch.searchsorted(thresholds.contiguous(), v.contiguous())
+
+
+def _weighted_error(v: Tensor, u: Tensor, levels: Tensor) -> Tensor:
+    return (u * (v - torch.gather(levels, 1, _assign(v, levels))) ** 2).sum(1)
+
+
+def _lloyd(v: Tensor, u: Tensor, levels: Tensor, iters: int) -> Tensor:
+    """Weighted 1-D k-means per row: levels <- weighted centroid of their cells; empty cells keep theirs."""
+    for _ in range(iters):
+        codes = _assign(v, levels)
+        num = torch.zeros_like(levels).scatter_add_(1, codes, u * v)
+        den = torch.zeros_like(levels).scatter_add_(1, codes, u)
+        levels = torch.where(den > 0, num / den.clamp_min(1e-30), levels).sort(dim=1).values
+    return levels
+
+
+def _fp16_exact(levels: Tensor) -> Tensor:
+    return levels.to(CODEBOOK_DTYPE).float()
+
+
+def fit_levels(v: Tensor, u: Tensor, bits: int, codebook: str, lloyd_iters: int) -> tuple[Tensor, Tensor]:
+    """Levels [N, 2^b] (fp16-exact) and the weighted error [N] of one width for all rows."""
+    n = v.shape[0]
+    init = (uniform_levels(bits) if codebook == "uniform" else nf_levels(bits)).to(v.device)
+    fixed = _fp16_exact(init.expand(n, -1).contiguous())
+    fixed_error = _weighted_error(v, u, fixed)
+    if codebook != "lloyd":
+        return fixed, fixed_error
+    learned = _fp16_exact(_lloyd(v, u, fixed, lloyd_iters))
+    learned_error = _weighted_error(v, u, learned)
+    better = learned_error <= fixed_error  # never worse than NF for any row
+    return torch.where(better[:, None], learned, fixed), torch.where(better, learned_error, fixed_error)
+
+
+def quantize_layer(
+    weight: Tensor,
+    bit_choices: tuple[int, ...],
+    group_size: int,
+    codebook: str,
+    x2: Tensor | None,
+    lloyd_iters: int,
+) -> LayerQuant:
+    """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring)."""
+    _check_weight(weight)
+    bad = [b for b in bit_choices if b not in (1, 2, 3, 4)]
+    if bad:
+        raise ValueError(f"lowra: bit widths {bad} are not supported; choose from 1, 2, 3, 4")
+    absmax_codes, absmax_scale = group_absmax(weight, group_size)
+    v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
+    u = absmax**2 if x2 is None else absmax**2 * x2.float().to(weight.device)[None, :]
+    levels, errors = {}, []
+    for bits in bit_choices:
+        levels[bits], err = fit_levels(v, u, bits, codebook, lloyd_iters)
+        errors.append(err)
+    return LayerQuant(tuple(bit_choices), group_size, absmax_codes, absmax_scale, levels, torch.stack(errors, 1))
+
+
+def assemble(lq: LayerQuant, weight: Tensor, bits_per_row: Tensor) -> PackedWeight:
+    """Pack `weight` with each row at its planned width, using the levels found by `quantize_layer`."""
+    v, _ = _normalise(weight, lq.group_size, lq.absmax_codes, lq.absmax_scale)
+    n, k = weight.shape
+    bits_per_row = bits_per_row.to(weight.device)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
+    levels = torch.zeros(n, 16, device=weight.device)
+    for bits in lq.bit_choices:
+        rows = (bits_per_row == bits).nonzero().squeeze(1)
+        if len(rows):
+            codes[rows] = _assign(v[rows], lq.levels[bits][rows]).to(torch.uint8)
+            levels[rows, : 2**bits] = lq.levels[bits][rows]
+    unplanned = set(bits_per_row.unique().tolist()) - set(lq.bit_choices)
+    if unplanned:
+        raise ValueError(f"lowra: rows planned at {sorted(unplanned)} bits, which were not quantized ({lq.bit_choices})")
+    return pack_weight(codes, bits_per_row, levels, lq.absmax_codes, lq.absmax_scale, lq.group_size, weight.dtype)
+
+
+def quantize_rows(
+    weight: Tensor, bits_per_row: Tensor, group_size: int, codebook: str, x2: Tensor | None, lloyd_iters: int
+) -> PackedWeight:
+    """Quantize with the widths already fixed per row (LoftQ's inner step)."""
+    widths = tuple(sorted(set(bits_per_row.tolist())))
+    return assemble(quantize_layer(weight, widths, group_size, codebook, x2, lloyd_iters), weight, bits_per_row)
