@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from lowra_compile.passes.quantize import assemble, nf_levels, quantize_layer, uniform_levels
+from lowra_compile.runtime.reference import dequantize
+
+CHOICES = (1, 2, 3, 4)
+
+
+def _layer(n=48, k=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    w[:, :5] *= 8  # a few outlier columns, as in real LLM weights
+    x2 = torch.rand(k, generator=gen) + 0.05
+    return w, x2
+
+
+@pytest.mark.parametrize("bits", CHOICES)
+def test_level_sets_are_sorted_in_unit_interval(bits):
+    for levels in (nf_levels(bits), uniform_levels(bits)):
+        assert levels.shape == (2**bits,)
+        assert (levels.diff() > 0).all() and levels.min() >= -1 and levels.max() <= 1
+
+
+@pytest.mark.parametrize("x2", [False, True])
+def test_weighted_lloyd_never_worse_than_normalfloat_per_row(x2):
+    w, act = _layer()
+    act = act if x2 else None
+    lloyd = quantize_layer(w, CHOICES, 64, "lloyd", act, 10)
+    nf = quantize_layer(w, CHOICES, 64, "nf", act, 10)
+    assert (lloyd.error <= nf.error * (1 + 1e-6)).all()
+    assert (lloyd.error.sum(0) < nf.error.sum(0)).all(), "Lloyd-Max should improve the layer at every width"
+    assert (lloyd.error[:, :-1] >= lloyd.error[:, 1:]).float().mean() > 0.95, "more bits, less error"
+
+
+@pytest.mark.parametrize("k,group", [(200, 64), (128, 64), (90, 32)])
+@pytest.mark.parametrize("codebook", ["lloyd", "nf", "uniform"])
+def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook):
+    w, x2 = _layer(k=k)
+    lq = quantize_layer(w, CHOICES, group, codebook, x2, 6)
+    bits = torch.tensor(CHOICES).repeat(w.shape[0] // 4)
+    packed = assemble(lq, w, bits)
+    deq = dequantize(packed.tensors(), k, group, torch.float32)
+    recomputed = ((w - deq) ** 2 * x2).sum(1)
+    planned = lq.error.gather(1, (bits - 1)[:, None]).squeeze(1)
+    torch.testing.assert_close(recomputed, planned, rtol=1e-4, atol=1e-9)
+    assert packed.rows_per_width() == {b: w.shape[0] // 4 for b in CHOICES}
+
+
+def test_activation_weighting_moves_error_off_busy_inputs():
+    w, _ = _layer()
+    x2 = torch.ones(w.shape[1])
+    x2[:50] = 100.0
+    plain = quantize_layer(w, (2,), 64, "lloyd", None, 10)
+    weighted = quantize_layer(w, (2,), 64, "lloyd", x2, 10)
+
+    def busy_error(lq):
+        deq = dequantize(assemble(lq, w, torch.full((w.shape[0],), 2)).tensors(), w.shape[1], 64, torch.float32)
+        return ((w - deq)[:, :50] ** 2).sum()
+
+    assert busy_error(weighted) < busy_error(plain)
+
+
+def test_bfloat16_weights_are_accepted():
+    w, x2 = _layer()
+    lq = quantize_layer(w.bfloat16(), (2, 4), 64, "lloyd", x2, 4)
+    packed = assemble(lq, w.bfloat16(), torch.full((w.shape[0],), 4))
+    assert packed.dtype == torch.bfloat16 and packed.code_bits() == 4
+
+
+@pytest.mark.parametrize(
+    "weight,choices,message",
+    [
+        (torch.zeros(4, 64, dtype=torch.int32), (2,), "int32"),
+        (torch.zeros(4, 64, dtype=torch.complex64), (2,), "complex64"),
+        (torch.zeros(4, 8, 8), (2,), "2-D"),
+        (torch.zeros(4, 64), (5,), "not supported"),
+    ],
+)
+def test_bad_input_raises(weight, choices, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_layer(weight, choices, 64, "lloyd", None, 2)
+
+
+def test_assemble_rejects_widths_that_were_not_quantized():
+    w, _ = _layer()
+    lq = quantize_layer(w, (2, 4), 64, "nf", None, 0)
+    with pytest.raises(ValueError, match="not quantized"):
+        assemble(lq, w, torch.full((w.shape[0],), 3))
