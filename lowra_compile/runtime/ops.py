@@ -2,8 +2,8 @@
 
     lowra::dequant(packed, k, group_size, dtype) -> W [N, K]
     lowra::lora_linear(x, x_lora, packed, group_size, bias?, lora_a?, lora_b?, scaling) -> y
-    lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx)
-        -> (dx, dx_lora, dA, dB)
+    lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx, merge_dx)
+        -> (dx, dx_lora, dA, dB)     merge_dx: x_lora is x (no dropout), so dx = dy W + dS A in one GEMM
 
 The default implementation (every device) is `runtime.reference`. The codegen package registers faster
 CUDA implementations on the same ops (`op.register_kernel("cuda", ...)`), so graphs rewritten by the
@@ -61,19 +61,21 @@ def lora_linear_backward(
     lora_b: Tensor | None,
     scaling: float,
     need_dx: bool,
+    merge_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return reference.lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx)
+    return reference.lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx)
 
 
 @lora_linear_backward.register_fake
-def _(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx):
+def _(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx):
     def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
         return grad.new_empty(0)
 
     dx = grad.new_empty(*grad.shape[:-1], k) if need_dx else empty()
     if lora_a is None:
         return dx, empty(), empty(), empty()
-    return dx, x_lora.new_empty(x_lora.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+    dx_lora = empty() if merge_dx else x_lora.new_empty(x_lora.shape)
+    return dx, dx_lora, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -82,15 +84,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x_lora if has_lora else None, lora_a, lora_b, *packed)
     ctx.group_size, ctx.scaling, ctx.k = group_size, scaling, x.shape[-1]
     ctx.x_dtype, ctx.has_bias, ctx.has_lora = x.dtype, bias is not None, has_lora
+    ctx.merge_dx = has_lora and x_lora is x  # no dropout: both gradients flow into the same tensor
 
 
 def _backward(ctx, grad: Tensor):
     x_lora, lora_a, lora_b, *packed = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
+    merge_dx = ctx.merge_dx and need_dx
     if x_lora is None:
         x_lora = grad.new_empty(0)
     dx, dx_lora, da, db = torch.ops.lowra.lora_linear_backward(
-        grad, x_lora, packed, ctx.group_size, ctx.k, lora_a, lora_b, ctx.scaling, need_dx
+        grad, x_lora, packed, ctx.group_size, ctx.k, lora_a, lora_b, ctx.scaling, need_dx, merge_dx
     )
     dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
     no_packed_grad = [None] * len(packed)
@@ -98,7 +102,7 @@ def _backward(ctx, grad: Tensor):
         return (dx.to(ctx.x_dtype) if need_dx else None), None, no_packed_grad, None, dbias, None, None, None
     return (
         dx.to(ctx.x_dtype) if need_dx else None,
-        dx_lora if ctx.needs_input_grad[1] else None,
+        dx_lora if ctx.needs_input_grad[1] and not merge_dx else None,
         no_packed_grad,
         None,
         dbias,

@@ -66,8 +66,12 @@ def lora_linear_backward(
     lora_b: Tensor | None,
     scaling: float,
     need_dx: bool,
+    merge_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dx_lora, dA, dB); the ones not computed are empty tensors (x_lora may be empty without LoRA)."""
+    """(dx, dx_lora, dA, dB); the ones not computed are empty tensors (x_lora may be empty without LoRA).
+
+    merge_dx: x_lora is x, so return dx = dy W + dS A and an empty dx_lora.
+    """
     def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
         return grad.new_empty(0)
 
@@ -84,4 +88,6 @@ def lora_linear_backward(
     db = scaling * (g2.t() @ s)
     da = ds.t() @ xl2
     dx_lora = (ds @ lora_a).view(*x_lora.shape[:-1], lora_a.shape[1])
-    return dx, dx_lora, da, db
+    if merge_dx:
+        return dx + dx_lora.to(dx.dtype), empty(), da, db
+    return dx, dx_lora.to(x_lora.dtype), da, db
