@@ -143,9 +143,15 @@ def _kernels_by_shape(log: list[dict]) -> dict[tuple[int, int], list[str]]:
     out: dict[tuple[int, int], list[str]] = {}
     for rec in log:
         key = (rec.get("N"), rec.get("K"))
-        label = rec.get("path", "?")
+        label = f"{rec.get('op', '?')}:{rec.get('path', '?')}"
+        if rec.get("config"):
+            label += f"[{rec['config']}]"
         if rec.get("time_ms") is not None:
-            label += f" {rec['time_ms']:.3f}ms"
+            label += f" M={rec.get('M')} {rec['time_ms']:.3f}ms"
+            if rec.get("tflops"):
+                label += f" {rec['tflops']:.1f}TFLOP/s"
+            elif rec.get("gbps"):
+                label += f" {rec['gbps']:.0f}GB/s"
         if label not in out.setdefault(key, []):
             out[key].append(label)
     return out

@@ -1,7 +1,13 @@
-"""Every test starts and ends with a fresh Dynamo cache."""
+"""Test setup: Triton kernels run in the interpreter on CPU machines; each test gets a fresh Dynamo cache."""
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,20 +1,23 @@
-"""Codegen: Triton kernels per bit width, registered as the CUDA implementations of the `lowra::*` ops.
+"""Codegen: Triton kernels per bit width, registered as the device implementations of the `lowra::*` ops.
 
-Public API: `register_kernels()`, `set_kernel_mode("auto"|"triton"|"reference")`, `kernel_log()`.
+    dequant.py         packed weight -> dense rows in original order (memory-bound, one launch per bit group)
+    lora_gemm.py       C = X Wt + alpha S Bt + bias in one GEMM (forward, and dx = dy W + dS A)
+    lora_grad.py       dS = alpha dy B and dB = alpha dy^T S from one read of dy
+    fused_small_m.py   dequant in the GEMM main loop for small M, LoRA folded in, rows scattered via perm
+    select.py          kernel mode, tile configs, selection table and autotune per shape bucket
+    log.py             the kernel log the report reads (optionally timed)
+    register.py        the op implementations and their registration
+
+Public API: `register_kernels()`, `set_kernel_mode("auto"|"triton"|"reference")`, `kernel_log()`,
+`clear_log()`, `set_timing(on)`, `free_scratch()`; selection tables: `measured()`, `save_table()`.
 """
 
-_MODE = "auto"
-_LOG: list[dict] = []
+from .dequant import free_scratch
+from .log import clear_log, kernel_log, set_timing
+from .register import register_kernels
+from .select import kernel_mode, measured, save_table, set_kernel_mode
 
-
-def register_kernels() -> None:
-    """Register the CUDA implementations on the runtime ops (idempotent; harmless without a GPU)."""
-
-
-def set_kernel_mode(mode: str) -> None:
-    global _MODE
-    _MODE = mode
-
-
-def kernel_log() -> list[dict]:
-    return list(_LOG)
+__all__ = [
+    "clear_log", "free_scratch", "kernel_log", "kernel_mode", "measured", "register_kernels", "save_table",
+    "set_kernel_mode", "set_timing",
+]

@@ -1,0 +1,168 @@
+"""The device implementations of the `lowra::*` ops, registered on the runtime's custom ops.
+
+CUDA tensors run the Triton kernels (or cuBLAS pieces) that `select` chooses; mode "reference" sends
+them to `runtime.reference`. CPU tensors take the reference too, unless LOWRA_FORCE_TRITON=1 and the
+kernels were built for the interpreter (TRITON_INTERPRET=1 before lowra_compile is imported): then the
+real kernels run on the CPU tensors, which is how CI tests them. Fake tensors always take the
+reference (the interpreter cannot trace), and so does anything the kernels do not cover (float64, bf16
+in the interpreter, a group size that is not a power of two, no tokens). Every call is logged.
+
+Precision: every product runs in x's dtype with fp32 accumulation, as autocast would run it, also when
+the adapters are fp32 (PEFT's default next to a bf16 base); results take the dtypes the fake functions
+promise (y: promote(x, A); dx: grad's; dx_lora: x_lora's; dA, dB: the adapters'). With fp32 adapters
+that rounds S, dS and the adapters to bf16 inside the products, where the reference computes the
+LoRA terms in fp32; an fp32 GEMM at 7B shapes would cost more than the whole bf16 step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..runtime import ops as _ops  # noqa: F401  (defines the ops registered on below)
+from ..runtime import reference
+from ..runtime.format import BIT_WIDTHS
+from . import log, select
+from .dequant import dequantize, scratch
+from .fused_small_m import fused_small_m
+from .lora_gemm import lora_gemm
+from .lora_grad import lora_dys_dyb
+from .select import REFERENCE, Choice
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels above were decorated
+_registered = False
+
+
+def _use_triton(t: Tensor, dtype: torch.dtype, group_size: int, m: int) -> bool:
+    if select.kernel_mode() == "reference" or torch._subclasses.fake_tensor.is_fake(t):
+        return False
+    if m == 0 or group_size & (group_size - 1):
+        return False
+    if t.device.type == "cuda":
+        return dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if t.device.type != "cpu" or os.environ.get("LOWRA_FORCE_TRITON") != "1":
+        return False
+    if not INTERPRETED:
+        raise RuntimeError("lowra: LOWRA_FORCE_TRITON=1 on CPU needs TRITON_INTERPRET=1 set before importing lowra_compile")
+    return dtype in (torch.float16, torch.float32)  # the interpreter has no bf16 arithmetic
+
+
+def _bits(packed: list[Tensor]) -> dict[int, int]:
+    return {b: int(packed[3 + 2 * i].shape[0]) for i, b in enumerate(BIT_WIDTHS) if packed[3 + 2 * i].shape[0]}
+
+
+def dequant_impl(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    n = packed[0].shape[0]
+    nbytes = sum(t.numel() * t.element_size() for t in packed) + n * k * dtype.itemsize
+    if not _use_triton(packed[0], dtype, group_size, n):
+        return log.record("dequant", REFERENCE, 0, k, n, 0, _bits(packed),
+                          lambda: reference.dequantize(packed, k, group_size, dtype), packed[0].device, nbytes=nbytes)
+    device = packed[0].device
+    choice = Choice("dequant", "", "gpu" if device.type == "cuda" else "interp")
+    return log.record("dequant", choice, 0, k, n, 0, _bits(packed),
+                      lambda: dequantize(packed, k, group_size, dtype, **choice.tiles("dequant", device)), device, nbytes=nbytes)
+
+
+def _forward(c: Choice, x2: Tensor, xl2: Tensor | None, packed: list[Tensor], group_size: int, bias: Tensor | None,
+             lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, out_dtype: torch.dtype) -> Tensor:
+    k, n, cd = x2.shape[1], packed[0].shape[0], x2.dtype
+    s = xl2.to(cd) @ lora_a.t().to(cd) if lora_a is not None else None  # S = x_lora A^T: its own GEMM
+    if c.path == "fused-small-m":
+        return fused_small_m(x2, packed, group_size, bias, s, lora_b, scaling, out_dtype, **c.tiles("fused", x2.device))
+    w = dequantize(packed, k, group_size, cd, out=scratch(n, k, cd, x2.device), **c.tiles("dequant", x2.device))
+    if c.gemm == "cublas":
+        y = F.linear(x2, w, bias)
+        return (y if s is None else y.addmm_(s, lora_b.t().to(cd), alpha=scaling)).to(out_dtype)
+    return lora_gemm(x2, w.t(), s, None if s is None else lora_b.t(), scaling, bias, out_dtype, **c.tiles("gemm", x2.device))
+
+
+def lora_linear_impl(x: Tensor, x_lora: Tensor, packed: list[Tensor], group_size: int, bias: Tensor | None,
+                     lora_a: Tensor | None, lora_b: Tensor | None, scaling: float) -> Tensor:
+    k, n = x.shape[-1], packed[0].shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    flops = 2 * m * n * k + 2 * m * rank * (k + n)
+    if not _use_triton(x, x.dtype, group_size, m):
+        return log.record("lora_linear", REFERENCE, m, k, n, rank, _bits(packed), lambda: reference.lora_linear(
+            x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling), x.device, flops=flops)
+    xl2 = x_lora.reshape(-1, k) if lora_a is not None else None
+    out_dtype = reference.lora_output_dtype(x, lora_a)
+
+    def run(c: Choice) -> Tensor:
+        return _forward(c, x2, xl2, packed, group_size, bias, lora_a, lora_b, scaling, out_dtype)
+
+    choice = select.choose("forward", m, k, n, rank, x.device, run)
+    y = log.record("lora_linear", choice, m, k, n, rank, _bits(packed), lambda: run(choice), x.device, flops=flops)
+    return y.view(*x.shape[:-1], n)
+
+
+def _backward_dtype(grad: Tensor, x_lora: Tensor, lora_a: Tensor | None) -> torch.dtype:
+    """x's dtype, which every backward product runs in: x_lora's with LoRA, else grad's (then y's is x's)."""
+    return x_lora.dtype if lora_a is not None else grad.dtype
+
+
+def _backward(c: Choice, grad: Tensor, x_lora: Tensor, packed: list[Tensor], group_size: int, k: int,
+              lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, need_dx: bool, merge_dx: bool):
+    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
+        return grad.new_empty(0)
+
+    n = packed[0].shape[0]
+    cd = _backward_dtype(grad, x_lora, lora_a)
+    g2 = grad.reshape(-1, n).to(cd)
+    ds, dx_lora, da, db = None, empty(), empty(), empty()
+    if lora_a is not None:
+        xl2 = x_lora.reshape(-1, k)
+        s = xl2 @ lora_a.t().to(cd)
+        if c.gemm == "triton":  # dS and dB from one read of dy
+            ds32, db32 = lora_dys_dyb(g2, s, lora_b, scaling, **c.tiles("grad", grad.device))
+            ds, db = ds32.to(cd), db32.to(lora_b.dtype)
+        else:
+            ds, db = scaling * (g2 @ lora_b.to(cd)), (scaling * (g2.t() @ s)).to(lora_b.dtype)
+        da = (ds.t() @ xl2).to(lora_a.dtype)
+        if not merge_dx:
+            dx_lora = (ds @ lora_a.to(cd)).view(x_lora.shape)
+    dx = empty()
+    if need_dx:
+        w = dequantize(packed, k, group_size, cd, out=scratch(n, k, cd, grad.device), **c.tiles("dequant", grad.device))
+        fold = merge_dx and lora_a is not None  # dx = dy W + dS A: the LoRA term as extra K-steps
+        if c.gemm == "triton":
+            dx = lora_gemm(g2, w, ds if fold else None, lora_a if fold else None, 1.0, None, grad.dtype, **c.tiles("gemm", grad.device))
+        else:
+            dx = g2 @ w
+            dx = (dx.addmm_(ds, lora_a.to(cd)) if fold else dx).to(grad.dtype)
+        dx = dx.view(*grad.shape[:-1], k)
+    return dx, dx_lora, da, db
+
+
+def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor], group_size: int, k: int,
+                              lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, need_dx: bool,
+                              merge_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = packed[0].shape[0]
+    m = grad.numel() // n
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    flops = (2 * m * n * k if need_dx else 0) + 2 * m * rank * (3 * k + 2 * n)  # S, dA, dS A and dS, dB
+    args = (grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx)
+    if not _use_triton(grad, _backward_dtype(grad, x_lora, lora_a), group_size, m):
+        return log.record("lora_linear_backward", REFERENCE, m, k, n, rank, _bits(packed),
+                          lambda: reference.lora_linear_backward(*args), grad.device, flops=flops)
+
+    def run(c: Choice):
+        return _backward(c, *args)
+
+    choice = select.choose("backward", m, k, n, rank, grad.device, run)
+    return log.record("lora_linear_backward", choice, m, k, n, rank, _bits(packed), lambda: run(choice), grad.device, flops=flops)
+
+
+def register_kernels() -> None:
+    """Attach the implementations above to the runtime ops for CUDA and CPU (idempotent, fine without a GPU)."""
+    global _registered
+    if _registered:
+        return
+    for op, fn in (("lowra::dequant", dequant_impl), ("lowra::lora_linear", lora_linear_impl),
+                   ("lowra::lora_linear_backward", lora_linear_backward_impl)):
+        torch.library.register_kernel(op, ("cuda", "cpu"), fn)
+    _registered = True
