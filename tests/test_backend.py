@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 import lowra_compile
 from lowra_compile.passes.release import ReleasedWeight, packed_weight
 
-from .tiny_models import batch, tiny_peft_llama
+from .tiny_models import batch, tiny_llama, tiny_peft_llama
 
 QUIET = {"progress": False, "inner": "eager"}
 
@@ -206,6 +206,39 @@ def test_weight_read_outside_linear_stays_dense_with_a_warning():
         got = compiled(x)
     torch.testing.assert_close(got, expected)
     assert not isinstance(module.proj.weight, ReleasedWeight)
+
+
+def test_tied_lm_head_stays_dense_and_tied():
+    model = tiny_llama(tie=True).requires_grad_(False)
+    compiled = _compile(model)
+    with pytest.warns(UserWarning, match="embed_tokens.weight.*tied to an embedding"):
+        compiled(**batch(8))  # the first call quantizes (no adapters: activation-weighted plan)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not isinstance(model.lm_head.weight, ReleasedWeight)
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, ReleasedWeight)
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64).requires_grad_(False)
+        self.head = torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.proj(t)), x, use_reentrant=False)
+        return self.head(h).square().mean()
+
+
+def test_linears_inside_activation_checkpointing_stay_dense_with_a_warning():
+    module = _Checkpointed()
+    x = torch.randn(4, 64, requires_grad=True)
+    expected = module(x)
+    compiled = _compile(module)
+    with pytest.warns(UserWarning, match="proj.weight.*activation checkpointing"):
+        got = compiled(x)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    assert module.head.weight.grad is not None and not isinstance(module.proj.weight, ReleasedWeight)
 
 
 def test_multiple_active_adapters_fuse_the_first_and_warn():

@@ -5,13 +5,13 @@ import torch
 VOCAB = 128
 
 
-def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0):
+def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(config)
 

@@ -162,8 +162,42 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSi
     return sites
 
 
+def warn_checkpointed(gm: fx.GraphModule) -> None:
+    """Warn once per graph when frozen linears run inside activation checkpointing, which stays dense.
+
+    Non-reentrant checkpointing reaches the backend as a higher-order op whose body is a subgraph:
+        %out = tag_activation_checkpoint(%wrap_body_0, %x, %W_q, %A_q, ...)
+    The linears in the body are not rewritten (calibrating and recomputing inside the body is not
+    supported yet), so the layer keeps its dense weight: no wrong result, but no memory saved.
+    """
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "checkpoint" not in str(getattr(node.target, "__name__", node.target)):
+            continue
+        body = getattr(gm, node.args[0].target, None) if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(body, fx.GraphModule):
+            continue
+        inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        outer = dict(zip(inputs, node.args[1:]))
+        for inner in body.graph.nodes:
+            if _is_linear(inner) and isinstance(outer.get(inner.args[1]), fx.Node):
+                w = outer[inner.args[1]]
+                value = _example(w)
+                if w.op == "placeholder" and isinstance(value, torch.Tensor) and not value.requires_grad:
+                    names.append(placeholder_name(w))
+    if names:
+        warnings.warn(
+            f"lowra: {len(names)} frozen linear layer(s) (e.g. {names[0]!r}) run inside activation checkpointing "
+            "and stay dense (their weights save no memory). To quantize them, turn activation checkpointing off "
+            "(model.gradient_checkpointing_disable()).",
+            stacklevel=3,
+        )
+
+
 def _unsupported(w: fx.Node) -> str | None:
     others = [u for u in w.users if not (_is_linear(u) and u.args[1] is w)]
+    if any(u.target is F.embedding for u in others):
+        return "it is tied to an embedding table (F.embedding needs the dense rows)"
     if others:
         ops = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
         return f"its weight is also read outside F.linear ({', '.join(ops)}), e.g. DoRA or a tied embedding"
