@@ -1,0 +1,32 @@
+"""Held-out perplexity of a causal LM over fixed token windows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over every predicted token of `windows` ([n, window] token ids).
+
+    The NLL is summed from the logits here rather than taken from the model's `.loss`, so the value is
+    exact whatever the batch split and whatever loss reduction a model uses. The model's train/eval
+    mode is restored afterwards (a compiled model recompiles per mode, quantizing nothing again).
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False):
+            ids = windows[start : start + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            targets = ids[:, 1:].to(logits.device)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+            count += targets.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)

@@ -1,0 +1,103 @@
+"""The accuracy harness: perplexity, the fine-tune loop, and the baselines' bits per weight."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowra_compile.finetune import finetune, training_batches
+from lowra_compile.perplexity import perplexity
+
+from .tiny_models import VOCAB, tiny_llama, tiny_peft_llama
+
+TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void. " * 3
+
+
+def _windows(window: int = 32) -> torch.Tensor:
+    ids = torch.tensor([ord(c) % VOCAB for c in TEXT])
+    n = len(ids) // window
+    return ids[: n * window].view(n, window)
+
+
+def _hand_perplexity(model, windows) -> float:
+    """exp of the mean NLL, one window and one token at a time."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+            for t in range(len(ids) - 1):
+                nll -= logp[t, ids[t + 1]].item()
+                count += 1
+    return math.exp(nll / count)
+
+
+def test_perplexity_is_exp_mean_nll_and_reproducible():
+    windows = _windows()
+    model = tiny_llama().eval()
+    value = perplexity(model, windows, batch_size=2)
+    assert value == pytest.approx(_hand_perplexity(model, windows), rel=1e-5)
+    assert perplexity(model, windows, batch_size=3) == pytest.approx(value, rel=1e-6)  # independent of batching
+    assert perplexity(tiny_llama(), windows) == pytest.approx(value, rel=1e-6)  # same seed, same number
+    assert 1.0 < value < 2 * VOCAB  # a random model is near uniform over the vocabulary
+
+
+def test_perplexity_restores_train_mode():
+    model = tiny_llama().train()
+    perplexity(model, _windows())
+    assert model.training
+    model.eval()
+    perplexity(model, _windows())
+    assert not model.training
+
+
+def test_training_batches_are_seeded_and_cover_an_epoch():
+    windows = torch.arange(10)[:, None].repeat(1, 4)
+    a = training_batches(windows, steps=7, batch_size=3, seed=1)
+    b = training_batches(windows, steps=7, batch_size=3, seed=1)
+    assert len(a) == 7 and all(x.shape == (3, 4) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    first_epoch = torch.cat(a)[:10, 0]
+    assert sorted(first_epoch.tolist()) == list(range(10))  # without replacement within an epoch
+    assert not all(torch.equal(x, y) for x, y in zip(a, training_batches(windows, 7, 3, seed=2)))
+
+
+def test_finetune_trains_only_lora_and_loss_falls():
+    model = tiny_peft_llama()
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batch = _windows()[:2]
+    losses = finetune(model, [batch] * 15, lr=1e-2)
+    assert len(losses) == 15 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def _accuracy_module():
+    path = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("codebook", ["nf", "uniform"])
+@pytest.mark.parametrize("bits", [2.0, 3.0, 4.0])
+def test_baselines_store_every_channel_at_their_width(codebook, bits):
+    """The NF / round-to-nearest baselines: b code bits on every channel; effective bits add the overhead
+    of the format (fp16 codebook and int32 permutation entry per row, int8 absmax per 64 weights with
+    an fp32 scale per 256 absmax values), nothing else."""
+    import lowra_compile
+
+    options = _accuracy_module().fixed_width(bits, codebook)
+    model = tiny_peft_llama()
+    compiled = torch.compile(model, backend="lowra", options={**options, "inner": "eager", "progress": False})
+    ids = _windows()[:2]
+    compiled(input_ids=ids, labels=ids, use_cache=False)
+    rep = lowra_compile.report(compiled)
+    assert len(rep.layers) == 14  # 2 layers x 7 projections
+    for row in rep.layers:
+        n, k = row.shape
+        assert row.code_bits == bits and row.channels_per_bits[int(bits)] == n
+        overhead = (2 ** int(bits) * 16 + 32) / k + 8 / 64 + 32 / (64 * 256)
+        assert bits + 8 / 64 <= row.effective_bits <= bits + overhead + 32 / k  # + at most one padding word per row
