@@ -20,7 +20,7 @@ from torch import fx
 
 from . import codegen
 from .config import LowRAConfig
-from .passes.match import match_sites, warn_checkpointed
+from .passes.match import match_sites
 from .passes.pipeline import quantize_sites
 from .passes.release import packed_weight, release
 from .passes.rewrite import rewrite
@@ -50,7 +50,6 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     config = LowRAConfig.from_options(options)
     codegen.set_kernel_mode(config.kernels)
     sites = match_sites(gm, config.skip)
-    warn_checkpointed(gm)
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner)
     dense = [i for i, s in enumerate(sites) if s.packed is None]

@@ -44,13 +44,24 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, sites: list[LinearSite], want_grad: bool):
         super().__init__(gm)
+        self.sites = sites
         self.inputs = {s.base: i for i, s in enumerate(sites)}
         self.outputs = {s.output: i for i, s in enumerate(sites)}
+        self.scopes = {s.scope for s in sites if s.scope is not None}
         self.x2: dict[int, Tensor] = {}
         self.probes: dict[int, Tensor] = {}
         self.want_grad = want_grad
 
     def run_node(self, n: fx.Node):
+        if n in self.scopes:
+            # A checkpointed region holding sites: run its body here, recording inside it. This one
+            # calibration pass keeps the region's activations (no recomputation); training does not.
+            (body, *operands), _ = self.fetch_args_kwargs_from_env(n)
+            inner = _Recorder(body, self.sites, self.want_grad)
+            result = inner.run(*operands)
+            self.x2.update(inner.x2)
+            self.probes.update(inner.probes)
+            return result
         result = super().run_node(n)
         if n in self.inputs:
             self.x2[self.inputs[n]] = _mean_square(self.env[n.args[0]])

@@ -48,7 +48,10 @@ class LoraBranch:
 
 @dataclass
 class LinearSite:
-    """One frozen linear. `weight_index` is the position of W in the graph's placeholders (= example_inputs)."""
+    """One frozen linear. `weight_index` is the position of W in the top-level placeholders (= example_inputs).
+
+    The nodes belong to the top-level graph, or to the body of the checkpoint call `scope`.
+    """
 
     name: str
     base: fx.Node
@@ -60,6 +63,7 @@ class LinearSite:
     group_size: int | None  # of an existing lowra op
     lora: LoraBranch | None
     shape: tuple[int, int]
+    scope: fx.Node | None = None  # the checkpoint call whose body holds the site (None: the top-level graph)
 
     @property
     def output(self) -> fx.Node:
@@ -123,18 +127,53 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
     return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, other, add), add)
 
 
+def checkpoint_bodies(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.GraphModule]]:
+    """(call, body) of each activation-checkpointed region, whose linears are rewritten inside the body.
+
+    Non-reentrant checkpointing reaches the backend as a higher-order op over a subgraph whose
+    placeholders are the call's operands, in order:
+        %out = tag_activation_checkpoint(%wrap_body_0, %x, %W_q, %A_q, %B_q, ..., use_reentrant=False)
+    A body that more than one call shares is left alone (its sites would belong to several weights).
+    """
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint:
+            get_body = node.args[0]
+            body = getattr(gm, get_body.target, None) if get_body.op == "get_attr" else None
+            if isinstance(body, fx.GraphModule) and len(get_body.users) == 1:
+                out.append((node, body))
+    return out
+
+
+def body_inputs(call: fx.Node, body: fx.GraphModule) -> dict[fx.Node, object]:
+    """Each placeholder of a checkpoint body -> the operand of `call` that feeds it."""
+    return dict(zip((n for n in body.graph.nodes if n.op == "placeholder"), call.args[1:]))
+
+
 def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSite]:
-    """All rewritable frozen linears of `gm`, in graph order. Warns once per layer it must leave dense."""
+    """All rewritable frozen linears of `gm` and of its checkpointed regions, in graph order.
+
+    Warns once per layer it must leave dense.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
+    sites = _scan(gm.graph, {n: n for n in placeholders}, index, skip, None)
+    for call, body in checkpoint_bodies(gm):
+        outer = {n: w for n, w in body_inputs(call, body).items() if w in index}
+        sites += _scan(body.graph, outer, index, skip, call)
+    return sites
+
+
+def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, int], skip, scope) -> list[LinearSite]:
+    """Sites of one graph; `outer` maps its placeholders to the top-level placeholders that feed them."""
     sites: list[LinearSite] = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if _is_linear(node):
             x, w, bias = _linear_args(node)
             value = _example(w) if isinstance(w, fx.Node) else None
-            if w not in index or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
+            if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
-            name = placeholder_name(w)
+            name = placeholder_name(outer[w])
             if any(s in name for s in skip):
                 continue
             if not value.dtype.is_floating_point:
@@ -144,54 +183,22 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSi
                 )
             reason = _unsupported(w)
             if reason:
-                warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=2)
+                warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=3)
                 continue
             lora = _match_lora(node)
             if lora is not None and _match_lora(lora.add) is not None:
                 warnings.warn(
                     f"lowra: layer {name!r} has several active LoRA adapters: the first is fused into the "
                     "low-bit op, the others run as separate ops",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-            sites.append(LinearSite(name, node, x, bias, w, index[w], None, None, lora, tuple(value.shape)))
-        elif _is_lowra(node) and node.args[5] is None:
+            sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, tuple(value.shape), scope))
+        elif _is_lowra(node) and node.args[5] is None and scope is None:
             x, _, packed, group_size, bias = node.args[:5]
             shape = (_example(packed[0]).shape[0], _example(x).shape[-1])
             name = placeholder_name(packed[0]).removesuffix("._lowra_packed[0]")
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape))
     return sites
-
-
-def warn_checkpointed(gm: fx.GraphModule) -> None:
-    """Warn once per graph when frozen linears run inside activation checkpointing, which stays dense.
-
-    Non-reentrant checkpointing reaches the backend as a higher-order op whose body is a subgraph:
-        %out = tag_activation_checkpoint(%wrap_body_0, %x, %W_q, %A_q, ...)
-    The linears in the body are not rewritten (calibrating and recomputing inside the body is not
-    supported yet), so the layer keeps its dense weight: no wrong result, but no memory saved.
-    """
-    names = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or "checkpoint" not in str(getattr(node.target, "__name__", node.target)):
-            continue
-        body = getattr(gm, node.args[0].target, None) if isinstance(node.args[0], fx.Node) else None
-        if not isinstance(body, fx.GraphModule):
-            continue
-        inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
-        outer = dict(zip(inputs, node.args[1:]))
-        for inner in body.graph.nodes:
-            if _is_linear(inner) and isinstance(outer.get(inner.args[1]), fx.Node):
-                w = outer[inner.args[1]]
-                value = _example(w)
-                if w.op == "placeholder" and isinstance(value, torch.Tensor) and not value.requires_grad:
-                    names.append(placeholder_name(w))
-    if names:
-        warnings.warn(
-            f"lowra: {len(names)} frozen linear layer(s) (e.g. {names[0]!r}) run inside activation checkpointing "
-            "and stay dense (their weights save no memory). To quantize them, turn activation checkpointing off "
-            "(model.gradient_checkpointing_disable()).",
-            stacklevel=3,
-        )
 
 
 def _unsupported(w: fx.Node) -> str | None:
@@ -202,11 +209,3 @@ def _unsupported(w: fx.Node) -> str | None:
         ops = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
         return f"its weight is also read outside F.linear ({', '.join(ops)}), e.g. DoRA or a tied embedding"
     return None
-
-
-def sibling_groups(sites: list[LinearSite]) -> list[list[int]]:
-    """Indices of sites that read the same input node (q/k/v, gate/up): kernels may read that input once."""
-    groups: dict[fx.Node, list[int]] = {}
-    for i, site in enumerate(sites):
-        groups.setdefault(site.x, []).append(i)
-    return list(groups.values())

@@ -16,15 +16,19 @@ from tqdm.auto import tqdm
 from ..config import LowRAConfig
 from .calibrate import SiteStats, calibrate
 from .loftq import loftq_init
-from .match import LinearSite
+from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
 from .quantize import assemble, quantize_layer
 from .release import attach
 
 
 def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:
+    """The value of every placeholder: the top-level ones, and those of checkpoint bodies fed by them."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return dict(zip(placeholders, example_inputs))
+    values = dict(zip(placeholders, example_inputs))
+    for call, body in checkpoint_bodies(gm):
+        values.update({n: values[w] for n, w in body_inputs(call, body).items() if w in values})
+    return values
 
 
 def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> float:
@@ -46,8 +50,11 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
         if missing:
             # Fisher errors of some layers and activation errors of others are not comparable: use E[x^2] for all.
             warnings.warn(
-                f"lowra: no loss gradient reached {len(missing)} layer(s) (e.g. {missing[0]!r}; is the first call "
-                "a training batch with labels?); planning on activation-weighted error instead",
+                f"lowra: no loss gradient reached {len(missing)} layer(s) (e.g. {missing[0]!r}); planning on "
+                "activation-weighted error instead. The plan is better when the first call is a training batch "
+                "with labels and the layers and the loss are in one graph (no graph break between them: see "
+                "torch._dynamo.explain; with gradient checkpointing, model.disable_input_require_grads() "
+                "removes the hook that breaks it)",
                 stacklevel=3,
             )
             stats = [SiteStats(s.x2, None) for s in stats]

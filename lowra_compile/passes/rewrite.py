@@ -55,6 +55,16 @@ def _add_placeholders(graph: fx.Graph, tensors: list[Tensor], prefix: str, fake_
     return nodes[::-1]
 
 
+def _body_copy(new_gm: fx.GraphModule, call: fx.Node, bodies: dict) -> tuple[fx.GraphModule, dict]:
+    """The changeable copy of the checkpoint body that `call` (a node of `new_gm`) runs, made once."""
+    if call not in bodies:
+        target = call.args[0].target
+        body, body_env = copy_graph_module(getattr(new_gm, target))
+        setattr(new_gm, target, body)  # only the copy sees it: Dynamo's module keeps its own body
+        bodies[call] = body, body_env
+    return bodies[call]
+
+
 def rewrite(
     gm: fx.GraphModule,
     sites: list[LinearSite],
@@ -64,40 +74,53 @@ def rewrite(
 ) -> tuple[fx.GraphModule, list[Tensor]]:
     """Copy `gm` and fuse every site listed in `packed` (site index -> packed tensors) into one op call.
 
-    Sites that are already packed ops reuse their own packed inputs. Returns the new module and the
-    tensors to append to its arguments, in placeholder order.
+    Sites that are already packed ops reuse their own packed inputs. A site inside a checkpointed region
+    is rewritten in a copy of the region's body; its packed tensors enter the graph as placeholders, as
+    usual, and are passed on to the body as extra operands of the checkpoint call:
+        %o = tag_activation_checkpoint(%wrap_body_0, %x, %W_q, ..., %p0, .., %p10)   # body gains %p0..%p10
+    Returns the new module and the tensors to append to its arguments, in placeholder order.
     """
     new_gm, env = copy_graph_module(gm)
     graph = new_gm.graph
+    bodies: dict[fx.Node, tuple[fx.GraphModule, dict]] = {}
     extra: list[Tensor] = []
     for i, site in enumerate(sites):
+        nodes = env  # original node -> node of the graph being changed
         if site.packed is not None:
             packed_nodes = [env[p] for p in site.packed]
         elif i in packed:
             packed_nodes = _add_placeholders(graph, packed[i], f"lowra_packed_{i}", fake_mode)
             extra += packed[i]
+            if site.scope is not None:
+                call = env[site.scope]
+                body, nodes = _body_copy(new_gm, call, bodies)
+                call.args = (*call.args, *packed_nodes)
+                packed_nodes = _add_placeholders(body.graph, packed[i], f"lowra_packed_{i}", fake_mode)
         else:
             continue
         lora = site.lora
         args = (
-            env[site.x],
-            env[lora.x_lora] if lora else env[site.x],
+            nodes[site.x],
+            nodes[lora.x_lora] if lora else nodes[site.x],
             packed_nodes,
             group_size[i],
-            env[site.bias] if isinstance(site.bias, fx.Node) else site.bias,
-            env[lora.lora_a] if lora else None,
-            env[lora.lora_b] if lora else None,
-            (env[lora.scaling] if isinstance(lora.scaling, fx.Node) else float(lora.scaling)) if lora else 0.0,
+            nodes[site.bias] if isinstance(site.bias, fx.Node) else site.bias,
+            nodes[lora.lora_a] if lora else None,
+            nodes[lora.lora_b] if lora else None,
+            (nodes[lora.scaling] if isinstance(lora.scaling, fx.Node) else float(lora.scaling)) if lora else 0.0,
         )
-        old_out = env[site.output]
-        with graph.inserting_before(old_out):
-            fused = graph.call_function(torch.ops.lowra.lora_linear.default, args)
+        old_out = nodes[site.output]
+        with old_out.graph.inserting_before(old_out):
+            fused = old_out.graph.call_function(torch.ops.lowra.lora_linear.default, args)
         fused.meta = dict(old_out.meta)
         old_out.replace_all_uses_with(fused)
-        for node in reversed((env[site.base], *(env[n] for n in (lora.nodes if lora else ())))):
+        for node in reversed((nodes[site.base], *(nodes[n] for n in (lora.nodes if lora else ())))):
             if not node.users:
-                graph.erase_node(node)
+                node.graph.erase_node(node)
     # Placeholders must keep their relative order: the appended ones come after Dynamo's.
+    for body, _ in bodies.values():
+        body.graph.lint()
+        body.recompile()
     graph.lint()
     new_gm.recompile()
     return new_gm, extra

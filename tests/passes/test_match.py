@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowra_compile.passes.match import match_sites, sibling_groups
+from lowra_compile.passes.match import match_sites
 
 from ..tiny_models import batch, capture_graph, tiny_llama, tiny_peft_llama
 
@@ -48,9 +48,3 @@ def test_scaling_as_symfloat_under_dynamic_shapes():
     assert len(sites) == 14
     assert all(isinstance(s.lora.scaling, (float, torch.fx.Node)) for s in sites)
 
-
-def test_sibling_groups_share_an_input():
-    gm, _ = capture_graph(tiny_peft_llama(), **batch(8))
-    groups = sibling_groups(match_sites(gm, skip=("lm_head",)))
-    sizes = sorted(len(g) for g in groups)
-    assert sizes == [1, 1, 1, 1, 2, 2, 3, 3]  # per layer: q/k/v, gate/up, o, down
