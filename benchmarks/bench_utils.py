@@ -1,0 +1,91 @@
+"""Shared pieces of the speed benchmarks: timing, environment, weights at a bit budget, JSON output.
+
+Timing on CUDA uses triton.testing.do_bench (CUDA events, L2 flushed between runs, median); on CPU
+(--quick smoke runs) a wall-clock median. Results go to --out, else $OUT (the GPU machine's output
+folder), else benchmarks/results/, as <name>_<device>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowra_compile.runtime.synthetic import random_packed_weight
+
+RESULTS = Path(__file__).parent / "results"
+# Width mixes whose average is the budget (rows take the widths in turn): what a plan at that budget
+# looks like to the kernels, which only see how many rows each width has.
+WIDTH_MIX = {1.5: (1, 2), 2.0: (1, 2, 3), 3.0: (2, 3, 4), 4.0: (4,)}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a CPU smoke test of the script")
+    p.add_argument("--out", type=Path, help="JSON path (default: $OUT or benchmarks/results/)")
+    return p
+
+
+def device_and_dtype(quick: bool) -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    if not quick:
+        raise SystemExit("this benchmark needs a CUDA GPU; use --quick for a CPU smoke test")
+    return torch.device("cpu"), torch.float32
+
+
+def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
+    """Median milliseconds of one call of `fn`."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(2 if quick else 10):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def packed_at_budget(n: int, k: int, bits: float, device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Random packed tensors of an [n, k] weight whose rows average `bits` code bits."""
+    return random_packed_weight(n, k, WIDTH_MIX[bits], group_size=64, dtype=dtype, device=device, seed=seed).tensors()
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": triton.__version__, "host": platform.node()}
+
+
+def write_json(name: str, result: dict, out: Path | None) -> Path:
+    """Write `result` (which holds "env") and return the path."""
+    if out is None:
+        folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
+        slug = re.sub(r"[^a-z0-9]+", "-", result["env"]["device"].lower()).strip("-")
+        out = folder / f"{name}_{slug}_{result['env']['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # missing, or built without CUDA support
+        return False
+    return torch.cuda.is_available()

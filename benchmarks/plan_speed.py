@@ -1,0 +1,111 @@
+"""Time to quantize and plan a whole model: SmolLM2-135M-shaped on CPU, Llama-2-7B-shaped on GPU (issue 4).
+
+Runs the backend's own passes layer by layer on random weights of the model's linear shapes, exactly as
+the first compiled call does: weighted Lloyd-Max codebooks at every allowed width, the whole-model
+plan, then packing at the planned widths. Quantization time does not depend on trained values, so
+random weights (and random positive calibration statistics) give the real cost without a download.
+Target: 7B in under 2 minutes on one H100 (the paper reports ~10 minutes for LLaMA-2-7B).
+
+    python benchmarks/plan_speed.py                  # 135M on CPU, and 7B when CUDA is present
+    python benchmarks/plan_speed.py --model llama-2-7b --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lowra_compile.config import LowRAConfig
+from lowra_compile.passes.plan import plan_bits
+from lowra_compile.passes.quantize import assemble, quantize_layer
+
+RESULTS = Path(__file__).parent / "results"
+# (hidden, intermediate, layers, attention heads, key/value heads) of the two model shapes
+MODELS = {"smollm2-135m": (576, 1536, 30, 9, 3), "llama-2-7b": (4096, 11008, 32, 32, 32)}
+
+
+def linear_shapes(model: str) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every q/k/v/o/gate/up/down projection (lm_head stays dense)."""
+    hidden, inter, layers, heads, kv_heads = MODELS[model]
+    kv = hidden // heads * kv_heads
+    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
+    return per_layer * layers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
+    """Seconds to quantize every layer at every width, to plan, and to pack, plus the plan's bits."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = linear_shapes(model)
+    g = torch.Generator(device).manual_seed(0)
+    layers, errors, seconds = [], [], {"quantize": 0.0}
+    for n, k in tqdm(shapes, desc=f"{model}: quantize", unit="layer"):
+        weight = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
+        x2 = torch.rand(k, generator=g, device=device) + 0.5  # stands in for E[x^2] from a batch
+        g2 = torch.rand(n, generator=g, device=device) + 0.5  # and E[g^2]
+        _sync(device)
+        t0 = time.perf_counter()
+        lq = quantize_layer(weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters)
+        errors.append(lq.error * g2[:, None])
+        _sync(device)
+        seconds["quantize"] += time.perf_counter() - t0
+        layers.append((lq, weight))  # 7B in bf16 is ~13 GB: kept on the GPU for packing
+    t0 = time.perf_counter()
+    bits = plan_bits(errors, [k for _, k in shapes], config.allowed_bits, config.bits)
+    _sync(device)
+    seconds["plan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    packed = [assemble(lq, weight, b) for (lq, weight), b in zip(layers, bits)]
+    _sync(device)
+    seconds["pack"] = time.perf_counter() - t0
+    weights = sum(n * k for n, k in shapes)
+    return {
+        "model": model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "layers": len(shapes),
+        "weights": weights,
+        "rows": sum(n for n, _ in shapes),
+        "budget": config.bits,
+        "bit_choices": config.allowed_bits,
+        "code_bits": sum(p.code_bits() * p.shape[0] * p.shape[1] for p in packed) / weights,
+        "seconds": {**seconds, "total": sum(seconds.values())},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), help="default: 135M on CPU, plus 7B on CUDA when present")
+    parser.add_argument("--device", help="cpu or cuda (default: cpu for 135M, cuda for 7B)")
+    parser.add_argument("--bits", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/plan_speed_<devices>_<date>.json)")
+    args = parser.parse_args(argv)
+    config = LowRAConfig(bits=args.bits)
+    runs = [("smollm2-135m", "cpu")] + ([("llama-2-7b", "cuda")] if torch.cuda.is_available() else [])
+    if args.model:
+        runs = [(args.model, args.device or ("cuda" if args.model == "llama-2-7b" else "cpu"))]
+    date = datetime.date.today().isoformat()
+    result = {"date": date, "torch": torch.__version__, "host": platform.processor() or platform.machine(), "runs": []}
+    for model, device in runs:
+        row = time_model(model, torch.device(device), config)
+        print(json.dumps(row), flush=True)
+        result["runs"].append(row)
+    devices = "-".join(sorted({device for _, device in runs}))
+    out = args.out or RESULTS / f"plan_speed_{devices}_{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

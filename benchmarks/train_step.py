@@ -1,0 +1,145 @@
+"""A Llama-2-7B-shaped LoRA training step: peak memory and step time, bf16 LoRA vs QLoRA vs lowra (issue 3).
+
+The model is LlamaForCausalLM built from a transformers config with random bf16 weights on the GPU
+(kernel speed and memory do not depend on trained values), PEFT LoRA r=64 on all seven projections,
+one batch of 1 x 2048 tokens, gradient checkpointing, AdamW on the adapters. Variants:
+    bf16 LoRA          the PEFT model as is (eager)
+    bnb QLoRA NF4      every projection replaced by bitsandbytes Linear4bit (when importable)
+    lowra 2.0 / 1.5    torch.compile(model, backend="lowra", options={"bits": b})
+Each variant runs in its own process so peak memory is its own. Reported: steady-state peak memory
+and median step time over the timed steps, and the first step's time (for lowra: quantization, plan,
+LoftQ and compilation, the one-off cost), plus the lowra kernel log.
+
+    python benchmarks/train_step.py                          # every variant (GPU)
+    python benchmarks/train_step.py --variants "lowra 2.0"   # a subset
+    python benchmarks/train_step.py --quick                  # tiny model on CPU, smoke test
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import lowra_compile
+from bench_utils import bnb_available, device_and_dtype, environment, parser, write_json
+
+VARIANTS = ["bf16 LoRA", "bnb QLoRA NF4", "lowra 2.0", "lowra 1.5"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def build_model(quick: bool, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**(TINY if quick else LLAMA_7B), tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in bf16 directly: a 7B model in fp32 would not fit beside it
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def to_nf4(model, dtype: torch.dtype) -> None:
+    """Swap every projection of the decoder layers for a bitsandbytes NF4 Linear4bit (QLoRA's base)."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if name not in TARGETS:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4").to(lin.weight.device)
+                setattr(parent, name, q)
+    torch.cuda.empty_cache()
+
+
+def run_variant(variant: str, quick: bool, inner: str | None) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    device, dtype = device_and_dtype(quick)
+    cuda = device.type == "cuda"
+    model = build_model(quick, device, dtype)
+    if variant == "bnb QLoRA NF4":
+        to_nf4(model, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers adds an input-requires-grad hook; non-reentrant checkpointing does not need it, and
+    # under torch.compile it breaks the graph before the first layer (the lowra plan would lose E[g^2]).
+    model.disable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4 if quick else 64, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    step_model = model
+    if variant.startswith("lowra"):
+        options = {"bits": float(variant.split()[1]), "progress": False, **({"inner": inner} if inner else {})}
+        step_model = torch.compile(model, backend="lowra", options=options)
+    length = 32 if quick else 2048
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def step() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    first = step()
+    first_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    step()  # a recompile (e.g. grad mode) would land here, not in the timed steps
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(2 if quick else 5)]
+    out = {"variant": variant, "step_s": statistics.median(times), "first_step_s": first,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "first_step_peak_gib": first_peak / 2**30 if cuda else None,
+           "trainable_params": sum(p.numel() for p in params), "tokens": length}
+    if variant.startswith("lowra"):
+        out["compile_s"] = first - out["step_s"]  # the one-off: calibrate, quantize, plan, LoftQ, compile
+        out["kernels"] = lowra_compile.codegen.kernel_log()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS}")
+    p.add_argument("--inner", help="the lowra backend's inner compiler (default: its own default)")
+    p.add_argument("--variant", help="run one variant in this process and print its result (used internally)")
+    args = p.parse_args(argv)
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args.variant, args.quick, args.inner)), flush=True)
+        return
+    device, _ = device_and_dtype(args.quick)
+    variants = args.variants or [v for v in VARIANTS if v != "bnb QLoRA NF4" or bnb_available()]
+    if args.quick:
+        variants = [v for v in variants if v in ("bf16 LoRA", "lowra 2.0")]
+    rows = []
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--variant", variant] + (["--quick"] if args.quick else [])
+        cmd += ["--inner", args.inner or "aot_eager"] if args.quick else (["--inner", args.inner] if args.inner else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+    name = "train_step" + "".join("_" + v.replace(" ", "-") for v in args.variants or [])
+    write_json(name, {"benchmark": "train_step", "env": environment(device), "quick": args.quick, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
