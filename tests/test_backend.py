@@ -30,18 +30,24 @@ def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_unchanged_training_loop_losses_fall():
-    model = tiny_peft_llama()
-    compiled = _compile(model, bits=2.0)
+def _train(compiled, model, steps: int) -> list[float]:
+    """The user's unchanged loop: AdamW over the trainable parameters, loss.backward(), step."""
     opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
     data = batch(16)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         loss = compiled(**data).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+def test_unchanged_training_loop_losses_fall():
+    model = tiny_peft_llama()
+    compiled = _compile(model, bits=2.0)
+    losses = _train(compiled, model, steps=20)
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < losses[0] - 0.2, losses
 
@@ -315,15 +321,7 @@ def test_merge_folds_adapters_into_the_dequantized_base():
 def test_bfloat16_model_trains():
     model = tiny_peft_llama().to(torch.bfloat16)
     compiled = _compile(model)
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
-    data = batch(16)
-    losses = []
-    for _ in range(3):
-        loss = compiled(**data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train(compiled, model, steps=3)
     assert all(math.isfinite(x) for x in losses)
     released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
     assert len(released) == 14 and all(p.dtype == torch.bfloat16 for p in released)
