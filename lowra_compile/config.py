@@ -30,7 +30,7 @@ class LowRAConfig:
                   "off" (plain weight error, the paper's data-free criterion). True means "fisher".
     loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist and B is zero (0 = off).
     lloyd_iters:  Lloyd-Max iterations per codebook.
-    skip:         substrings of parameter names whose linears stay dense (e.g. "lm_head").
+    skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").
     kernels:      "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
     inner:        compiler run on the rewritten graph.
     min_bits / max_bits: per-channel floor and ceiling applied on top of bit_choices.

@@ -214,9 +214,19 @@ def test_weight_read_outside_linear_stays_dense_with_a_warning():
     assert not isinstance(module.proj.weight, ReleasedWeight)
 
 
+def test_tied_lm_head_is_skipped_by_module_name():
+    # Its weight is the embedding's ("embed_tokens.weight"): the default skip finds it by its module.
+    model = tiny_llama(tie=True).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lowra: layer")  # no "stays dense" warning
+        _compile(model)(**batch(8))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not isinstance(model.lm_head.weight, ReleasedWeight)
+
+
 def test_tied_lm_head_stays_dense_and_tied():
     model = tiny_llama(tie=True).requires_grad_(False)
-    compiled = _compile(model)
+    compiled = _compile(model, skip=())
     with pytest.warns(UserWarning, match="embed_tokens.weight.*tied to an embedding"):
         compiled(**batch(8))  # the first call quantizes (no adapters: activation-weighted plan)
     assert model.lm_head.weight is model.model.embed_tokens.weight

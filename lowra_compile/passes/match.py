@@ -174,7 +174,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
             name = placeholder_name(outer[w])
-            if any(s in name for s in skip):
+            if any(s in name or s in _module_path(node) for s in skip):
                 continue
             if not value.dtype.is_floating_point:
                 raise ValueError(
@@ -199,6 +199,13 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             name = placeholder_name(packed[0]).removesuffix("._lowra_packed[0]")
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape))
     return sites
+
+
+def _module_path(node: fx.Node) -> str:
+    """The module that made the call, e.g. "L['args'][0].lm_head": a tied lm_head's weight is named after
+    the embedding, so `skip` also looks at the module."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else ""
 
 
 def _unsupported(w: fx.Node) -> str | None:
