@@ -20,9 +20,8 @@ from torch.library import custom_op
 from . import reference
 
 
-@custom_op("lowra::dequant", mutates_args=())
-def dequant(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
-    return reference.dequantize(packed, k, group_size, dtype)
+# The reference functions are the ops' default implementations; their annotations give the schemas.
+dequant = custom_op("lowra::dequant", reference.dequantize, mutates_args=())
 
 
 @dequant.register_fake
@@ -30,18 +29,7 @@ def _(packed, k, group_size, dtype):
     return packed[0].new_empty(packed[0].shape[0], k, dtype=dtype)
 
 
-@custom_op("lowra::lora_linear", mutates_args=())
-def lora_linear(
-    x: Tensor,
-    x_lora: Tensor,
-    packed: list[Tensor],
-    group_size: int,
-    bias: Tensor | None,
-    lora_a: Tensor | None,
-    lora_b: Tensor | None,
-    scaling: float,
-) -> Tensor:
-    return reference.lora_linear(x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling)
+lora_linear = custom_op("lowra::lora_linear", reference.lora_linear, mutates_args=())
 
 
 @lora_linear.register_fake
@@ -50,20 +38,7 @@ def _(x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling):
     return x.new_empty(*x.shape[:-1], packed[0].shape[0], dtype=dtype)
 
 
-@custom_op("lowra::lora_linear_backward", mutates_args=())
-def lora_linear_backward(
-    grad: Tensor,
-    x_lora: Tensor,
-    packed: list[Tensor],
-    group_size: int,
-    k: int,
-    lora_a: Tensor | None,
-    lora_b: Tensor | None,
-    scaling: float,
-    need_dx: bool,
-    merge_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return reference.lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx)
+lora_linear_backward = custom_op("lowra::lora_linear_backward", reference.lora_linear_backward, mutates_args=())
 
 
 @lora_linear_backward.register_fake

@@ -66,7 +66,7 @@ def lora_linear_backward(
     lora_b: Tensor | None,
     scaling: float,
     need_dx: bool,
-    merge_dx: bool = False,
+    merge_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dx_lora, dA, dB); the ones not computed are empty tensors (x_lora may be empty without LoRA).
 
