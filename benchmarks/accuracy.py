@@ -22,20 +22,19 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 import lowra_compile
+from bench_utils import RESULTS, device_name
 from lowra_compile.demo import lora_model
 from lowra_compile.finetune import finetune, quantize_on, training_batches
 from lowra_compile.perplexity import perplexity
 from lowra_compile.smollm import load_smollm2
 from lowra_compile.texts import load_split, split_text, token_windows
 
-RESULTS = Path(__file__).parent / "results"
 BUDGETS = (4.0, 3.0, 2.5, 2.0, 1.75, 1.5, 1.25)
 WIDTHS = (4.0, 3.0, 2.0)
 
@@ -79,12 +78,6 @@ REDUCED_GRID = (
 # (steps, batch size, learning rate, eval windows per corpus) per grid; 512-token windows everywhere.
 # The short CPU run needs the larger rate to move the adapters at all in 10 steps.
 SETTINGS = {"reduced": (10, 2, 1e-3, 8), "full": (200, 8, 5e-4, None)}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def measure(base, options, data: dict, args) -> dict:

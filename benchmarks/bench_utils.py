@@ -63,11 +63,16 @@ def packed_at_budget(n: int, k: int, bits: float, device: torch.device, dtype: t
     return random_packed_weight(n, k, WIDTH_MIX[bits], group_size=64, dtype=dtype, device=device, seed=seed).tensors()
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def environment(device: torch.device) -> dict:
     import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__, "host": platform.node()}
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench_utils import RESULTS, device_name
 from lowra_compile.config import LowRAConfig
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 
-RESULTS = Path(__file__).parent / "results"
 # (hidden, intermediate, layers, attention heads, key/value heads) of the two model shapes
 MODELS = {"smollm2-135m": (576, 1536, 30, 9, 3), "llama-2-7b": (4096, 11008, 32, 32, 32)}
 
@@ -72,7 +72,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
     weights = sum(n * k for n, k in shapes)
     return {
         "model": model,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "layers": len(shapes),
         "weights": weights,
         "rows": sum(n for n, _ in shapes),

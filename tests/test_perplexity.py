@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,8 @@ def test_finetune_trains_only_lora_and_loss_falls():
 
 def _accuracy_module():
     path = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # as when run as a script: it imports bench_utils beside it
     spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
