@@ -160,6 +160,8 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"bitz": 2.0}, "unknown option"),
         ({"bit_choices": (1, 5)}, "subset"),
         ({"codebook": "k-means"}, "codebook"),
+        ({"rounding": "stochastic"}, "rounding"),
+        ({"rounding": "gptq", "calibrate": "off"}, "needs the input statistics"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..runtime.format import PackedWeight
 from ..runtime.reference import dequantize
+from .gptq import HessianFactor
 from .quantize import quantize_rows
 
 _FULL_SVD_MAX = 2048  # above this, a randomised low-rank SVD is much faster and as accurate for rank r
@@ -42,6 +43,7 @@ def loftq_init(
     codebook: str,
     x2: Tensor | None,
     lloyd_iters: int,
+    factor: HessianFactor | None = None,
 ) -> tuple[PackedWeight, Tensor, Tensor]:
     """(packed Q, lora_A [rank, K], lora_B [N, rank]) after `iters` >= 1 alternating steps, in fp32."""
     if iters < 1 or scaling == 0:
@@ -51,7 +53,7 @@ def loftq_init(
     a, b = w.new_zeros(rank, k), w.new_zeros(n, rank)
     packed = None
     for _ in range(iters):
-        packed = quantize_rows(w - scaling * b @ a, bits_per_row, group_size, codebook, x2, lloyd_iters)
+        packed = quantize_rows(w - scaling * b @ a, bits_per_row, group_size, codebook, x2, lloyd_iters, factor)
         residual = (w - dequantize(packed.tensors(), k, group_size, torch.float32)) / scaling
         a, b = _low_rank(residual, rank)
     return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, group_size), a, b

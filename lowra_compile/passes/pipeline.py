@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import LowRAConfig
 from .calibrate import SiteStats, calibrate
+from .gptq import HessianFactor, hessian_factor
 from .loftq import loftq_init
 from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
@@ -44,7 +45,9 @@ def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> f
 def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:
     if config.calibrate == "off":
         return [None] * len(sites)
-    stats = calibrate(gm, sites, example_inputs, use_loss=config.calibrate == "fisher")
+    stats = calibrate(
+        gm, sites, example_inputs, use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq"
+    )
     if config.calibrate == "fisher":
         missing = [sites[i].name for i in new if stats[i].g2 is None]
         if missing:
@@ -57,8 +60,21 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
                 "removes the hook that breaks it)",
                 stacklevel=3,
             )
-            stats = [SiteStats(s.x2, None) for s in stats]
+            stats = [SiteStats(s.x2, None, s.gram) for s in stats]
     return stats
+
+
+def _hessian_factors(stats: list[SiteStats | None], new: list[int]) -> dict[int, HessianFactor]:
+    """One factor per distinct input (q, k and v read the same x and share their E[x x^T])."""
+    by_input: dict[int, HessianFactor] = {}
+    factors = {}
+    for i in new:
+        gram = stats[i].gram if stats[i] is not None else None
+        if gram is not None:
+            if id(gram) not in by_input:
+                by_input[id(gram)] = hessian_factor(gram)
+            factors[i] = by_input[id(gram)]
+    return factors
 
 
 @torch.no_grad()
@@ -68,12 +84,15 @@ def quantize_sites(
     """Quantize `sites[i]` for i in `new` under one whole-model bit budget and attach the packed weights."""
     values = _placeholder_values(gm, example_inputs)
     stats = _statistics(gm, sites, new, example_inputs, config)
+    factors = _hessian_factors(stats, new)  # empty unless rounding="gptq"
     choices = config.allowed_bits
     layers, errors = [], []
     for i in tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer"):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
-        lq = quantize_layer(weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters)
+        lq = quantize_layer(
+            weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factors.get(i)
+        )
         err = lq.error
         if stats[i] is not None and stats[i].g2 is not None:
             err = err * stats[i].g2.to(err.device)[:, None]
@@ -90,11 +109,11 @@ def quantize_sites(
                 x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
                 packed, a, b = loftq_init(
                     weight.detach(), bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
-                    config.codebook, x2, config.lloyd_iters,
+                    config.codebook, x2, config.lloyd_iters, factors.get(i),
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
         if packed is None:
-            packed = assemble(layers[j], weight.detach(), bits[j])
+            packed = assemble(layers[j], weight.detach(), bits[j], factors.get(i))
         attach(weight, packed.to(weight.device))
         layers[j] = None  # free the candidate codes of every width as we go

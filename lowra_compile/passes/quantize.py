@@ -14,6 +14,10 @@ thresholds (midpoints of sorted levels), never from an argmin over all levels. L
 the stored fp16 before the final assignment, so errors describe exactly what `runtime` dequantizes.
 Only levels and errors are kept per width; `assemble` recomputes the codes of the chosen width, so
 planning a large model never holds codes for every width at once.
+
+With `rounding="gptq"` (a `HessianFactor` from the calibrated E[x x^T]) the levels are fitted the same
+way, but codes come from error-feedback rounding (passes/gptq.py) and the error is the full output error
+dW[n] H dW[n]^T, so the plan sees what each width really costs after compensation.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..runtime.format import CODEBOOK_DTYPE, PackedWeight, dequantize_absmax, pack_weight, quantize_absmax
+from .gptq import HessianFactor, gptq_codes, output_error
 
 NF_OFFSET = 0.9677  # QLoRA's NF4 quantile offset
 
@@ -48,14 +53,15 @@ def uniform_levels(bits: int) -> Tensor:
 @dataclass(frozen=True)
 class LayerQuant:
     """Candidates of one layer. Tensors: absmax_codes uint8 [N, G], absmax_scale [N, ceil(G/256)],
-    levels {b: [N, 2^b] float32, fp16-exact}, error [N, len(bit_choices)] float32."""
+    levels {b: [N, 2^b] float32, fp16-exact}, error [N, len(bit_choices)] float32 (None when the widths
+    were fixed beforehand: `quantize_rows`)."""
 
     bit_choices: tuple[int, ...]
     group_size: int
     absmax_codes: Tensor
     absmax_scale: Tensor
     levels: dict[int, Tensor]
-    error: Tensor
+    error: Tensor | None
 
 
 def _check_weight(weight: Tensor) -> None:
@@ -120,6 +126,22 @@ def fit_levels(v: Tensor, u: Tensor, bits: int, codebook: str, lloyd_iters: int)
     return torch.where(better[:, None], learned, fixed), torch.where(better, learned_error, fixed_error)
 
 
+def _element_weights(absmax: Tensor, x2: Tensor | None) -> Tensor:
+    """u = absmax^2 * E[x^2]: the weight of each element's squared level error (x2 None: plain weight error)."""
+    return absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)[None, :]
+
+
+def _check_widths(bit_choices: tuple[int, ...]) -> None:
+    bad = [b for b in bit_choices if b not in (1, 2, 3, 4)]
+    if bad:
+        raise ValueError(f"lowra: bit widths {bad} are not supported; choose from 1, 2, 3, 4")
+
+
+def _codes(weight: Tensor, v: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFactor | None) -> Tensor:
+    """Codes of the given rows: nearest level, or error-feedback rounding when a Hessian factor is given."""
+    return _assign(v, levels) if factor is None else gptq_codes(weight, absmax, levels, factor)
+
+
 def quantize_layer(
     weight: Tensor,
     bit_choices: tuple[int, ...],
@@ -127,43 +149,65 @@ def quantize_layer(
     codebook: str,
     x2: Tensor | None,
     lloyd_iters: int,
+    factor: HessianFactor | None = None,
 ) -> LayerQuant:
     """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring)."""
     _check_weight(weight)
-    bad = [b for b in bit_choices if b not in (1, 2, 3, 4)]
-    if bad:
-        raise ValueError(f"lowra: bit widths {bad} are not supported; choose from 1, 2, 3, 4")
+    _check_widths(bit_choices)
     absmax_codes, absmax_scale = group_absmax(weight, group_size)
     v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
-    u = absmax**2 if x2 is None else absmax**2 * x2.float().to(weight.device)[None, :]
+    u = _element_weights(absmax, x2)
     levels, errors = {}, []
     for bits in bit_choices:
         levels[bits], err = fit_levels(v, u, bits, codebook, lloyd_iters)
+        if factor is not None:
+            rounded = absmax * torch.gather(levels[bits], 1, gptq_codes(weight, absmax, levels[bits], factor))
+            err = output_error(weight.float() - rounded, factor.gram)
         errors.append(err)
     return LayerQuant(tuple(bit_choices), group_size, absmax_codes, absmax_scale, levels, torch.stack(errors, 1))
 
 
-def assemble(lq: LayerQuant, weight: Tensor, bits_per_row: Tensor) -> PackedWeight:
+def assemble(lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: HessianFactor | None = None) -> PackedWeight:
     """Pack `weight` with each row at its planned width, using the levels found by `quantize_layer`."""
-    v, _ = _normalise(weight, lq.group_size, lq.absmax_codes, lq.absmax_scale)
+    v, absmax = _normalise(weight, lq.group_size, lq.absmax_codes, lq.absmax_scale)
     n, k = weight.shape
     bits_per_row = bits_per_row.to(weight.device)
+    unplanned = set(bits_per_row.unique().tolist()) - set(lq.bit_choices)
+    if unplanned:
+        raise ValueError(f"lowra: rows planned at {sorted(unplanned)} bits, which were not quantized ({lq.bit_choices})")
     codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
     levels = torch.zeros(n, 16, device=weight.device)
     for bits in lq.bit_choices:
         rows = (bits_per_row == bits).nonzero().squeeze(1)
         if len(rows):
-            codes[rows] = _assign(v[rows], lq.levels[bits][rows]).to(torch.uint8)
-            levels[rows, : 2**bits] = lq.levels[bits][rows]
-    unplanned = set(bits_per_row.unique().tolist()) - set(lq.bit_choices)
-    if unplanned:
-        raise ValueError(f"lowra: rows planned at {sorted(unplanned)} bits, which were not quantized ({lq.bit_choices})")
+            row_levels = lq.levels[bits][rows]
+            codes[rows] = _codes(weight[rows], v[rows], absmax[rows], row_levels, factor).to(torch.uint8)
+            levels[rows, : 2**bits] = row_levels
     return pack_weight(codes, bits_per_row, levels, lq.absmax_codes, lq.absmax_scale, lq.group_size, weight.dtype)
 
 
 def quantize_rows(
-    weight: Tensor, bits_per_row: Tensor, group_size: int, codebook: str, x2: Tensor | None, lloyd_iters: int
+    weight: Tensor,
+    bits_per_row: Tensor,
+    group_size: int,
+    codebook: str,
+    x2: Tensor | None,
+    lloyd_iters: int,
+    factor: HessianFactor | None = None,
 ) -> PackedWeight:
-    """Quantize with the widths already fixed per row (LoftQ's inner step)."""
+    """Quantize with the widths already fixed per row (LoftQ's inner step): each width's levels are fitted
+    on its own rows only, and no errors are computed."""
+    _check_weight(weight)
     widths = tuple(sorted(set(bits_per_row.tolist())))
-    return assemble(quantize_layer(weight, widths, group_size, codebook, x2, lloyd_iters), weight, bits_per_row)
+    _check_widths(widths)
+    absmax_codes, absmax_scale = group_absmax(weight, group_size)
+    v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
+    u = _element_weights(absmax, x2)
+    bits_per_row = bits_per_row.to(weight.device)
+    levels = {}
+    for bits in widths:
+        rows = (bits_per_row == bits).nonzero().squeeze(1)
+        levels[bits] = torch.zeros(weight.shape[0], 2**bits, device=weight.device)
+        levels[bits][rows] = fit_levels(v[rows], u[rows], bits, codebook, lloyd_iters)[0]
+    lq = LayerQuant(widths, group_size, absmax_codes, absmax_scale, levels, None)
+    return assemble(lq, weight, bits_per_row, factor)

@@ -44,3 +44,16 @@ def test_graph_without_loss_gives_activation_statistics_only():
     stats = calibrate(gm, match_sites(gm), inputs)
     assert all(s.g2 is None for s in stats)
     torch.testing.assert_close(stats[0].x2, (x**2).mean(0))
+
+
+def test_second_moment_matrices_are_shared_by_layers_reading_one_input():
+    model, x = TwoLayers(), torch.randn(3, 5, 8)
+    gm, inputs = capture_graph(lambda x: (model.a(x), model.a(x), model.b(torch.tanh(model.a(x)))), x)
+    sites = match_sites(gm)
+    stats = calibrate(gm, sites, inputs, gram=True)
+    flat = x.reshape(-1, 8)
+    torch.testing.assert_close(stats[0].gram, flat.t() @ flat / 15)
+    torch.testing.assert_close(stats[0].gram.diagonal(), stats[0].x2)
+    readers_of_x = [s for site, s in zip(sites, stats) if site.shape[1] == 8]
+    assert len(readers_of_x) == 3 and all(s.gram is readers_of_x[0].gram for s in readers_of_x)
+    assert all(s.gram is None for s in calibrate(gm, sites, inputs))

@@ -2,18 +2,19 @@ import pytest
 import torch
 
 import lowra_compile
-from lowra_compile.passes import pipeline
+from lowra_compile.passes import pipeline, release
 
 from ..tiny_models import batch, tiny_peft_llama
 
 
 def _spy(monkeypatch):
-    seen = {"x2": [], "errors": []}
+    seen = {"x2": [], "errors": [], "factors": []}
     quantize_layer, plan_bits = pipeline.quantize_layer, pipeline.plan_bits
 
-    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters):
+    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor):
         seen["x2"].append(x2)
-        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters)
+        seen["factors"].append(factor)
+        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor)
 
     def plan_spy(errors, in_features, choices, budget):
         seen["errors"] = errors
@@ -52,6 +53,38 @@ def test_fisher_errors_are_activation_errors_times_gradient_moments(monkeypatch)
     for r in ratios:
         assert torch.allclose(r, r[:, :1].expand_as(r), rtol=1e-4)
         assert (r[:, 0] > 0).all()
+
+
+def _output_errors(options, data) -> float:
+    """Sum over the frozen linears of ||(W - deq(W)) x||^2 on the calibration batch itself."""
+    inputs, dense = {}, tiny_peft_llama()
+    hooks = [
+        m.base_layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in dense.named_modules() if hasattr(m, "base_layer")
+    ]
+    dense(**data)
+    for h in hooks:
+        h.remove()
+    model = _first_step(options, data)
+    layers = dict(model.named_modules())
+    total = 0.0
+    for name, x in inputs.items():
+        delta = dense.get_submodule(name).base_layer.weight - release.dequantized(layers[name].base_layer.weight)
+        total += (x.detach() @ delta.t()).pow(2).sum().item()
+    return total
+
+
+def test_gptq_rounding_shares_factors_and_lowers_the_output_error(monkeypatch):
+    seen = _spy(monkeypatch)
+    options = {"bits": 2.0, "calibrate": "activation", "loftq_iters": 0}
+    nearest = _output_errors(options, batch(32))
+    assert all(f is None for f in seen["factors"])
+    seen["factors"].clear()
+    torch._dynamo.reset()
+    feedback = _output_errors({**options, "rounding": "gptq"}, batch(32))
+    # q/k/v and gate/up read one input each: 2 layers x 4 distinct inputs for 14 linears
+    assert len(seen["factors"]) == 14 and len({id(f) for f in seen["factors"]}) == 8
+    assert feedback < 0.9 * nearest
 
 
 def test_fisher_without_a_loss_falls_back_to_activation_statistics(monkeypatch):
