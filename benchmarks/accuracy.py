@@ -12,6 +12,7 @@ of Jane Austen's novels (out of domain) after quantization and again after the s
     python benchmarks/accuracy.py --reduced     # CPU, under an hour
     python benchmarks/accuracy.py               # the full grid (GPU)
     python benchmarks/accuracy.py --methods lowra,nf --bits 2.0   # a slice, merged into the same JSON
+    python benchmarks/accuracy.py --reduced --bits 4.0,2.5        # a slice of the full grid, reduced settings
 
 Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, rewritten after every point.
 """
@@ -55,6 +56,7 @@ METHODS = {
     "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
     "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
     "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion
+    "lowra-gptq": lambda b: {"bits": b, "rounding": "gptq"},  # error-feedback rounding on E[x x^T]
     "lowra-choices-124": lambda b: {"bits": b, "bit_choices": (1, 2, 4)},  # the paper's bit set
     "lowra-choices-234": lambda b: {"bits": b, "bit_choices": (2, 3, 4)},
 }
@@ -64,7 +66,7 @@ FULL_GRID = (
     [("unquantized", None)]
     + [("lowra", b) for b in BUDGETS]
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
-    + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
+    + [(m, b) for m in (*ABLATIONS, "lowra-gptq") for b in (3.0, 2.0, 1.5)]
     + [("lowra-choices-124", b) for b in BUDGETS]
     + [("lowra-choices-234", b) for b in BUDGETS if b >= 2.0]
 )
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     args.eval_windows = args.eval_windows or eval_windows
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
-    grid = REDUCED_GRID if args.reduced else FULL_GRID
+    # A slice (--methods / --bits) is taken from the full grid, run with the chosen grid's settings.
+    grid = REDUCED_GRID if args.reduced and not (args.methods or args.bits) else FULL_GRID
     if args.methods:
         grid = [p for p in grid if p[0] in args.methods.split(",")]
     if args.bits:

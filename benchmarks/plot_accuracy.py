@@ -1,6 +1,7 @@
 """Plot an accuracy JSON: held-out perplexity vs effective bits per weight, one line per method.
 
     python benchmarks/plot_accuracy.py benchmarks/results/accuracy_reduced_cpu_<date>.json [-o out.png]
+    python benchmarks/plot_accuracy.py a.json b.json -o all.png   # several runs with the same settings, merged
 
 Also prints the results as a markdown table (for docs/accuracy.md and the README).
 
@@ -20,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+COLORS = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # 20 distinct, dark ones first
 STAGES = (("before", "after quantization"), ("after", "after LoRA fine-tune"))
 
 
@@ -32,10 +34,13 @@ def plot(result: dict, path: Path) -> None:
     for r, corpus in enumerate(corpora):
         for c, (stage, title) in enumerate(STAGES):
             ax = axes[r][c]
-            for method in methods:
+            for i, method in enumerate(methods):
                 rows = sorted((p for p in points if p["method"] == method), key=lambda p: p["effective_bits"])
-                style = "-o" if method in ("lowra", "nf", "rtn") else "--s"  # ablations are often single points
-                ax.plot([p["effective_bits"] for p in rows], [p[stage][corpus] for p in rows], style, ms=5, label=method)
+                style = "-o" if len(rows) > 2 else "--s"  # ablations are often single points
+                ax.plot(
+                    [p["effective_bits"] for p in rows], [p[stage][corpus] for p in rows], style, ms=5, label=method,
+                    color=COLORS[i % len(COLORS)],
+                )
             if ceiling is not None:
                 ax.axhline(ceiling["before"][corpus], color="gray", lw=1, label="unquantized")
                 ax.axhline(ceiling["after"][corpus], color="black", lw=1, ls=":", label="unquantized + LoRA")
@@ -60,10 +65,12 @@ def _ppl(value: float) -> str:
 
 
 def table(result: dict) -> str:
-    """Markdown table: one row per point, perplexity after quantization -> after fine-tuning."""
+    """Markdown table: one row per point (methods in order of appearance, budgets falling), perplexity
+    after quantization -> after fine-tuning."""
     head = "| method | budget | code bits | effective bits | KJV ppl (quantized -> fine-tuned) | Austen ppl (quantized -> fine-tuned) |"
     lines = [head, "|---|---|---|---|---|---|"]
-    for p in result["points"]:
+    first = {m: i for i, m in reversed(list(enumerate(p["method"] for p in result["points"])))}
+    for p in sorted(result["points"], key=lambda p: (first[p["method"]], -(p["bits"] or 0))):
         cells = [p["method"], "-" if p["bits"] is None else f"{p['bits']:g}"]
         cells += ["-", "-"] if p["bits"] is None else [f"{p['code_bits']:.3f}", f"{p['effective_bits']:.3f}"]
         cells += [f"{_ppl(p['before'][c])} -> {_ppl(p['after'][c])}" for c in ("kjv", "austen")]
@@ -71,13 +78,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(results: list[dict]) -> dict:
+    """Points of several runs in one result; they must share the settings, a later run's point wins."""
+    merged = {**results[0], "points": []}
+    for result in results:
+        if result["settings"] != merged["settings"]:
+            raise SystemExit(f"cannot merge runs with different settings: {result['settings']} vs {merged['settings']}")
+        keys = {(p["method"], p["bits"]) for p in result["points"]}
+        merged["points"] = [p for p in merged["points"] if (p["method"], p["bits"]) not in keys] + result["points"]
+    dates = sorted({r["date"] for r in results})
+    merged["date"] = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("result", type=Path, help="JSON written by benchmarks/accuracy.py")
+    parser.add_argument("results", type=Path, nargs="+", help="JSON written by benchmarks/accuracy.py")
     parser.add_argument("-o", "--out", type=Path, help="PNG path (default: the JSON path with .png)")
     args = parser.parse_args(argv)
-    out = args.out or args.result.with_suffix(".png")
-    result = json.loads(args.result.read_text())
+    out = args.out or args.results[0].with_suffix(".png")
+    result = merge([json.loads(path.read_text()) for path in args.results])
     plot(result, out)
     print(table(result))
     print(f"wrote {out}")
