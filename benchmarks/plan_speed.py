@@ -8,6 +8,7 @@ Target: 7B in under 2 minutes on one H100 (the paper reports ~10 minutes for LLa
 
     python benchmarks/plan_speed.py                  # 135M on CPU, and 7B when CUDA is present
     python benchmarks/plan_speed.py --model llama-2-7b --device cuda
+    python benchmarks/plan_speed.py --rounding gptq  # error-feedback rounding (a random E[x x^T] per layer)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from bench_utils import RESULTS, device_name
 from lowra_compile.config import LowRAConfig
+from lowra_compile.passes.gptq import hessian_factor
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 
@@ -54,19 +56,26 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         weight = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
         x2 = torch.rand(k, generator=g, device=device) + 0.5  # stands in for E[x^2] from a batch
         g2 = torch.rand(n, generator=g, device=device) + 0.5  # and E[g^2]
+        if config.rounding == "gptq":  # a random E[x x^T] of 256 tokens with E[x^2] on its diagonal
+            tokens = torch.randn(256, k, generator=g, device=device) * x2.sqrt()
+            gram = tokens.t() @ tokens / 256
         _sync(device)
         t0 = time.perf_counter()
-        lq = quantize_layer(weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters)
+        # the backend factors each distinct input once (q/k/v share one); here every layer pays for its own
+        factor = hessian_factor(gram) if config.rounding == "gptq" else None
+        lq = quantize_layer(
+            weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, factor
+        )
         errors.append(lq.error * g2[:, None])
         _sync(device)
         seconds["quantize"] += time.perf_counter() - t0
-        layers.append((lq, weight))  # 7B in bf16 is ~13 GB: kept on the GPU for packing
+        layers.append((lq, weight, factor))  # 7B in bf16 is ~13 GB: kept on the GPU for packing
     t0 = time.perf_counter()
     bits = plan_bits(errors, [k for _, k in shapes], config.allowed_bits, config.bits)
     _sync(device)
     seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    packed = [assemble(lq, weight, b) for (lq, weight), b in zip(layers, bits)]
+    packed = [assemble(lq, weight, b, factor) for (lq, weight, factor), b in zip(layers, bits)]
     _sync(device)
     seconds["pack"] = time.perf_counter() - t0
     weights = sum(n * k for n, k in shapes)
@@ -78,6 +87,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         "rows": sum(n for n, _ in shapes),
         "budget": config.bits,
         "bit_choices": config.allowed_bits,
+        "rounding": config.rounding,
         "code_bits": sum(p.code_bits() * p.shape[0] * p.shape[1] for p in packed) / weights,
         "seconds": {**seconds, "total": sum(seconds.values())},
     }
@@ -88,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), help="default: 135M on CPU, plus 7B on CUDA when present")
     parser.add_argument("--device", help="cpu or cuda (default: cpu for 135M, cuda for 7B)")
     parser.add_argument("--bits", type=float, default=2.0)
-    parser.add_argument("--out", type=Path, help="JSON path (default: results/plan_speed_<devices>_<date>.json)")
+    parser.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"))
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/plan_speed[_gptq]_<devices>_<date>.json)")
     args = parser.parse_args(argv)
-    config = LowRAConfig(bits=args.bits)
+    config = LowRAConfig(bits=args.bits, rounding=args.rounding)
     runs = [("smollm2-135m", "cpu")] + ([("llama-2-7b", "cuda")] if torch.cuda.is_available() else [])
     if args.model:
         runs = [(args.model, args.device or ("cuda" if args.model == "llama-2-7b" else "cpu"))]
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
         result["runs"].append(row)
     devices = "-".join(sorted({device for _, device in runs}))
-    out = args.out or RESULTS / f"plan_speed_{devices}_{date}.json"
+    rounding = "" if args.rounding == "nearest" else f"_{args.rounding}"
+    out = args.out or RESULTS / f"plan_speed{rounding}_{devices}_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
