@@ -126,15 +126,19 @@ def fit_levels(v: Tensor, u: Tensor, bits: int, codebook: str, lloyd_iters: int)
     return torch.where(better[:, None], learned, fixed), torch.where(better, learned_error, fixed_error)
 
 
-def _element_weights(absmax: Tensor, x2: Tensor | None) -> Tensor:
-    """u = absmax^2 * E[x^2]: the weight of each element's squared level error (x2 None: plain weight error)."""
-    return absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)[None, :]
-
-
-def _check_widths(bit_choices: tuple[int, ...]) -> None:
+def _prepare(
+    weight: Tensor, bit_choices: tuple[int, ...], group_size: int, x2: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Checked inputs -> absmax codes and scales, v, per-element absmax and u = absmax^2 * E[x^2] (x2 None:
+    the plain weight error)."""
+    _check_weight(weight)
     bad = [b for b in bit_choices if b not in (1, 2, 3, 4)]
     if bad:
         raise ValueError(f"lowra: bit widths {bad} are not supported; choose from 1, 2, 3, 4")
+    absmax_codes, absmax_scale = group_absmax(weight, group_size)
+    v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
+    u = absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)[None, :]
+    return absmax_codes, absmax_scale, v, absmax, u
 
 
 def _codes(weight: Tensor, v: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFactor | None) -> Tensor:
@@ -152,11 +156,7 @@ def quantize_layer(
     factor: HessianFactor | None = None,
 ) -> LayerQuant:
     """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring)."""
-    _check_weight(weight)
-    _check_widths(bit_choices)
-    absmax_codes, absmax_scale = group_absmax(weight, group_size)
-    v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
-    u = _element_weights(absmax, x2)
+    absmax_codes, absmax_scale, v, absmax, u = _prepare(weight, bit_choices, group_size, x2)
     levels, errors = {}, []
     for bits in bit_choices:
         levels[bits], err = fit_levels(v, u, bits, codebook, lloyd_iters)
@@ -197,12 +197,8 @@ def quantize_rows(
 ) -> PackedWeight:
     """Quantize with the widths already fixed per row (LoftQ's inner step): each width's levels are fitted
     on its own rows only, and no errors are computed."""
-    _check_weight(weight)
     widths = tuple(sorted(set(bits_per_row.tolist())))
-    _check_widths(widths)
-    absmax_codes, absmax_scale = group_absmax(weight, group_size)
-    v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
-    u = _element_weights(absmax, x2)
+    absmax_codes, absmax_scale, v, absmax, u = _prepare(weight, widths, group_size, x2)
     bits_per_row = bits_per_row.to(weight.device)
     levels = {}
     for bits in widths:
