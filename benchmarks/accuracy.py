@@ -2,9 +2,9 @@
 
 Every point of the grid is one (method, bits) pair. For each: a fresh copy of the model gets the same
 seeded PEFT LoRA adapters, is compiled with `backend="lowra"` and that method's options, quantized on
-the first training batch, then measured on the held-out windows of the King James Bible (in domain) and
-of Jane Austen's novels (out of domain) after quantization and again after the same LoRA fine-tune
-(same steps, seeds, data, rank). Baselines are backend options too:
+the first training batch (or on `--calib-windows` training windows), then measured on the held-out
+windows of the King James Bible (in domain) and of Jane Austen's novels (out of domain) after
+quantization and again after the same LoRA fine-tune (same steps, seeds, data, rank). Baselines are backend options too:
 
     nf    QLoRA-style NormalFloat levels, one fixed width per layer, 64-blocks, double-quantized absmax
     rtn   plain round-to-nearest on a uniform grid, otherwise the same as nf
@@ -13,6 +13,7 @@ of Jane Austen's novels (out of domain) after quantization and again after the s
     python benchmarks/accuracy.py               # the full grid (GPU)
     python benchmarks/accuracy.py --methods lowra,nf --bits 2.0   # a slice, merged into the same JSON
     python benchmarks/accuracy.py --reduced --bits 4.0,2.5        # a slice of the full grid, reduced settings
+    python benchmarks/accuracy.py --reduced --bits 2.0 --calib-windows 8   # calibrate on 4,096 tokens
 
 Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, rewritten after every point.
 """
@@ -90,7 +91,7 @@ def measure(base, options, data: dict, args) -> dict:
     if options is not None:
         model = torch.compile(model, backend="lowra", options={**options, "inner": args.inner, "progress": False})
         t0 = time.perf_counter()
-        quantize_on(model, data["batches"][0])
+        quantize_on(model, data["calibration"])
         row["quantize_s"] = time.perf_counter() - t0
         rep = lowra_compile.report(model)
         if not rep.layers:  # Dynamo fell back to eager: the numbers would be those of the dense model
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: by grid)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: by grid)")
     parser.add_argument("--eval-windows", type=int, help="held-out windows per corpus (default: by grid; full: all)")
+    parser.add_argument("--calib-windows", type=int, help="windows of the quantizing call (default: the first batch)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default: by grid)")
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     args.batch_size = args.batch_size or batch_size
     args.lr = args.lr or lr
     args.eval_windows = args.eval_windows or eval_windows
+    args.calib_windows = args.calib_windows or args.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
     # A slice (--methods / --bits) is taken from the full grid, run with the chosen grid's settings.
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     train = token_windows(tokenizer, split_text(kjv["train"]), args.window).to(device)
     data = {
         "batches": training_batches(train, args.steps, args.batch_size, args.seed),
+        # the same seeded order: with as many windows as a batch, this is the first training batch
+        "calibration": training_batches(train, 1, args.calib_windows, args.seed)[0],
         "heldout": {
             name: token_windows(tokenizer, split_text(split["heldout"]), args.window, args.eval_windows).to(device)
             for name, split in (("kjv", kjv), ("austen", austen))
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {
                 "window": args.window, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
                 "lora_alpha": 2 * args.rank, "lr": args.lr, "seed": args.seed, "inner": args.inner,
+                "calib_windows": args.calib_windows,
                 "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
             },
         }

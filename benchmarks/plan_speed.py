@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from bench_utils import RESULTS, device_name
 from lowra_compile.config import LowRAConfig
-from lowra_compile.passes.gptq import hessian_factor
+from lowra_compile.passes.gptq import damping, hessian_factor
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 
@@ -62,7 +62,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         # the backend factors each distinct input once (q/k/v share one); here every layer pays for its own
-        factor = hessian_factor(gram) if config.rounding == "gptq" else None
+        factor = hessian_factor(gram, damping(k, 256)) if config.rounding == "gptq" else None
         lq = quantize_layer(
             weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, factor
         )

@@ -80,6 +80,8 @@ def table(result: dict) -> str:
 
 def merge(results: list[dict]) -> dict:
     """Points of several runs in one result; they must share the settings, a later run's point wins."""
+    for result in results:  # runs from before --calib-windows calibrated on the first training batch
+        result["settings"].setdefault("calib_windows", result["settings"]["batch_size"])
     merged = {**results[0], "points": []}
     for result in results:
         if result["settings"] != merged["settings"]:

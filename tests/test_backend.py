@@ -337,3 +337,18 @@ def test_bfloat16_model_trains():
     assert all(math.isfinite(x) for x in losses)
     released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
     assert len(released) == 14 and all(p.dtype == torch.bfloat16 for p in released)
+
+
+def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
+    # The way to calibrate on more tokens than one training batch: quantize_ on a big batch, then compile.
+    model = tiny_peft_llama()
+    lowra_compile.quantize_(model, batch(32, size=8), {"progress": False, "rounding": "gptq"})
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+    assert any(m.lora_B["default"].weight.any() for m in model.modules() if hasattr(m, "lora_B"))  # LoftQ ran
+    monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer", None)  # must not be called again
+    compiled = _compile(model)
+    data = batch(16, seed=5)
+    loss = compiled(**data).loss
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(p.grad is not None for p in _trainable(model))
+    _compiled_matches_eager(model, compiled, data)

@@ -28,6 +28,7 @@ class SiteStats:
     x2: Tensor  # [K] float32
     g2: Tensor | None  # [N] float32, None when the graph has no loss
     gram: Tensor | None = None  # [K, K] float32, only when asked for
+    tokens: int = 0  # rows of x the means are taken over (sets the damping of gram: passes/gptq.py)
 
 
 def _mean_square(t: Tensor) -> Tensor:
@@ -57,6 +58,7 @@ class _Recorder(fx.Interpreter):
         self.outputs = {s.output: i for i, s in enumerate(sites)}
         self.scopes = {s.scope for s in sites if s.scope is not None}
         self.x2: dict[int, Tensor] = {}
+        self.tokens: dict[int, int] = {}
         self.probes: dict[int, Tensor] = {}
         self.grams: dict[int, Tensor] = {}
         self.want_grad, self.want_gram = want_grad, want_gram
@@ -70,6 +72,7 @@ class _Recorder(fx.Interpreter):
             inner = _Recorder(body, self.sites, self.want_grad, self.want_gram)
             result = inner.run(*operands)
             self.x2.update(inner.x2)
+            self.tokens.update(inner.tokens)
             self.probes.update(inner.probes)
             self.grams.update(inner.grams)
             return result
@@ -77,6 +80,7 @@ class _Recorder(fx.Interpreter):
         if n in self.inputs:
             x = n.args[0]
             self.x2[self.inputs[n]] = _mean_square(self.env[x])
+            self.tokens[self.inputs[n]] = self.env[x].numel() // self.env[x].shape[-1]
             if self.want_gram:
                 if x not in self._gram_of_input:
                     self._gram_of_input[x] = _second_moment(self.env[x])
@@ -108,4 +112,5 @@ def calibrate(
         grads = torch.autograd.grad(loss, [recorder.probes[k] for k in keys], allow_unused=True)
         g2 = {k: _mean_square(g) for k, g in zip(keys, grads) if g is not None}
     del out, loss, recorder.probes
-    return [SiteStats(recorder.x2[i], g2.get(i), recorder.grams.get(i)) for i in range(len(sites))]
+    r = recorder
+    return [SiteStats(r.x2[i], g2.get(i), r.grams.get(i), r.tokens[i]) for i in range(len(sites))]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import LowRAConfig
 from .calibrate import SiteStats, calibrate
-from .gptq import HessianFactor, hessian_factor
+from .gptq import HessianFactor, damping, hessian_factor
 from .loftq import loftq_init
 from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
@@ -60,21 +60,32 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
                 "removes the hook that breaks it)",
                 stacklevel=3,
             )
-            stats = [SiteStats(s.x2, None, s.gram) for s in stats]
+            stats = [SiteStats(s.x2, None, s.gram, s.tokens) for s in stats]
     return stats
 
 
-def _hessian_factors(stats: list[SiteStats | None], new: list[int]) -> dict[int, HessianFactor]:
-    """One factor per distinct input (q, k and v read the same x and share their E[x x^T])."""
-    by_input: dict[int, HessianFactor] = {}
-    factors = {}
-    for i in new:
-        gram = stats[i].gram if stats[i] is not None else None
-        if gram is not None:
-            if id(gram) not in by_input:
-                by_input[id(gram)] = hessian_factor(gram)
-            factors[i] = by_input[id(gram)]
-    return factors
+class _HessianFactors:
+    """The Hessian factor of site i, built on first use and damped by the tokens its E[x x^T] averaged.
+
+    Sites reading one input (q, k and v; gate and up) share its E[x x^T] and come one after another in
+    both passes, so only the latest factor is kept: a 7B model never holds a factor per input (about as
+    large as the E[x x^T]s themselves) and rebuilds each once for packing instead.
+    """
+
+    def __init__(self, stats: list[SiteStats | None]):
+        self.stats = stats
+        self.gram: torch.Tensor | None = None
+        self.factor: HessianFactor | None = None
+
+    def __call__(self, i: int) -> HessianFactor | None:
+        stats = self.stats[i]
+        if stats is None or stats.gram is None:
+            return None
+        if stats.gram is not self.gram:
+            self.factor = None  # free the previous factor before building the next
+            self.factor = hessian_factor(stats.gram, damping(stats.gram.shape[0], stats.tokens))
+            self.gram = stats.gram
+        return self.factor
 
 
 @torch.no_grad()
@@ -84,14 +95,14 @@ def quantize_sites(
     """Quantize `sites[i]` for i in `new` under one whole-model bit budget and attach the packed weights."""
     values = _placeholder_values(gm, example_inputs)
     stats = _statistics(gm, sites, new, example_inputs, config)
-    factors = _hessian_factors(stats, new)  # empty unless rounding="gptq"
+    factors = _HessianFactors(stats)  # None for every site unless rounding="gptq"
     choices = config.allowed_bits
     layers, errors = [], []
     for i in tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer"):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         lq = quantize_layer(
-            weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factors.get(i)
+            weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factors(i)
         )
         err = lq.error
         if stats[i] is not None and stats[i].g2 is not None:
@@ -109,11 +120,11 @@ def quantize_sites(
                 x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
                 packed, a, b = loftq_init(
                     weight.detach(), bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
-                    config.codebook, x2, config.lloyd_iters, factors.get(i),
+                    config.codebook, x2, config.lloyd_iters, factors(i),
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
         if packed is None:
-            packed = assemble(layers[j], weight.detach(), bits[j], factors.get(i))
+            packed = assemble(layers[j], weight.detach(), bits[j], factors(i))
         attach(weight, packed.to(weight.device))
         layers[j] = None  # free the candidate codes of every width as we go

@@ -160,11 +160,22 @@ def quantize_layer(
     levels, errors = {}, []
     for bits in bit_choices:
         levels[bits], err = fit_levels(v, u, bits, codebook, lloyd_iters)
-        if factor is not None:
-            rounded = absmax * torch.gather(levels[bits], 1, gptq_codes(weight, absmax, levels[bits], factor))
-            err = output_error(weight.float() - rounded, factor.gram)
         errors.append(err)
-    return LayerQuant(tuple(bit_choices), group_size, absmax_codes, absmax_scale, levels, torch.stack(errors, 1))
+    error = torch.stack(errors, 1) if factor is None else _feedback_error(weight, absmax, levels, factor)
+    return LayerQuant(tuple(bit_choices), group_size, absmax_codes, absmax_scale, levels, error)
+
+
+def _feedback_error(weight: Tensor, absmax: Tensor, levels: dict[int, Tensor], factor: HessianFactor) -> Tensor:
+    """Output error [N, widths] after error-feedback rounding at every width, in one pass over the columns.
+
+    Rows are rounded independently, so the widths are stacked as one tall matrix; each width's levels are
+    padded to 16 by repeating its top level, which rounds to the same values (only the codes would differ).
+    """
+    n = weight.shape[0]
+    stacked = torch.cat([torch.cat([lv, lv[:, -1:].expand(n, 16 - lv.shape[1])], 1) for lv in levels.values()])
+    tall_weight, tall_absmax = weight.float().repeat(len(levels), 1), absmax.repeat(len(levels), 1)
+    rounded = tall_absmax * torch.gather(stacked, 1, gptq_codes(tall_weight, tall_absmax, stacked, factor))
+    return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t()
 
 
 def assemble(lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: HessianFactor | None = None) -> PackedWeight:

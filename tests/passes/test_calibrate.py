@@ -46,7 +46,7 @@ def test_graph_without_loss_gives_activation_statistics_only():
     torch.testing.assert_close(stats[0].x2, (x**2).mean(0))
 
 
-def test_second_moment_matrices_are_shared_by_layers_reading_one_input():
+def test_second_moment_matrices_are_shared_by_layers_reading_one_input_and_count_its_tokens():
     model, x = TwoLayers(), torch.randn(3, 5, 8)
     gm, inputs = capture_graph(lambda x: (model.a(x), model.a(x), model.b(torch.tanh(model.a(x)))), x)
     sites = match_sites(gm)
@@ -56,4 +56,5 @@ def test_second_moment_matrices_are_shared_by_layers_reading_one_input():
     torch.testing.assert_close(stats[0].gram.diagonal(), stats[0].x2)
     readers_of_x = [s for site, s in zip(sites, stats) if site.shape[1] == 8]
     assert len(readers_of_x) == 3 and all(s.gram is readers_of_x[0].gram for s in readers_of_x)
+    assert all(s.tokens == 15 for s in stats)  # 3 x 5 rows of x: what the damping of gram depends on
     assert all(s.gram is None for s in calibrate(gm, sites, inputs))

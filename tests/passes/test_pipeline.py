@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -85,6 +88,25 @@ def test_gptq_rounding_shares_factors_and_lowers_the_output_error(monkeypatch):
     # q/k/v and gate/up read one input each: 2 layers x 4 distinct inputs for 14 linears
     assert len(seen["factors"]) == 14 and len({id(f) for f in seen["factors"]}) == 8
     assert feedback < 0.9 * nearest
+
+
+def test_gptq_holds_one_hessian_factor_at_a_time(monkeypatch):
+    built, alive_before = [], []
+    hessian_factor = pipeline.hessian_factor
+
+    def factor_spy(gram, damp):
+        gc.collect()
+        alive_before.append(sum(ref() is not None for ref in built))
+        factor = hessian_factor(gram, damp)
+        built.append(weakref.ref(factor))
+        return factor
+
+    monkeypatch.setattr(pipeline, "hessian_factor", factor_spy)
+    _first_step({"bits": 2.0, "calibrate": "activation", "loftq_iters": 0, "rounding": "gptq"}, batch(32))
+    assert len(built) >= 8  # each of the 8 distinct inputs at least once (again for packing)
+    assert max(alive_before) <= 1  # at most the previous one is alive when the next is built
+    gc.collect()
+    assert all(ref() is None for ref in built)  # and none outlives quantization
 
 
 def test_fisher_without_a_loss_falls_back_to_activation_statistics(monkeypatch):
