@@ -67,7 +67,8 @@ FULL_GRID = (
     [("unquantized", None)]
     + [("lowra", b) for b in BUDGETS]
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
-    + [(m, b) for m in (*ABLATIONS, "lowra-gptq") for b in (3.0, 2.0, 1.5)]
+    + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
+    + [("lowra-gptq", b) for b in BUDGETS]  # the candidate default
     + [("lowra-choices-124", b) for b in BUDGETS]
     + [("lowra-choices-234", b) for b in BUDGETS if b >= 2.0]
 )

@@ -8,7 +8,7 @@ Target: 7B in under 2 minutes on one H100 (the paper reports ~10 minutes for LLa
 
     python benchmarks/plan_speed.py                  # 135M on CPU, and 7B when CUDA is present
     python benchmarks/plan_speed.py --model llama-2-7b --device cuda
-    python benchmarks/plan_speed.py --rounding gptq  # error-feedback rounding (a random E[x x^T] per layer)
+    python benchmarks/plan_speed.py --rounding gptq  # error-feedback rounding (a random E[x x^T] per layer input)
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ from lowra_compile.passes.quantize import assemble, quantize_layer
 MODELS = {"smollm2-135m": (576, 1536, 30, 9, 3), "llama-2-7b": (4096, 11008, 32, 32, 32)}
 
 
-def linear_shapes(model: str) -> list[tuple[int, int]]:
-    """(out_features, in_features) of every q/k/v/o/gate/up/down projection (lm_head stays dense)."""
+def linear_shapes(model: str) -> list[tuple[int, int, int]]:
+    """(out_features, in_features, input) of every q/k/v/o/gate/up/down projection (lm_head stays dense);
+    `input` numbers the distinct layer inputs: q/k/v read one, gate/up another."""
     hidden, inter, layers, heads, kv_heads = MODELS[model]
     kv = hidden // heads * kv_heads
-    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
-    return per_layer * layers
+    per_layer = [(hidden, hidden, 0), (kv, hidden, 0), (kv, hidden, 0), (hidden, hidden, 1), (inter, hidden, 2),
+                 (inter, hidden, 2), (hidden, inter, 3)]
+    return [(n, k, 4 * block + x) for block in range(layers) for n, k, x in per_layer]
 
 
 def _sync(device: torch.device) -> None:
@@ -46,45 +48,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _input_gram(k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A random E[x x^T] of 256 tokens, the same for every call with the same seed (built again to pack)."""
+    g = torch.Generator(device).manual_seed(seed)
+    scale = (torch.rand(k, generator=g, device=device) + 0.5).sqrt()
+    tokens = torch.randn(256, k, generator=g, device=device) * scale
+    return tokens.t() @ tokens / 256
+
+
+class _Factors:
+    """As the backend: one Hessian factor per distinct input, built on first use, only the latest kept."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.input, self.factor = device, None, None
+
+    def __call__(self, k: int, input_id: int):
+        if input_id != self.input:
+            self.factor = None
+            self.factor = hessian_factor(_input_gram(k, input_id, self.device), damping(k, 256))
+            self.input = input_id
+        return self.factor
+
+
 def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
     """Seconds to quantize every layer at every width, to plan, and to pack, plus the plan's bits."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = linear_shapes(model)
     g = torch.Generator(device).manual_seed(0)
-    layers, errors, seconds = [], [], {"quantize": 0.0}
-    for n, k in tqdm(shapes, desc=f"{model}: quantize", unit="layer"):
+    gptq = config.rounding == "gptq"
+    layers, errors, seconds, factors = [], [], {"quantize": 0.0}, _Factors(device)
+    for n, k, input_id in tqdm(shapes, desc=f"{model}: quantize", unit="layer"):
         weight = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
         x2 = torch.rand(k, generator=g, device=device) + 0.5  # stands in for E[x^2] from a batch
         g2 = torch.rand(n, generator=g, device=device) + 0.5  # and E[g^2]
-        if config.rounding == "gptq":  # a random E[x x^T] of 256 tokens with E[x^2] on its diagonal
-            tokens = torch.randn(256, k, generator=g, device=device) * x2.sqrt()
-            gram = tokens.t() @ tokens / 256
         _sync(device)
         t0 = time.perf_counter()
-        # the backend factors each distinct input once (q/k/v share one); here every layer pays for its own
-        factor = hessian_factor(gram, damping(k, 256)) if config.rounding == "gptq" else None
+        factor = factors(k, input_id) if gptq else None  # the random E[x x^T] is built inside the timing
+        x2 = factor.gram.diagonal() if gptq else x2
         lq = quantize_layer(
             weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, factor
         )
         errors.append(lq.error * g2[:, None])
         _sync(device)
         seconds["quantize"] += time.perf_counter() - t0
-        layers.append((lq, weight, factor))  # 7B in bf16 is ~13 GB: kept on the GPU for packing
+        layers.append((lq, weight, k, input_id))  # 7B in bf16 is ~13 GB: kept on the GPU for packing
     t0 = time.perf_counter()
-    bits = plan_bits(errors, [k for _, k in shapes], config.allowed_bits, config.bits)
+    bits = plan_bits(errors, [k for _, k, _ in shapes], config.allowed_bits, config.bits)
     _sync(device)
     seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    packed = [assemble(lq, weight, b, factor) for (lq, weight, factor), b in zip(layers, bits)]
+    packed = [
+        assemble(lq, weight, b, factors(k, input_id) if gptq else None)
+        for (lq, weight, k, input_id), b in zip(layers, bits)
+    ]
     _sync(device)
     seconds["pack"] = time.perf_counter() - t0
-    weights = sum(n * k for n, k in shapes)
+    weights = sum(n * k for n, k, _ in shapes)
     return {
         "model": model,
         "device": device_name(device),
         "layers": len(shapes),
         "weights": weights,
-        "rows": sum(n for n, _ in shapes),
+        "rows": sum(n for n, _, _ in shapes),
         "budget": config.bits,
         "bit_choices": config.allowed_bits,
         "rounding": config.rounding,
