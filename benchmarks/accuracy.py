@@ -61,6 +61,11 @@ METHODS = {
     "lowra-choices-124": lambda b: {"bits": b, "bit_choices": (1, 2, 4)},  # the paper's bit set
     "lowra-choices-234": lambda b: {"bits": b, "bit_choices": (2, 3, 4)},
 }
+# the same ablations on top of error-feedback rounding (the candidate default): lowra-gptq-nf-levels, ...
+GPTQ_ABLATIONS = ("lowra-fixed-width", "lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-choices-124",
+                  "lowra-choices-234")
+METHODS.update({"lowra-gptq" + m.removeprefix("lowra"): (lambda b, m=m: {**METHODS[m](b), "rounding": "gptq"})
+                for m in GPTQ_ABLATIONS})
 
 ABLATIONS = ("lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-data-free")
 FULL_GRID = (
@@ -69,6 +74,7 @@ FULL_GRID = (
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
     + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
     + [("lowra-gptq", b) for b in BUDGETS]  # the candidate default
+    + [("lowra-gptq" + m.removeprefix("lowra"), 2.0) for m in GPTQ_ABLATIONS]
     + [("lowra-choices-124", b) for b in BUDGETS]
     + [("lowra-choices-234", b) for b in BUDGETS if b >= 2.0]
 )

@@ -23,7 +23,7 @@ divides the other).
 
 The codebook lookup has three implementations, a constexpr LUT (measure them on the GPU, docs/kernels.md):
     "where"   2^b compare-and-select steps against each row's levels, loaded as [R] vectors per tile
-    "gather"  tl.gather from a [R, 2^b] register tile, loaded once per program (`load_lut`)
+    "gather"  tl.gather from a [R, 16] register tile (2^b levels, padded), loaded once per program (`load_lut`)
     "load"    a gathered load from the [rows, 2^b] codebook (stays in L1)
 
 The helpers `load_lut` and `dequant_tile` are shared with the fused small-M GEMM (fused_small_m.py).
@@ -75,7 +75,11 @@ def load_lut(book_ptr, rows, row_ok, BITS: tl.constexpr, LUT: tl.constexpr):
     """The [rows, 2^b] fp32 level table for LUT "gather" (load it once, outside a K loop); else a dummy."""
     LEVELS: tl.constexpr = 1 << BITS
     if LUT == "gather":
-        table = tl.load(book_ptr + rows[:, None] * LEVELS + tl.arange(0, LEVELS)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        # padded to 16 columns whatever the width: Triton 3.6 fails to compile a gather from a table with
+        # fewer elements than the program has threads (e.g. 16 rows x 4 levels at 4 warps)
+        cols = tl.arange(0, 16)
+        ok = row_ok[:, None] & (cols < LEVELS)[None, :]
+        table = tl.load(book_ptr + rows[:, None] * LEVELS + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     else:
         table = 0.0
     return table

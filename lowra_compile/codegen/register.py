@@ -28,6 +28,7 @@ from ..runtime.format import BIT_WIDTHS
 from . import log, select
 from .dequant import dequantize, scratch
 from .fused_small_m import fused_small_m
+from .gptq_block import gptq_block
 from .lora_gemm import lora_gemm
 from .lora_grad import lora_dys_dyb
 from .select import REFERENCE, Choice
@@ -157,12 +158,21 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
     return log.record("lora_linear_backward", choice, m, k, n, rank, _bits(packed), lambda: run(choice), grad.device, flops=flops)
 
 
+def gptq_block_impl(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    n, b = weight.shape  # logged as K = the block's columns, N = its rows
+    if not _use_triton(weight, weight.dtype, 1, n) or weight.dtype != torch.float32 or b > 128 or levels.shape[1] > 16:
+        return log.record("gptq_block", REFERENCE, 0, b, n, 0, {},
+                          lambda: reference.gptq_block(weight, scale, levels, u), weight.device)
+    choice = Choice("gptq_block", "", "gpu" if weight.device.type == "cuda" else "interp")
+    return log.record("gptq_block", choice, 0, b, n, 0, {}, lambda: gptq_block(weight, scale, levels, u), weight.device)
+
+
 def register_kernels() -> None:
     """Attach the implementations above to the runtime ops for CUDA and CPU (idempotent, fine without a GPU)."""
     global _registered
     if _registered:
         return
     for op, fn in (("lowra::dequant", dequant_impl), ("lowra::lora_linear", lora_linear_impl),
-                   ("lowra::lora_linear_backward", lora_linear_backward_impl)):
+                   ("lowra::lora_linear_backward", lora_linear_backward_impl), ("lowra::gptq_block", gptq_block_impl)):
         torch.library.register_kernel(op, ("cuda", "cpu"), fn)
     _registered = True

@@ -6,7 +6,8 @@ first batch) and records, for each site:
     x2[k]  = E[x_k^2] over all tokens, per input channel        (always)
     g2[n]  = E[(dL/dy_n)^2] over all tokens, per output channel  (when the graph returns a scalar loss)
     gram   = E[x x^T] [K, K], per input                            (for rounding="gptq"; sites reading the
-                                                                    same input share one tensor)
+                                                                    same input share one tensor; kept in
+                                                                    host memory: ~22 GB over a 7B model)
 
 Together they give the diagonal-Fisher (OBD) error estimate of DESIGN.md section 6. The gradient is
 taken with `torch.autograd.grad` against the site outputs only, so no `.grad` of any parameter changes
@@ -27,7 +28,7 @@ from .match import LinearSite
 class SiteStats:
     x2: Tensor  # [K] float32
     g2: Tensor | None  # [N] float32, None when the graph has no loss
-    gram: Tensor | None = None  # [K, K] float32, only when asked for
+    gram: Tensor | None = None  # [K, K] float32 on the CPU, only when asked for
     tokens: int = 0  # rows of x the means are taken over (sets the damping of gram: passes/gptq.py)
 
 
@@ -83,7 +84,7 @@ class _Recorder(fx.Interpreter):
             self.tokens[self.inputs[n]] = self.env[x].numel() // self.env[x].shape[-1]
             if self.want_gram:
                 if x not in self._gram_of_input:
-                    self._gram_of_input[x] = _second_moment(self.env[x])
+                    self._gram_of_input[x] = _second_moment(self.env[x]).cpu()  # moved back per layer
                 self.grams[self.inputs[n]] = self._gram_of_input[x]
         if n in self.outputs and self.want_grad and isinstance(result, Tensor) and torch.is_grad_enabled():
             # Adding a zero that requires grad makes even a layer with no trainable input differentiable.

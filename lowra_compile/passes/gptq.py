@@ -15,8 +15,10 @@ error onto the columns not yet rounded (the optimal brain surgeon update) cancel
 The codebooks and the absmax groups are fixed beforehand (weighted Lloyd-Max on the original weights), so
 the packed format is unchanged; only which level each weight gets differs. Every row is rounded
 independently of the others, so any subset of rows gets the same codes as the whole layer, which lets
-rows of different widths be rounded separately. Columns are processed in blocks: the errors of a block are
-pushed onto the rest of the row with one matrix product.
+rows of different widths be rounded separately. Columns are processed in blocks of 128: the column loop
+inside a block is the op `lowra::gptq_block` (its reference in runtime.reference; on CUDA one Triton
+launch, codegen/gptq_block.py, once the backend has registered the kernels), and the errors of a block
+are pushed onto the rest of the row with one matrix product.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..runtime import ops as _ops  # noqa: F401  (defines torch.ops.lowra.gptq_block)
 
 # Of the mean diagonal, added to H before inverting: a sample E[x x^T] over T tokens of K inputs is noisy
 # (singular when T < K), and rounding onto an undamped one fits the calibration batch instead of the
@@ -72,21 +76,12 @@ def gptq_codes(weight: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFa
     u = factor.u.to(weight.device)
     w = weight.float()[:, order].clone()
     scale = absmax[:, order].clamp_min(torch.finfo(torch.float32).tiny)
-    thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
     n, k = w.shape
     codes = torch.empty(n, k, dtype=torch.long, device=weight.device)
     for start in range(0, k, _BLOCK):
         end = min(start + _BLOCK, k)
-        block = w[:, start:end]
-        errors = torch.empty_like(block)
-        for j in range(end - start):
-            col = start + j
-            v = (block[:, j] / scale[:, col]).clamp(-1.0, 1.0)
-            code = torch.searchsorted(thresholds, v[:, None]).squeeze(1)
-            codes[:, col] = code
-            rounded = torch.gather(levels, 1, code[:, None]).squeeze(1) * scale[:, col]
-            errors[:, j] = (block[:, j] - rounded) / u[col, col]
-            block[:, j:] -= errors[:, j, None] * u[col, col:end][None, :]
+        block = slice(start, end)
+        codes[:, block], errors = torch.ops.lowra.gptq_block(w[:, block], scale[:, block], levels, u[block, block])
         w[:, end:] -= errors @ u[start:end, end:]
     out = torch.empty_like(codes)
     out[:, order] = codes

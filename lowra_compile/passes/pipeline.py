@@ -69,7 +69,8 @@ class _HessianFactors:
 
     Sites reading one input (q, k and v; gate and up) share its E[x x^T] and come one after another in
     both passes, so only the latest factor is kept: a 7B model never holds a factor per input (about as
-    large as the E[x x^T]s themselves) and rebuilds each once for packing instead.
+    large as the E[x x^T]s themselves) and rebuilds each once for packing instead. The E[x x^T]s wait in
+    host memory (calibrate); each is copied to the weight's device for its factor.
     """
 
     def __init__(self, stats: list[SiteStats | None]):
@@ -77,13 +78,13 @@ class _HessianFactors:
         self.gram: torch.Tensor | None = None
         self.factor: HessianFactor | None = None
 
-    def __call__(self, i: int) -> HessianFactor | None:
+    def __call__(self, i: int, device: torch.device) -> HessianFactor | None:
         stats = self.stats[i]
         if stats is None or stats.gram is None:
             return None
         if stats.gram is not self.gram:
             self.factor = None  # free the previous factor before building the next
-            self.factor = hessian_factor(stats.gram, damping(stats.gram.shape[0], stats.tokens))
+            self.factor = hessian_factor(stats.gram.to(device), damping(stats.gram.shape[0], stats.tokens))
             self.gram = stats.gram
         return self.factor
 
@@ -101,9 +102,8 @@ def quantize_sites(
     for i in tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer"):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
-        lq = quantize_layer(
-            weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factors(i)
-        )
+        factor = factors(i, weight.device)
+        lq = quantize_layer(weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor)
         err = lq.error
         if stats[i] is not None and stats[i].g2 is not None:
             err = err * stats[i].g2.to(err.device)[:, None]
@@ -120,11 +120,11 @@ def quantize_sites(
                 x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
                 packed, a, b = loftq_init(
                     weight.detach(), bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
-                    config.codebook, x2, config.lloyd_iters, factors(i),
+                    config.codebook, x2, config.lloyd_iters, factors(i, weight.device),
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
         if packed is None:
-            packed = assemble(layers[j], weight.detach(), bits[j], factors(i))
+            packed = assemble(layers[j], weight.detach(), bits[j], factors(i, weight.device))
         attach(weight, packed.to(weight.device))
         layers[j] = None  # free the candidate codes of every width as we go

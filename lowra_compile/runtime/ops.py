@@ -4,6 +4,7 @@
     lowra::lora_linear(x, x_lora, packed, group_size, bias?, lora_a?, lora_b?, scaling) -> y
     lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx, merge_dx)
         -> (dx, dx_lora, dA, dB)     merge_dx: x_lora is x (no dropout), so dx = dy W + dS A in one GEMM
+    lowra::gptq_block(weight, scale, levels, u) -> (codes, errors)     one block of GPTQ rounding (quantizing)
 
 The default implementation (every device) is `runtime.reference`. The codegen package registers faster
 CUDA implementations on the same ops (`op.register_kernel("cuda", ...)`), so graphs rewritten by the
@@ -88,3 +89,11 @@ def _backward(ctx, grad: Tensor):
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+gptq_block = custom_op("lowra::gptq_block", reference.gptq_block, mutates_args=())
+
+
+@gptq_block.register_fake
+def _(weight, scale, levels, u):
+    return weight.new_empty(weight.shape, dtype=torch.long), weight.new_empty(weight.shape, dtype=torch.float32)

@@ -5,6 +5,7 @@ implementation used on CPU and under fake tensors.
     lora_linear:       y  = x W^T + b + s * (x_lora A^T) B^T
     lora_linear_bwd:   dx = dy W ;  S = x_lora A^T ;  dS = s * dy B ;  dB = s * dy^T S ;  dA = dS^T x_lora ;
                        dx_lora = dS A
+    gptq_block:        codes and scaled errors of one block of columns rounded with error feedback
 """
 
 from __future__ import annotations
@@ -91,3 +92,25 @@ def lora_linear_backward(
     if merge_dx:
         return dx + dx_lora.to(dx.dtype), empty(), da, db
     return dx, dx_lora.to(x_lora.dtype), da, db
+
+
+def gptq_block(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """One block of error-feedback rounding (passes/gptq.py): columns j = 0 .. B-1 in turn, each rounded to
+    its row's nearest level and its scaled error pushed onto the block's later columns.
+
+    weight, scale [N, B] float32 (scale > 0); levels [N, L] float32, sorted per row; u [B, B] float32, this
+    block's diagonal block of the upper Cholesky factor. Returns codes [N, B] int64 and errors [N, B]
+    float32, e[:, j] = (w[:, j] - level * scale[:, j]) / u[j, j], for the caller's update of later blocks.
+    """
+    w = weight.float().clone()
+    thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    codes = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    errors = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        v = (w[:, j] / scale[:, j]).clamp(-1.0, 1.0)
+        code = torch.searchsorted(thresholds, v[:, None]).squeeze(1)
+        codes[:, j] = code
+        rounded = torch.gather(levels, 1, code[:, None]).squeeze(1) * scale[:, j]
+        errors[:, j] = (w[:, j] - rounded) / u[j, j]
+        w[:, j:] -= errors[:, j, None] * u[j, j:][None, :]
+    return codes, errors

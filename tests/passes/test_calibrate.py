@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lowra_compile.passes.calibrate import calibrate
@@ -58,3 +59,14 @@ def test_second_moment_matrices_are_shared_by_layers_reading_one_input_and_count
     assert len(readers_of_x) == 3 and all(s.gram is readers_of_x[0].gram for s in readers_of_x)
     assert all(s.tokens == 15 for s in stats)  # 3 x 5 rows of x: what the damping of gram depends on
     assert all(s.gram is None for s in calibrate(gm, sites, inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_second_moment_matrices_of_a_gpu_model_wait_in_host_memory():
+    model, x = TwoLayers().cuda(), torch.randn(3, 5, 8, device="cuda")
+    gm, inputs = capture_graph(model, x)
+    stats = calibrate(gm, match_sites(gm), inputs, gram=True)
+    assert stats[0].gram.device.type == "cpu" and stats[0].x2.is_cuda
+    flat = x.reshape(-1, 8)
+    torch.testing.assert_close(stats[0].gram, (flat.t() @ flat / 15).cpu())
