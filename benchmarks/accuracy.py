@@ -49,23 +49,23 @@ def fixed_width(bits: float, codebook: str) -> dict:
 # method -> options for a budget (None: the unquantized model, whose fine-tune is the LoRA ceiling)
 METHODS = {
     "unquantized": lambda b: None,
-    "lowra": lambda b: {"bits": b},
+    "lowra": lambda b: {"bits": b},  # the defaults: error-feedback rounding since 2026-11-26
     "nf": lambda b: fixed_width(b, "nf"),
     "rtn": lambda b: fixed_width(b, "uniform"),
+    "lowra-nearest": lambda b: {"bits": b, "rounding": "nearest"},  # the default before 2026-11-26
     "lowra-fixed-width": lambda b: {"bits": b, "bit_choices": (int(b),)},  # no mixed precision
     "lowra-nf-levels": lambda b: {"bits": b, "codebook": "nf"},  # no Lloyd-Max
     "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
     "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
-    "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion
-    "lowra-gptq": lambda b: {"bits": b, "rounding": "gptq"},  # error-feedback rounding on E[x x^T]
+    "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion (so nearest rounding)
     "lowra-choices-124": lambda b: {"bits": b, "bit_choices": (1, 2, 4)},  # the paper's bit set
     "lowra-choices-234": lambda b: {"bits": b, "bit_choices": (2, 3, 4)},
 }
-# the same ablations on top of error-feedback rounding (the candidate default): lowra-gptq-nf-levels, ...
-GPTQ_ABLATIONS = ("lowra-fixed-width", "lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-choices-124",
-                  "lowra-choices-234")
-METHODS.update({"lowra-gptq" + m.removeprefix("lowra"): (lambda b, m=m: {**METHODS[m](b), "rounding": "gptq"})
-                for m in GPTQ_ABLATIONS})
+# the ablations as first measured, on nearest rounding (lowra-nearest-fixed-width, ...)
+NEAREST_ABLATIONS = ("lowra-fixed-width", "lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-choices-124",
+                     "lowra-choices-234")
+METHODS.update({"lowra-nearest" + m.removeprefix("lowra"): (lambda b, m=m: {**METHODS[m](b), "rounding": "nearest"})
+                for m in NEAREST_ABLATIONS})
 
 ABLATIONS = ("lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-data-free")
 FULL_GRID = (
@@ -73,8 +73,7 @@ FULL_GRID = (
     + [("lowra", b) for b in BUDGETS]
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
     + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
-    + [("lowra-gptq", b) for b in BUDGETS]  # the candidate default
-    + [("lowra-gptq" + m.removeprefix("lowra"), 2.0) for m in GPTQ_ABLATIONS]
+    + [("lowra-nearest", b) for b in BUDGETS]
     + [("lowra-choices-124", b) for b in BUDGETS]
     + [("lowra-choices-234", b) for b in BUDGETS if b >= 2.0]
 )
@@ -83,7 +82,8 @@ REDUCED_GRID = (
     + [("lowra", b) for b in (3.0, 2.0, 1.5)]
     + [("nf", b) for b in (3.0, 2.0)]
     + [("rtn", 2.0)]
-    + [(m, 2.0) for m in ("lowra-fixed-width", *ABLATIONS[:3], "lowra-choices-124", "lowra-choices-234")]
+    # (2,3,4) at exactly 2.0 bits can only put every channel at 2 bits: it is lowra-fixed-width there
+    + [(m, 2.0) for m in ("lowra-fixed-width", *ABLATIONS[:3], "lowra-nearest", "lowra-choices-124")]
 )
 # (steps, batch size, learning rate, eval windows per corpus) per grid; 512-token windows everywhere.
 # The short CPU run needs the larger rate to move the adapters at all in 10 steps.

@@ -2,6 +2,7 @@
 
     python benchmarks/plot_accuracy.py benchmarks/results/accuracy_reduced_cpu_<date>.json [-o out.png]
     python benchmarks/plot_accuracy.py a.json b.json -o all.png   # several runs with the same settings, merged
+    python benchmarks/plot_accuracy.py a.json b.json --methods unquantized,lowra,nf   # only these methods
 
 Also prints the results as a markdown table (for docs/accuracy.md and the README).
 
@@ -97,9 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+", help="JSON written by benchmarks/accuracy.py")
     parser.add_argument("-o", "--out", type=Path, help="PNG path (default: the JSON path with .png)")
+    parser.add_argument("--methods", help="comma-separated methods to keep (default: all)")
     args = parser.parse_args(argv)
     out = args.out or args.results[0].with_suffix(".png")
     result = merge([json.loads(path.read_text()) for path in args.results])
+    if args.methods:
+        keep = args.methods.split(",")
+        result["points"] = sorted((p for p in result["points"] if p["method"] in keep), key=lambda p: keep.index(p["method"]))
     plot(result, out)
     print(table(result))
     print(f"wrote {out}")

@@ -16,7 +16,7 @@ CODEBOOKS = ("lloyd", "nf", "uniform")
 KERNELS = ("auto", "triton", "reference")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 CALIBRATION = ("fisher", "activation", "off")
-ROUNDING = ("nearest", "gptq")
+ROUNDING = ("auto", "nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class LowRAConfig:
     codebook:     "lloyd" (weighted Lloyd-Max per channel), "nf" (NormalFloat levels), "uniform" (RTN grid).
     calibrate:    "fisher" (E[x^2] and E[g^2] from the first batch), "activation" (E[x^2] only) or
                   "off" (plain weight error, the paper's data-free criterion). True means "fisher".
-    rounding:     "nearest" (each weight to its nearest level) or "gptq" (error-feedback rounding on the
-                  calibrated E[x x^T] of each layer's input; needs calibration).
+    rounding:     "gptq" (error-feedback rounding on the calibrated E[x x^T] of each layer's input; needs
+                  calibration), "nearest" (each weight to its nearest level), or "auto" (the default):
+                  "gptq" when calibrating, "nearest" with calibrate="off".
     loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist and B is zero (0 = off).
     lloyd_iters:  Lloyd-Max iterations per codebook.
     skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").
@@ -45,7 +46,7 @@ class LowRAConfig:
     group_size: int = 64
     codebook: str = "lloyd"
     calibrate: str = "fisher"
-    rounding: str = "nearest"
+    rounding: str = "auto"
     loftq_iters: int = 1
     lloyd_iters: int = 12
     skip: tuple[str, ...] = ("lm_head",)
@@ -84,6 +85,8 @@ class LowRAConfig:
         _check_choice("inner", self.inner, INNER_COMPILERS)
         _check_choice("calibrate", self.calibrate, CALIBRATION)
         _check_choice("rounding", self.rounding, ROUNDING)
+        if self.rounding == "auto":
+            object.__setattr__(self, "rounding", "nearest" if self.calibrate == "off" else "gptq")
         if self.rounding == "gptq" and self.calibrate == "off":
             raise ValueError(
                 'lowra: rounding="gptq" needs the input statistics of calibration; use calibrate="fisher" '

@@ -172,6 +172,13 @@ def test_bad_options_raise_clear_errors(options, message):
         compiled(torch.randn(2, 64))
 
 
+def test_default_rounding_is_gptq_when_calibrating_and_nearest_without():
+    config = lowra_compile.LowRAConfig
+    assert config().rounding == "gptq" and config(calibrate="activation").rounding == "gptq"
+    assert config(calibrate="off").rounding == "nearest" and config(calibrate=False).rounding == "nearest"
+    assert config(rounding="nearest").rounding == "nearest"
+
+
 def test_complex_weights_raise_naming_the_layer():
     lin = torch.nn.Linear(64, 64, dtype=torch.complex64).requires_grad_(False)
     compiled = _compile(torch.nn.Sequential(lin))
