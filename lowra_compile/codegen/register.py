@@ -160,6 +160,7 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
 
 def gptq_block_impl(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     n, b = weight.shape  # logged as K = the block's columns, N = its rows
+    # no groups here: a group size of 1 passes _use_triton's power-of-two check; the kernel is fp32 only
     if not _use_triton(weight, weight.dtype, 1, n) or weight.dtype != torch.float32 or b > 128 or levels.shape[1] > 16:
         return log.record("gptq_block", REFERENCE, 0, b, n, 0, {},
                           lambda: reference.gptq_block(weight, scale, levels, u), weight.device)
