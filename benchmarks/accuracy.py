@@ -30,6 +30,7 @@ import datetime
 import fcntl
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -215,16 +216,24 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
         },
     }
+    failed = []
     for method, bits in grid:
         print(f"== {method} {bits if bits is not None else ''}", flush=True)
         row = {"method": method, "bits": bits, "options": METHODS[method](bits)}
-        row.update(measure(base, row["options"], data, args))
+        try:
+            row.update(measure(base, row["options"], data, args))
+        except Exception:  # noqa: BLE001  (one point out of memory must not cost the rest of the shard)
+            traceback.print_exc()
+            failed.append((method, bits))
+            continue
         print(
             f"   before {row['before']}  after {row['after']}  effective bits {row.get('effective_bits', '-')}",
             flush=True,
         )
         merge_point(out, header, row)
-    print(f"{len(grid)} points merged into {out}")
+    print(f"{len(grid) - len(failed)} points merged into {out}")
+    if failed:
+        raise SystemExit(f"{len(failed)} points failed (left out of the JSON; --resume runs them again): {failed}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFF
 out="${OUT:-benchmarks/results}"
 stash=/tmp/lowra-stash  # outlives a call while the machine stays warm
 mkdir -p "$out"
-if compgen -G ".gpu/*.whl" > /dev/null; then pip install -q --no-deps .gpu/*.whl; fi
+if compgen -G ".gpu/*.whl" > /dev/null; then python -m pip install -q --no-deps .gpu/*.whl; fi  # that python's pip
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
@@ -64,20 +64,25 @@ case "$stage" in
     export PYTHONPATH="$stash:$PYTHONPATH"
     # Shards share one JSON (merged under a lock) kept in $stash, so a later call resumes where this one
     # stopped; it starts from the latest committed full-grid JSON. The grid's speed does not matter here:
-    # no autotune, and one compile thread per process.
+    # no autotune, and one compile thread per process. A process peaks at ~12 GiB (the calibrating call's
+    # backward at 4,096 tokens): 16 shards on an H200 ran out of memory, so JOBS defaults to 1 per 14 GiB.
     json="$stash/accuracy_full.json"
     prev="$(ls benchmarks/results/accuracy_full_cuda_*.json 2> /dev/null | tail -n 1 || true)"
     if [ ! -e "$json" ] && [ -n "$prev" ]; then cp "$prev" "$json"; fi
-    jobs="${JOBS:-12}"
+    free_gib=$(( $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1) / 1024 ))
+    jobs="${JOBS:-$(( free_gib / 14 < $(nproc) ? free_gib / 14 : $(nproc) ))}"
     for k in $(seq 0 $((jobs - 1))); do
       LOWRA_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=1 timeout "${LIMIT:-540}" \
         python benchmarks/accuracy.py --resume --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" "$@" \
-        > "$out/accuracy_$k.log" 2>&1 &
+        > "$stash/accuracy_$k.log" 2>&1 &
     done
     wait
     if [ -e "$json" ]; then cp "$json" "$out/accuracy_full.json"; fi
-    for k in $(seq 0 $((jobs - 1))); do (grep -v "it/s\]" "$out/accuracy_$k.log" || true) | tail -n 30 > "$out/accuracy_$k.txt"; done
-    rm "$out"/accuracy_*.log
+    # one log for all shards: the machine sends back at most 8 files
+    for k in $(seq 0 $((jobs - 1))); do
+      echo "## shard $k/$jobs"
+      (grep -v "it/s\]" "$stash/accuracy_$k.log" || true) | tail -n 40
+    done > "$out/accuracy_log.txt"
     ;;
   *)
     echo "unknown stage $stage" >&2

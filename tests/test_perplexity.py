@@ -1,6 +1,7 @@
 """The accuracy harness: perplexity, the fine-tune loop, and the baselines' bits per weight."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -104,3 +105,41 @@ def test_baselines_store_every_channel_at_their_width(codebook, bits):
         assert row.code_bits == bits and row.channels_per_bits[int(bits)] == n
         overhead = (2 ** int(bits) * 16 + 32) / k + 8 / 64 + 32 / (64 * 256)
         assert bits + 8 / 64 <= row.effective_bits <= bits + overhead + 32 / k  # + at most one padding word per row
+
+
+def _merge_rows(out: Path, first: int) -> None:
+    accuracy = _accuracy_module()
+    for i in range(first, first + 20):
+        accuracy.merge_point(out, {"grid": "full"}, {"method": "m", "bits": float(i), "after": {"kjv": i}})
+
+
+def test_shards_merging_into_one_json_keep_every_point(tmp_path):
+    """Shards of one grid write the same JSON after every point: the lock keeps every point, and a point
+    written again replaces the old one."""
+    import multiprocessing
+
+    out = tmp_path / "grid.json"
+    ctx = multiprocessing.get_context("fork")
+    shards = [ctx.Process(target=_merge_rows, args=(out, first)) for first in (0, 20, 40)]
+    for p in shards:
+        p.start()
+    for p in shards:
+        p.join()
+    assert [p.exitcode for p in shards] == [0, 0, 0]
+    _accuracy_module().merge_point(out, {"grid": "full"}, {"method": "m", "bits": 5.0, "after": {"kjv": -1}})
+    points = json.loads(out.read_text())["points"]
+    assert sorted(p["bits"] for p in points) == [float(i) for i in range(60)]
+    assert next(p for p in points if p["bits"] == 5.0)["after"] == {"kjv": -1}
+
+
+def test_token_window_cache_is_read_back_and_refuses_other_settings(tmp_path):
+    import argparse
+
+    accuracy = _accuracy_module()
+    path = tmp_path / "windows.pt"
+    windows = {"train": torch.arange(8).view(2, 4), "kjv": torch.ones(1, 4, dtype=torch.long)}
+    torch.save({"made_by": {"window": 4, "eval_windows": None, "seed": 0}, "windows": windows}, path)
+    args = argparse.Namespace(windows=path, window=4, eval_windows=None, seed=0)
+    assert all(torch.equal(v, windows[k]) for k, v in accuracy.load_windows(None, args).items())
+    with pytest.raises(ValueError, match="holds windows for"):
+        accuracy.load_windows(None, argparse.Namespace(windows=path, window=4, eval_windows=8, seed=0))
