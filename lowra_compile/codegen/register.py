@@ -38,9 +38,13 @@ _registered = False
 
 
 def _use_triton(t: Tensor, dtype: torch.dtype, group_size: int, m: int) -> bool:
-    if select.kernel_mode() == "reference" or torch._subclasses.fake_tensor.is_fake(t):
-        return False
-    if m == 0 or group_size & (group_size - 1):
+    """For the ops on packed weights: the Triton kernels address absmax groups of a power-of-two size."""
+    return not group_size & (group_size - 1) and _triton_runs(t, dtype, m)
+
+
+def _triton_runs(t: Tensor, dtype: torch.dtype, m: int) -> bool:
+    """Whether a Triton kernel may run on `t` here: kernel mode, device, dtype, not fake, not empty."""
+    if select.kernel_mode() == "reference" or torch._subclasses.fake_tensor.is_fake(t) or m == 0:
         return False
     if t.device.type == "cuda":
         return dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -160,8 +164,7 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
 
 def gptq_block_impl(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     n, b = weight.shape  # logged as K = the block's columns, N = its rows
-    # no groups here: a group size of 1 passes _use_triton's power-of-two check; the kernel is fp32 only
-    if not _use_triton(weight, weight.dtype, 1, n) or weight.dtype != torch.float32 or b > 128 or levels.shape[1] > 16:
+    if not _triton_runs(weight, weight.dtype, n) or weight.dtype != torch.float32 or b > 128 or levels.shape[1] > 16:
         return log.record("gptq_block", REFERENCE, 0, b, n, 0, {},
                           lambda: reference.gptq_block(weight, scale, levels, u), weight.device)
     choice = Choice("gptq_block", "", "gpu" if weight.device.type == "cuda" else "interp")
