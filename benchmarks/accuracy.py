@@ -64,6 +64,7 @@ METHODS = {
     "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
     "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
     "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion (so nearest rounding)
+    "lowra-refit": lambda b: {"bits": b, "refit_rounds": 2},  # levels refitted to the codes (not in a grid)
     "lowra-choices-124": lambda b: {"bits": b, "bit_choices": (1, 2, 4)},  # the paper's bit set
     "lowra-choices-234": lambda b: {"bits": b, "bit_choices": (2, 3, 4)},
 }

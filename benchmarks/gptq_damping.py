@@ -55,6 +55,19 @@ def second_moments(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: s / count for name, s in sums.items()}
 
 
+def layer_moments(calibration_windows) -> tuple[dict, dict, dict]:
+    """For LAYERS of SmolLM2: the weights (float32), E[x x^T] of the first `w` training windows for each w
+    in `calibration_windows` (keyed by tokens), and E[x x^T] on 8 held-out KJV windows."""
+    model, tokenizer = load_smollm2()
+    kjv = load_split("kjv")
+    train = token_windows(tokenizer, split_text(kjv["train"]), 512)
+    held = second_moments(model, token_windows(tokenizer, split_text(kjv["heldout"]), 512, 8))
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight.detach().float() for name in LAYERS}
+    calib = {w * 512: second_moments(model, training_batches(train, 1, w)[0]) for w in calibration_windows}
+    return weights, calib, held
+
+
 def held_out_error(weight: torch.Tensor, x2: torch.Tensor, factor, held: torch.Tensor) -> float:
     lq = quantize_layer(weight, (BITS,), GROUP, "lloyd", x2, 12, factor)
     packed = assemble(lq, weight, torch.full((weight.shape[0],), BITS), factor)
@@ -63,17 +76,11 @@ def held_out_error(weight: torch.Tensor, x2: torch.Tensor, factor, held: torch.T
 
 
 def main() -> None:
-    model, tokenizer = load_smollm2()
-    kjv = load_split("kjv")
-    train = token_windows(tokenizer, split_text(kjv["train"]), 512)
-    held = second_moments(model, token_windows(tokenizer, split_text(kjv["heldout"]), 512, 8))
-    modules = dict(model.named_modules())
+    weights, calib, held = layer_moments(CALIBRATION_WINDOWS)
     rows = []
-    for windows in CALIBRATION_WINDOWS:
-        calib = second_moments(model, training_batches(train, 1, windows)[0])
-        tokens = windows * 512
+    for tokens, grams in calib.items():
         for name in tqdm(LAYERS, desc=f"{tokens} tokens"):
-            weight, gram = modules[name].weight.detach().float(), calib[name]
+            weight, gram = weights[name], grams[name]
             nearest = held_out_error(weight, gram.diagonal(), None, held[name])
             rule = damping(gram.shape[0], tokens)
             ratios = {

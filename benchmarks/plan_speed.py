@@ -9,6 +9,7 @@ Target: 7B in under 2 minutes on one H100 (the paper reports ~10 minutes for LLa
     python benchmarks/plan_speed.py                  # 135M on CPU, and 7B when CUDA is present
     python benchmarks/plan_speed.py --model llama-2-7b --device cuda
     python benchmarks/plan_speed.py --rounding gptq  # error-feedback rounding (a random E[x x^T] per layer input)
+    python benchmarks/plan_speed.py --rounding gptq --refit-rounds 2   # and levels refitted to the codes
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bench_utils import RESULTS, device_name
 from lowra_compile.config import LowRAConfig
-from lowra_compile.passes.gptq import damping, hessian_factor
+from lowra_compile.passes.gptq import LatestFactor
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 
@@ -56,37 +57,27 @@ def _input_gram(k: int, seed: int, device: torch.device) -> torch.Tensor:
     return tokens.t() @ tokens / 256
 
 
-class _Factors:
-    """As the backend: one Hessian factor per distinct input, built on first use, only the latest kept."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.input, self.factor = device, None, None
-
-    def __call__(self, k: int, input_id: int):
-        if input_id != self.input:
-            self.factor = None
-            self.factor = hessian_factor(_input_gram(k, input_id, self.device), damping(k, 256))
-            self.input = input_id
-        return self.factor
-
-
 def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
     """Seconds to quantize every layer at every width, to plan, and to pack, plus the plan's bits."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = linear_shapes(model)
     g = torch.Generator(device).manual_seed(0)
     gptq = config.rounding == "gptq"
-    layers, errors, seconds, factors = [], [], {"quantize": 0.0}, _Factors(device)
+    layers, errors, seconds, latest = [], [], {"quantize": 0.0}, LatestFactor()
+
+    def factor(k: int, input_id: int):  # as the backend: one factor per distinct input, only the latest kept
+        return latest(input_id, lambda: _input_gram(k, input_id, device), 256) if gptq else None
+
     for n, k, input_id in tqdm(shapes, desc=f"{model}: quantize", unit="layer"):
         weight = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
         x2 = torch.rand(k, generator=g, device=device) + 0.5  # stands in for E[x^2] from a batch
         g2 = torch.rand(n, generator=g, device=device) + 0.5  # and E[g^2]
         _sync(device)
         t0 = time.perf_counter()
-        factor = factors(k, input_id) if gptq else None  # the random E[x x^T] is built inside the timing
-        x2 = factor.gram.diagonal() if gptq else x2
+        layer_factor = factor(k, input_id)  # the random E[x x^T] is built inside the timing
+        x2 = layer_factor.gram.diagonal() if gptq else x2
         lq = quantize_layer(
-            weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, factor
+            weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, layer_factor
         )
         errors.append(lq.error * g2[:, None])
         _sync(device)
@@ -98,7 +89,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
     seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     packed = [
-        assemble(lq, weight, b, factors(k, input_id) if gptq else None)
+        assemble(lq, weight, b, factor(k, input_id), config.refit_rounds)
         for (lq, weight, k, input_id), b in zip(layers, bits)
     ]
     _sync(device)
@@ -113,6 +104,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         "budget": config.bits,
         "bit_choices": config.allowed_bits,
         "rounding": config.rounding,
+        "refit_rounds": config.refit_rounds,
         "code_bits": sum(p.code_bits() * p.shape[0] * p.shape[1] for p in packed) / weights,
         "seconds": {**seconds, "total": sum(seconds.values())},
     }
@@ -124,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cpu for 135M, cuda for 7B)")
     parser.add_argument("--bits", type=float, default=2.0)
     parser.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"))
+    parser.add_argument("--refit-rounds", type=int, default=0, help="with gptq: levels refitted to the codes")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/plan_speed[_gptq]_<devices>_<date>.json)")
     args = parser.parse_args(argv)
-    config = LowRAConfig(bits=args.bits, rounding=args.rounding)
+    config = LowRAConfig(bits=args.bits, rounding=args.rounding, refit_rounds=args.refit_rounds)
     runs = [("smollm2-135m", "cpu")] + ([("llama-2-7b", "cuda")] if torch.cuda.is_available() else [])
     if args.model:
         runs = [(args.model, args.device or ("cuda" if args.model == "llama-2-7b" else "cpu"))]
@@ -138,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         result["runs"].append(row)
     devices = "-".join(sorted({device for _, device in runs}))
     rounding = "" if args.rounding == "nearest" else f"_{args.rounding}"
+    rounding += f"_refit{args.refit_rounds}" if args.refit_rounds else ""
     out = args.out or RESULTS / f"plan_speed{rounding}_{devices}_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -162,6 +162,7 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"codebook": "k-means"}, "codebook"),
         ({"rounding": "stochastic"}, "rounding"),
         ({"rounding": "gptq", "calibrate": "off"}, "needs the input statistics"),
+        ({"refit_rounds": -1}, "refit_rounds must be >= 0"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):

@@ -5,6 +5,9 @@
         Q    = quantize(W - s * B @ A)                (widths per row fixed by the plan)
         B, A = rank-r SVD of (W - deq(Q)) / s,  split as U sqrt(S), sqrt(S) Vh
 
+The first Q, quantize(W), is what packing without LoftQ gives, so the caller passes it in: the pipeline
+has the codebooks of every width already and would otherwise fit the planned widths' again.
+
 PEFT initialises B to zero, so without this the adapters start by adding nothing and fine-tuning first
 has to undo the quantization error; with it the first step already starts from W.
 """
@@ -35,6 +38,7 @@ def _low_rank(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def loftq_init(
     weight: Tensor,
+    first: PackedWeight,
     bits_per_row: Tensor,
     rank: int,
     scaling: float,
@@ -44,16 +48,20 @@ def loftq_init(
     x2: Tensor | None,
     lloyd_iters: int,
     factor: HessianFactor | None = None,
+    refit_rounds: int = 0,
 ) -> tuple[PackedWeight, Tensor, Tensor]:
-    """(packed Q, lora_A [rank, K], lora_B [N, rank]) after `iters` >= 1 alternating steps, in fp32."""
+    """(packed Q, lora_A [rank, K], lora_B [N, rank]) after `iters` >= 1 alternating steps, in fp32; `first`
+    is `weight` quantized at `bits_per_row` (the first step's Q)."""
     if iters < 1 or scaling == 0:
         raise ValueError("lowra: LoftQ needs iters >= 1 and a non-zero LoRA scaling")
     w = weight.float()
     n, k = w.shape
     a, b = w.new_zeros(rank, k), w.new_zeros(n, rank)
-    packed = None
-    for _ in range(iters):
-        packed = quantize_rows(w - scaling * b @ a, bits_per_row, group_size, codebook, x2, lloyd_iters, factor)
+    packed = first
+    for step in range(iters):
+        if step:
+            target = w - scaling * b @ a
+            packed = quantize_rows(target, bits_per_row, group_size, codebook, x2, lloyd_iters, factor, refit_rounds)
         residual = (w - dequantize(packed.tensors(), k, group_size, torch.float32)) / scaling
         a, b = _low_rank(residual, rank)
     return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, group_size), a, b

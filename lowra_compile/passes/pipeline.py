@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import LowRAConfig
 from .calibrate import SiteStats, calibrate
-from .gptq import HessianFactor, damping, hessian_factor
+from .gptq import HessianFactor, LatestFactor
 from .loftq import loftq_init
 from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
@@ -65,28 +65,19 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
 
 
 class _HessianFactors:
-    """The Hessian factor of site i, built on first use and damped by the tokens its E[x x^T] averaged.
-
-    Sites reading one input (q, k and v; gate and up) share its E[x x^T] and come one after another in
-    both passes, so only the latest factor is kept: a 7B model never holds a factor per input (about as
-    large as the E[x x^T]s themselves) and rebuilds each once for packing instead. The E[x x^T]s wait in
-    host memory (calibrate); each is copied to the weight's device for its factor.
-    """
+    """The Hessian factor of site i (None without E[x x^T]), built on first use: `gptq.LatestFactor` keeps
+    only the latest. The E[x x^T]s wait in host memory (calibrate); each is copied to the weight's device
+    for its factor."""
 
     def __init__(self, stats: list[SiteStats | None]):
         self.stats = stats
-        self.gram: torch.Tensor | None = None
-        self.factor: HessianFactor | None = None
+        self.latest = LatestFactor()
 
     def __call__(self, i: int, device: torch.device) -> HessianFactor | None:
         stats = self.stats[i]
         if stats is None or stats.gram is None:
             return None
-        if stats.gram is not self.gram:
-            self.factor = None  # free the previous factor before building the next
-            self.factor = hessian_factor(stats.gram.to(device), damping(stats.gram.shape[0], stats.tokens))
-            self.gram = stats.gram
-        return self.factor
+        return self.latest(id(stats.gram), lambda: stats.gram.to(device), stats.tokens)
 
 
 @torch.no_grad()
@@ -112,19 +103,18 @@ def quantize_sites(
     bits = plan_bits(errors, [sites[i].shape[1] for i in new], choices, config.bits)
     for j, i in enumerate(tqdm(new, desc="lowra: pack", disable=not config.progress, unit="layer")):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
-        packed = None
+        factor = factors(i, weight.device)
+        packed = assemble(layers[j], weight.detach(), bits[j], factor, config.refit_rounds)
         if site.lora is not None and config.loftq_iters > 0:
             lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
             if not lora_b.any():
                 s = _scaling_value(site.lora.scaling, values)
                 x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
                 packed, a, b = loftq_init(
-                    weight.detach(), bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
-                    config.codebook, x2, config.lloyd_iters, factors(i, weight.device),
+                    weight.detach(), packed, bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
+                    config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds,
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
-        if packed is None:
-            packed = assemble(layers[j], weight.detach(), bits[j], factors(i, weight.device))
         attach(weight, packed.to(weight.device))
         layers[j] = None  # free the candidate codes of every width as we go

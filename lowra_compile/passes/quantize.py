@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..runtime.format import CODEBOOK_DTYPE, PackedWeight, dequantize_absmax, pack_weight, quantize_absmax
-from .gptq import HessianFactor, gptq_codes, output_error
+from .gptq import HessianFactor, gptq_codes, output_error, refit_levels
 
 NF_OFFSET = 0.9677  # QLoRA's NF4 quantile offset
 
@@ -141,9 +141,20 @@ def _prepare(
     return absmax_codes, absmax_scale, v, absmax, u
 
 
-def _codes(weight: Tensor, v: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFactor | None) -> Tensor:
-    """Codes of the given rows: nearest level, or error-feedback rounding when a Hessian factor is given."""
-    return _assign(v, levels) if factor is None else gptq_codes(weight, absmax, levels, factor)
+def _codes(
+    weight: Tensor, v: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFactor | None, refit_rounds: int
+) -> tuple[Tensor, Tensor]:
+    """Codes and levels of the given rows: the nearest level; or, with a Hessian factor, error-feedback
+    rounding, then `refit_rounds` times the levels refitted to the codes (gptq.refit_levels), each round
+    after the first rounding again onto the refitted levels."""
+    if factor is None:
+        return _assign(v, levels), levels
+    codes = gptq_codes(weight, absmax, levels, factor)
+    for i in range(refit_rounds):
+        if i:
+            codes = gptq_codes(weight, absmax, levels, factor)
+        levels, codes = refit_levels(weight, absmax, codes, levels, factor)
+    return codes, levels
 
 
 def quantize_layer(
@@ -178,8 +189,11 @@ def _feedback_error(weight: Tensor, absmax: Tensor, levels: dict[int, Tensor], f
     return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t()
 
 
-def assemble(lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: HessianFactor | None = None) -> PackedWeight:
-    """Pack `weight` with each row at its planned width, using the levels found by `quantize_layer`."""
+def assemble(
+    lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: HessianFactor | None = None, refit_rounds: int = 0
+) -> PackedWeight:
+    """Pack `weight` with each row at its planned width, using the levels found by `quantize_layer` (with a
+    Hessian factor, refitted to the error-feedback codes `refit_rounds` times)."""
     v, absmax = _normalise(weight, lq.group_size, lq.absmax_codes, lq.absmax_scale)
     n, k = weight.shape
     bits_per_row = bits_per_row.to(weight.device)
@@ -191,8 +205,10 @@ def assemble(lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: Hessi
     for bits in lq.bit_choices:
         rows = (bits_per_row == bits).nonzero().squeeze(1)
         if len(rows):
-            row_levels = lq.levels[bits][rows]
-            codes[rows] = _codes(weight[rows], v[rows], absmax[rows], row_levels, factor).to(torch.uint8)
+            row_codes, row_levels = _codes(
+                weight[rows], v[rows], absmax[rows], lq.levels[bits][rows], factor, refit_rounds
+            )
+            codes[rows] = row_codes.to(torch.uint8)
             levels[rows, : 2**bits] = row_levels
     return pack_weight(codes, bits_per_row, levels, lq.absmax_codes, lq.absmax_scale, lq.group_size, weight.dtype)
 
@@ -205,6 +221,7 @@ def quantize_rows(
     x2: Tensor | None,
     lloyd_iters: int,
     factor: HessianFactor | None = None,
+    refit_rounds: int = 0,
 ) -> PackedWeight:
     """Quantize with the widths already fixed per row (LoftQ's inner step): each width's levels are fitted
     on its own rows only, and no errors are computed."""
@@ -217,4 +234,4 @@ def quantize_rows(
         levels[bits] = torch.zeros(weight.shape[0], 2**bits, device=weight.device)
         levels[bits][rows] = fit_levels(v[rows], u[rows], bits, codebook, lloyd_iters)[0]
     lq = LayerQuant(widths, group_size, absmax_codes, absmax_scale, levels, None)
-    return assemble(lq, weight, bits_per_row, factor)
+    return assemble(lq, weight, bits_per_row, factor, refit_rounds)

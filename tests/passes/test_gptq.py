@@ -91,3 +91,54 @@ def test_damping_by_tokens_rounds_better_on_unseen_inputs_than_either_extreme_fi
 
     fixed = [held_out_error(gptq.DAMP_MIN), held_out_error(gptq.DAMP_MAX)]
     assert held_out_error(damping(k, tokens)) <= min(fixed) * 1.05
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_refit_levels_solve_the_least_squares_problem_of_the_fixed_codes(bits):
+    k = 96
+    w, v, absmax, levels = _layer(16, k, bits)
+    x = _correlated_inputs(k, 4 * k)
+    factor = hessian_factor(x.t() @ x / x.shape[0], 0.1)
+    codes = gptq_codes(w, absmax, levels, factor)
+    new, new_codes = gptq.refit_levels(w, absmax, codes, levels, factor)
+    assert torch.equal(new, new.sort(dim=1).values) and new.abs().max() <= 1.0
+    assert torch.equal(new, new.half().float())  # what the format stores
+    # the same dequantized weight as the unsorted solution: each code follows its level
+    damped = factor.gram + factor.ridge * torch.eye(k)
+    root = torch.linalg.cholesky(damped).t()  # damped = root^T root
+    for n in range(w.shape[0]):
+        onehot = torch.nn.functional.one_hot(codes[n], 2**bits).float() * absmax[n, :, None]
+        best = torch.linalg.lstsq(root @ onehot, root @ w[n]).solution
+        expect = (w[n] - onehot @ best) @ damped @ (w[n] - onehot @ best)
+        got = w[n] - absmax[n] * new[n, new_codes[n]]
+        assert got @ damped @ got <= expect * 1.01 + 1e-6  # optimal up to the fp16 rounding of the levels
+    before = output_error(w - _dequant(codes, absmax, levels), factor.gram).sum()
+    assert output_error(w - _dequant(new_codes, absmax, new), factor.gram).sum() < before
+
+
+def test_refit_keeps_a_level_no_code_uses():
+    w, v, absmax, levels = _layer(4, 64, 2)
+    x = _correlated_inputs(64, 256)
+    factor = hessian_factor(x.t() @ x / 256, 0.1)
+    codes = gptq_codes(w, absmax, levels, factor).clamp_max(2)  # level 3 unused in every row
+    new, _ = gptq.refit_levels(w, absmax, codes, levels, factor)
+    assert torch.isfinite(new).all()
+    for n in range(4):  # the ridge leaves the unused level where Lloyd-Max put it
+        assert torch.isclose(new[n], levels[n, 3], atol=1e-3, rtol=0).any()
+
+
+def test_latest_factor_is_built_once_per_input_and_only_the_latest_is_kept():
+    built = []
+
+    def gram(seed):
+        built.append(seed)
+        return torch.eye(8) * (seed + 1)
+
+    latest = gptq.LatestFactor()
+    first = latest(0, lambda: gram(0), 100)
+    assert latest(0, lambda: gram(0), 100) is first  # q, k, v: one input
+    second = latest(1, lambda: gram(1), 100)
+    assert second is not first and latest.factor is second
+    assert latest(0, lambda: gram(0), 100) is not first  # built again, as for packing
+    assert built == [0, 1, 0]
+    assert second.ridge == pytest.approx(damping(8, 100) * 2.0)

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
+from lowra_compile.passes.gptq import hessian_factor
 from lowra_compile.passes.loftq import loftq_init
-from lowra_compile.passes.quantize import quantize_rows
+from lowra_compile.passes.quantize import assemble, quantize_layer, quantize_rows
 from lowra_compile.runtime.reference import dequantize
 
 
@@ -15,9 +17,26 @@ def test_loftq_factors_reduce_the_quantization_error():
     plain_error = (w - dequantize(plain.tensors(), k, 64, torch.float32)).norm()
     errors = []
     for iters in (1, 3):
-        packed, a, b = loftq_init(w, bits, rank, s, iters, 64, "lloyd", None, 6)
+        packed, a, b = loftq_init(w, plain, bits, rank, s, iters, 64, "lloyd", None, 6)
         assert a.shape == (rank, k) and b.shape == (n, rank)
         assert packed.rows_per_width() == {1: n // 2, 2: n // 2, 3: 0, 4: 0}
         errors.append((w - dequantize(packed.tensors(), k, 64, torch.float32) - s * b @ a).norm())
     assert errors[0] < 0.8 * plain_error
     assert errors[1] <= errors[0] * 1.05
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_the_pipelines_first_quantization_is_what_loftq_would_fit_itself(gptq):
+    # The pipeline hands LoftQ the layer packed from the codebooks of every width (quantize_layer); fitted on
+    # the planned widths' rows alone (quantize_rows), the codebooks and codes are the same: rows are independent.
+    torch.manual_seed(0)
+    n, k = 48, 192
+    w = torch.randn(n, k) * 0.02
+    x = torch.randn(512, k) * torch.linspace(0.2, 2.0, k)
+    x2 = (x**2).mean(0)
+    factor = hessian_factor(x.t() @ x / 512, 0.1) if gptq else None
+    bits = torch.tensor([1, 2, 3, 4] * (n // 4))
+    from_all = assemble(quantize_layer(w, (1, 2, 3, 4), 64, "lloyd", x2, 6, factor), w, bits, factor, 2 * gptq)
+    own = quantize_rows(w, bits, 64, "lloyd", x2, 6, factor, 2 * gptq)
+    for mine, theirs in zip(from_all.tensors(), own.tensors()):
+        assert torch.equal(mine, theirs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lowra_compile
-from lowra_compile.passes import pipeline, release
+from lowra_compile.passes import gptq, pipeline, release
 
 from ..tiny_models import batch, tiny_peft_llama
 
@@ -90,9 +90,20 @@ def test_gptq_rounding_shares_factors_and_lowers_the_output_error(monkeypatch):
     assert feedback < 0.9 * nearest
 
 
+def test_refitting_the_levels_lowers_the_output_error_of_the_same_plan(monkeypatch):
+    options = {"bits": 2.0, "calibrate": "activation", "loftq_iters": 0, "rounding": "gptq"}
+    seen = _spy(monkeypatch)
+    kept = _output_errors({**options, "refit_rounds": 0}, batch(32))
+    plan = [e.clone() for e in seen["errors"]]
+    torch._dynamo.reset()
+    refitted = _output_errors({**options, "refit_rounds": 2}, batch(32))
+    assert all(torch.equal(a, b) for a, b in zip(plan, seen["errors"]))  # the plan sees the Lloyd-Max levels
+    assert refitted < 0.99 * kept
+
+
 def test_gptq_holds_one_hessian_factor_at_a_time(monkeypatch):
     built, alive_before = [], []
-    hessian_factor = pipeline.hessian_factor
+    hessian_factor = gptq.hessian_factor
 
     def factor_spy(gram, damp):
         gc.collect()
@@ -101,7 +112,7 @@ def test_gptq_holds_one_hessian_factor_at_a_time(monkeypatch):
         built.append(weakref.ref(factor))
         return factor
 
-    monkeypatch.setattr(pipeline, "hessian_factor", factor_spy)
+    monkeypatch.setattr(gptq, "hessian_factor", factor_spy)
     _first_step({"bits": 2.0, "calibrate": "activation", "loftq_iters": 0, "rounding": "gptq"}, batch(32))
     assert len(built) >= 8  # each of the 8 distinct inputs at least once (again for packing)
     assert max(alive_before) <= 1  # at most the previous one is alive when the next is built
