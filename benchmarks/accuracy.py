@@ -14,6 +14,7 @@ quantization and again after the same LoRA fine-tune (same steps, seeds, data, r
     python benchmarks/accuracy.py --methods lowra,nf --bits 2.0   # a slice, merged into the same JSON
     python benchmarks/accuracy.py --reduced --bits 4.0,2.5        # a slice of the full grid, reduced settings
     python benchmarks/accuracy.py --reduced --bits 2.0 --calib-windows 8   # calibrate on 4,096 tokens
+    python benchmarks/accuracy.py --reduced --methods lowra-group-128 --bits 3.0625   # a method in no grid
     python benchmarks/accuracy.py --windows w.pt --shard 0/8 &   # one of 8 processes sharing a GPU
 
 Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, merged under a file lock after
@@ -64,7 +65,10 @@ METHODS = {
     "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
     "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
     "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion (so nearest rounding)
-    "lowra-refit": lambda b: {"bits": b, "refit_rounds": 2},  # levels refitted to the codes (not in a grid)
+    # not in a grid (run with --methods and --bits): levels refitted to the codes; other absmax group sizes
+    "lowra-refit": lambda b: {"bits": b, "refit_rounds": 2},
+    "lowra-group-32": lambda b: {"bits": b, "group_size": 32},
+    "lowra-group-128": lambda b: {"bits": b, "group_size": 128},
     "lowra-choices-124": lambda b: {"bits": b, "bit_choices": (1, 2, 4)},  # the paper's bit set
     "lowra-choices-234": lambda b: {"bits": b, "bit_choices": (2, 3, 4)},
 }
@@ -154,6 +158,29 @@ def merge_point(out: Path, header: dict, row: dict) -> None:
         tmp.replace(out)
 
 
+def select_points(grid: list, methods: str | None, bits: str | None) -> list:
+    """The points of `grid` for the comma-separated `methods` and `bits` (None: all). A method with no point
+    in the full grid runs at every budget in `bits`."""
+    budgets = [float(b) for b in bits.split(",")] if bits else None
+    if budgets is not None:
+        grid = [p for p in grid if p[1] is None or p[1] in budgets]
+    if not methods:
+        return grid
+    names = methods.split(",")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    points = []
+    for m in names:
+        if any(p[0] == m for p in FULL_GRID):
+            points += [p for p in grid if p[0] == m]
+        elif budgets is None:
+            raise SystemExit(f"{m} is in no grid: name its budgets with --bits")
+        else:
+            points += [(m, b) for b in budgets]
+    return points
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
@@ -186,10 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
     # A slice (--methods / --bits) is taken from the full grid, run with the chosen grid's settings.
     grid = REDUCED_GRID if args.reduced and not (args.methods or args.bits) else FULL_GRID
-    if args.methods:
-        grid = [p for p in grid if p[0] in args.methods.split(",")]
-    if args.bits:
-        grid = [p for p in grid if p[1] is None or p[1] in {float(b) for b in args.bits.split(",")}]
+    grid = select_points(grid, args.methods, args.bits)
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"accuracy_{grid_name}_{device.type}_{date}.json"
     if args.resume and out.exists():

@@ -132,6 +132,24 @@ def test_shards_merging_into_one_json_keep_every_point(tmp_path):
     assert next(p for p in points if p["bits"] == 5.0)["after"] == {"kjv": -1}
 
 
+def test_point_selection_slices_the_grid_and_runs_other_methods_at_named_budgets():
+    accuracy = _accuracy_module()
+    grid = accuracy.FULL_GRID
+    assert accuracy.select_points(grid, None, None) == grid
+    assert accuracy.select_points(grid, "lowra,nf", "2.0,3.0") == [
+        ("lowra", 3.0), ("lowra", 2.0), ("nf", 3.0), ("nf", 2.0)
+    ]
+    assert accuracy.select_points(grid, "unquantized", "2.0") == [("unquantized", None)]
+    # a method in no grid runs at every named budget, even one no grid has
+    assert accuracy.select_points(grid, "lowra-group-128,lowra", "3.0625,3.0") == [
+        ("lowra-group-128", 3.0625), ("lowra-group-128", 3.0), ("lowra", 3.0)
+    ]
+    with pytest.raises(SystemExit, match="name its budgets"):
+        accuracy.select_points(grid, "lowra-refit", None)
+    with pytest.raises(SystemExit, match="unknown methods.*lowra-typo"):
+        accuracy.select_points(grid, "lowra,lowra-typo", "2.0")
+
+
 def test_token_window_cache_is_read_back_and_refuses_other_settings(tmp_path):
     import argparse
 
