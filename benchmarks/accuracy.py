@@ -78,19 +78,20 @@ NEAREST_ABLATIONS = ("lowra-fixed-width", "lowra-nf-levels", "lowra-no-loftq", "
 METHODS.update({"lowra-nearest" + m.removeprefix("lowra"): (lambda b, m=m: {**METHODS[m](b), "rounding": "nearest"})
                 for m in NEAREST_ABLATIONS})
 
-ABLATIONS = ("lowra-nf-levels", "lowra-no-loftq", "lowra-activation", "lowra-data-free")
+ABLATIONS = ("lowra-nf-levels", "lowra-no-loftq", "lowra-activation")
+# beyond the method's own parts: the paper's data-free plan, and what error-feedback rounding adds
+COMPARISONS = ("lowra-data-free", "lowra-nearest")
 FULL_GRID = (
     [("unquantized", None)]
     + [("lowra", b) for b in BUDGETS]
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
     # the ablations at three budgets
-    + [(m, b) for m in ABLATIONS[:3] for b in (3.0, 2.0, 1.5)]
+    + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
     # at 4.0 every bit set puts every channel at 4 bits (the lowra point); (2,3,4) at 2.0 is the fixed width
     + [("lowra-choices-124", b) for b in BUDGETS if b < 4.0]
     + [("lowra-choices-234", b) for b in BUDGETS if 2.0 < b < 4.0]
-    # last, so that a run cut short misses these first: the paper's data-free plan, and what error-feedback
-    # rounding adds (lowra-nearest)
-    + [(m, b) for m in ABLATIONS[3:] + ("lowra-nearest",) for b in (3.0, 2.0, 1.5)]
+    # last, so that a run cut short misses these first
+    + [(m, b) for m in COMPARISONS for b in (3.0, 2.0, 1.5)]
 )
 REDUCED_GRID = (
     [("unquantized", None)]
@@ -98,7 +99,7 @@ REDUCED_GRID = (
     + [("nf", b) for b in (3.0, 2.0)]
     + [("rtn", 2.0)]
     # (2,3,4) at exactly 2.0 bits can only put every channel at 2 bits: it is lowra-fixed-width there
-    + [(m, 2.0) for m in ("lowra-fixed-width", *ABLATIONS[:3], "lowra-nearest", "lowra-choices-124")]
+    + [(m, 2.0) for m in ("lowra-fixed-width", *ABLATIONS, "lowra-nearest", "lowra-choices-124")]
 )
 # (steps, batch size, learning rate, eval windows per corpus) per grid; 512-token windows everywhere.
 # The short CPU run needs the larger rate to move the adapters at all in 10 steps.
