@@ -106,9 +106,18 @@ REDUCED_GRID = (
 SETTINGS = {"reduced": (10, 2, 1e-3, 8), "full": (200, 8, 5e-4, None)}
 
 
+def compile_seconds() -> dict[str, float]:
+    """Seconds this process has spent compiling so far: all of Dynamo (which includes the lowra backend,
+    hence its quantization) and, within it, AOTAutograd + Inductor (graph lowering and kernel builds)."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    return {k: sum(metrics.get(key, [])) for k, key in (("dynamo", "_compile.compile_inner"),
+                                                        ("aot_inductor", "create_aot_dispatcher_function"))}
+
+
 def measure(base, options, data: dict, args) -> dict:
     """One grid point: quantize (unless `options` is None), evaluate, fine-tune, evaluate again."""
     torch._dynamo.reset()  # one compiled model per point: stay far from Dynamo's recompile limit
+    compiled_before = compile_seconds()
     model = lora_model(copy.deepcopy(base), args.rank, args.seed)
     row: dict = {}
     if options is not None:
@@ -120,11 +129,14 @@ def measure(base, options, data: dict, args) -> dict:
         if not rep.layers:  # Dynamo fell back to eager: the numbers would be those of the dense model
             raise RuntimeError(f"the lowra backend quantized no layer for options {options}")
         row.update({k: rep.summary()[k] for k in ("code_bits", "effective_bits", "channels_per_bits")})
+        row["stage_s"] = rep.summary()["seconds"]  # where quantize_s went: calibrate, quantize, plan, pack, loftq
     row["before"] = {c: perplexity(model, w, args.eval_batch) for c, w in data["heldout"].items()}
     t0 = time.perf_counter()
     row["losses"] = finetune(model, data["batches"], lr=args.lr, seed=args.seed)
     row["finetune_s"] = time.perf_counter() - t0
     row["after"] = {c: perplexity(model, w, args.eval_batch) for c, w in data["heldout"].items()}
+    # where a point's time goes: the GPU grid's points take minutes on a 135M model
+    row["compile_s"] = {k: v - compiled_before[k] for k, v in compile_seconds().items()}
     return row
 
 
@@ -249,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     failed = []
     for method, bits in grid:
         print(f"== {method} {bits if bits is not None else ''}", flush=True)
-        row = {"method": method, "bits": bits, "options": METHODS[method](bits)}
+        # the device per point too: a grid resumed over several sessions may span machines
+        row = {"method": method, "bits": bits, "device": header["device"], "options": METHODS[method](bits)}
         try:
             row.update(measure(base, row["options"], data, args))
         except Exception:  # noqa: BLE001  (one point out of memory must not cost the rest of the shard)

