@@ -62,8 +62,9 @@ case "$stage" in
     export PYTHONPATH="$stash:$PYTHONPATH"
     # Shards share one JSON (merged under a lock) kept in $stash, so a later call resumes where this one
     # stopped; it starts from the latest committed full-grid JSON. No autotune; the CPU cores are split
-    # between the processes for compiling (each point records its compile seconds). A process peaks at ~12 GiB (the calibrating call's
-    # backward at 4,096 tokens): 16 shards on an H200 ran out of memory, so JOBS defaults to 1 per 14 GiB.
+    # between the processes for compiling, which takes most of a point (its compile_s). A process peaks at
+    # ~12 GiB (the calibrating call's backward at 4,096 tokens): 16 shards on an H200 ran out of memory,
+    # so JOBS defaults to 1 per 14 GiB.
     json="$stash/accuracy_full.json"
     prev="$(ls benchmarks/results/accuracy_full_cuda_*.json 2> /dev/null | tail -n 1 || true)"
     if [ ! -e "$json" ] && [ -n "$prev" ]; then cp "$prev" "$json"; fi
