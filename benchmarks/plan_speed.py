@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from bench_utils import RESULTS, device_name
 from lowra_compile.config import LowRAConfig
 from lowra_compile.passes.gptq import LatestFactor
+from lowra_compile.passes.pipeline import device_clock
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 
@@ -42,11 +42,6 @@ def linear_shapes(model: str) -> list[tuple[int, int, int]]:
     per_layer = [(hidden, hidden, 0), (kv, hidden, 0), (kv, hidden, 0), (hidden, hidden, 1), (inter, hidden, 2),
                  (inter, hidden, 2), (hidden, inter, 3)]
     return [(n, k, 4 * block + x) for block in range(layers) for n, k, x in per_layer]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _input_gram(k: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -72,28 +67,24 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         weight = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
         x2 = torch.rand(k, generator=g, device=device) + 0.5  # stands in for E[x^2] from a batch
         g2 = torch.rand(n, generator=g, device=device) + 0.5  # and E[g^2]
-        _sync(device)
-        t0 = time.perf_counter()
+        t0 = device_clock(device)
         layer_factor = factor(k, input_id)  # the random E[x x^T] is built inside the timing
         x2 = layer_factor.gram.diagonal() if gptq else x2
         lq = quantize_layer(
             weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, layer_factor
         )
         errors.append(lq.error * g2[:, None])
-        _sync(device)
-        seconds["quantize"] += time.perf_counter() - t0
+        seconds["quantize"] += device_clock(device) - t0
         layers.append((lq, weight, k, input_id))  # 7B in bf16 is ~13 GB: kept on the GPU for packing
-    t0 = time.perf_counter()
+    t0 = device_clock(device)
     bits = plan_bits(errors, [k for _, k, _ in shapes], config.allowed_bits, config.bits)
-    _sync(device)
-    seconds["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    seconds["plan"] = device_clock(device) - t0
+    t0 = device_clock(device)
     packed = [
         assemble(lq, weight, b, factor(k, input_id), config.refit_rounds)
         for (lq, weight, k, input_id), b in zip(layers, bits)
     ]
-    _sync(device)
-    seconds["pack"] = time.perf_counter() - t0
+    seconds["pack"] = device_clock(device) - t0
     weights = sum(n * k for n, k, _ in shapes)
     return {
         "model": model,

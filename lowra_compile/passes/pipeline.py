@@ -65,7 +65,7 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
     return stats
 
 
-def _clock(device: torch.device) -> float:
+def device_clock(device: torch.device) -> float:
     """Seconds so far, after the device's queued work: CUDA kernels run asynchronously."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,17 +97,17 @@ def quantize_sites(
     Each weight also gets the seconds spent on it per stage (the report sums them): its own quantize,
     pack and LoftQ time, and an equal share of the calibration and the plan, which are whole-model."""
     device = example_inputs[sites[new[0]].weight_index].device
-    start = _clock(device)
+    start = device_clock(device)
     values = _placeholder_values(gm, example_inputs)
     stats = _statistics(gm, sites, new, example_inputs, config)
     factors = _HessianFactors(stats)  # None for every site unless rounding="gptq"
     choices = config.allowed_bits
-    calibrate_share = (_clock(device) - start) / len(new)
+    calibrate_share = (device_clock(device) - start) / len(new)
     seconds = [{"calibrate": calibrate_share} for _ in new]
     layers, errors = [], []
     for j, i in enumerate(tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer")):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
-        start = _clock(weight.device)
+        start = device_clock(weight.device)
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         factor = factors(i, weight.device)
         lq = quantize_layer(weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor)
@@ -116,19 +116,19 @@ def quantize_sites(
             err = err * stats[i].g2.to(err.device)[:, None]
         layers.append(lq)
         errors.append(err)
-        seconds[j]["quantize"] = _clock(weight.device) - start
-    start = _clock(device)
+        seconds[j]["quantize"] = device_clock(weight.device) - start
+    start = device_clock(device)
     bits = plan_bits(errors, [sites[i].shape[1] for i in new], choices, config.bits)
-    plan_share = (_clock(device) - start) / len(new)
+    plan_share = (device_clock(device) - start) / len(new)
     for row in seconds:
         row["plan"] = plan_share
     for j, i in enumerate(tqdm(new, desc="lowra: pack", disable=not config.progress, unit="layer")):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
-        start = _clock(weight.device)
+        start = device_clock(weight.device)
         factor = factors(i, weight.device)
         packed = assemble(layers[j], weight.detach(), bits[j], factor, config.refit_rounds)
-        seconds[j]["pack"] = _clock(weight.device) - start
-        start = _clock(weight.device)
+        seconds[j]["pack"] = device_clock(weight.device) - start
+        start = device_clock(weight.device)
         if site.lora is not None and config.loftq_iters > 0:
             lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
             if not lora_b.any():
@@ -140,6 +140,6 @@ def quantize_sites(
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
-        seconds[j]["loftq"] = _clock(weight.device) - start
+        seconds[j]["loftq"] = device_clock(weight.device) - start
         attach(weight, packed.to(weight.device), seconds[j])
         layers[j] = None  # free the candidate codes of every width as we go
