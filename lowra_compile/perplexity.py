@@ -14,7 +14,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     """exp(mean next-token NLL) over every predicted token of `windows` ([n, window] token ids).
 
     The NLL is summed from the logits here rather than taken from the model's `.loss`, so the value is
-    exact whatever the batch split and whatever loss reduction a model uses. The model's train/eval
+    exact whatever the batch split and whatever loss reduction a model uses. A short last batch is
+    padded with copies of its first window (their logits dropped), so that every batch has one shape and a
+    compiled model compiles one graph, not a second with a dynamic batch size. The model's train/eval
     mode is restored afterwards (a compiled model recompiles per mode, quantizing nothing again).
     """
     was_training = model.training
@@ -23,7 +25,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False):
             ids = windows[start : start + batch_size]
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            real = len(ids)
+            padded = torch.cat([ids, ids[:1].expand(batch_size - real, -1)]) if start and real < batch_size else ids
+            logits = model(input_ids=padded, use_cache=False).logits[:real, :-1].float()
             targets = ids[:, 1:].to(logits.device)
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
             count += targets.numel()

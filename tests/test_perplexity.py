@@ -45,6 +45,20 @@ def test_perplexity_is_exp_mean_nll_and_reproducible():
     assert 1.0 < value < 2 * VOCAB  # a random model is near uniform over the vocabulary
 
 
+def test_perplexity_of_a_compiled_model_compiles_one_graph_for_a_short_last_batch():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    windows = _windows()  # 9 windows: batches of 4, 4 and 1
+    model = tiny_llama().eval()
+    value = perplexity(torch.compile(model, backend=counting_backend), windows, batch_size=4)
+    assert len(graphs) == 1
+    assert value == pytest.approx(perplexity(model, windows, batch_size=3), rel=1e-6)
+
+
 def test_perplexity_restores_train_mode():
     model = tiny_llama().train()
     perplexity(model, _windows())
@@ -170,3 +184,15 @@ def test_token_window_cache_is_read_back_and_refuses_other_settings(tmp_path):
     assert all(torch.equal(v, windows[k]) for k, v in accuracy.load_windows(None, args).items())
     with pytest.raises(ValueError, match="holds windows for"):
         accuracy.load_windows(None, argparse.Namespace(windows=path, window=4, eval_windows=8, seed=0))
+
+
+def test_random_model_rebuilds_the_saved_architecture_seeded(tmp_path):
+    model = tiny_llama()
+    path = tmp_path / "config.json"
+    model.config.to_json_file(path)
+    accuracy = _accuracy_module()
+    a, b = (accuracy.random_model(path, torch.float32, seed=1) for _ in range(2))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in a.state_dict().items()} == shapes
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.lm_head.weight, model.lm_head.weight) and not a.training
