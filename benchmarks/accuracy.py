@@ -53,18 +53,21 @@ WIDTHS = (4.0, 3.0, 2.0)
 
 
 def fixed_width(bits: float, codebook: str) -> dict:
-    """A uniform-precision baseline: every channel at `bits`, data-free levels, no LoftQ."""
-    return {"bits": bits, "bit_choices": (int(bits),), "codebook": codebook, "calibrate": "off", "loftq_iters": 0}
+    """A uniform-precision baseline: every channel at `bits`, data-free levels and absmax scales, no LoftQ."""
+    return {"bits": bits, "bit_choices": (int(bits),), "codebook": codebook, "calibrate": "off", "loftq_iters": 0,
+            "scales": "absmax"}
 
 
 # method -> options for a budget (None: the unquantized model, whose fine-tune is the LoRA ceiling)
 METHODS = {
     "unquantized": lambda b: None,
-    "lowra": lambda b: {"bits": b},  # the defaults: error-feedback rounding since 2026-11-26
+    "lowra": lambda b: {"bits": b},  # the defaults: error-feedback rounding since 2026-11-26, fitted scales since 11-30
     "nf": lambda b: fixed_width(b, "nf"),
     "rtn": lambda b: fixed_width(b, "uniform"),
     "lowra-nearest": lambda b: {"bits": b, "rounding": "nearest"},  # the default before 2026-11-26
+    "lowra-absmax": lambda b: {"bits": b, "scales": "absmax"},  # the default before 2026-11-30
     "lowra-fixed-width": lambda b: {"bits": b, "bit_choices": (int(b),)},  # no mixed precision
+    "lowra-absmax-fixed-width": lambda b: {"bits": b, "bit_choices": (int(b),), "scales": "absmax"},
     "lowra-nf-levels": lambda b: {"bits": b, "codebook": "nf"},  # no Lloyd-Max
     "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
     "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
@@ -88,6 +91,8 @@ COMPARISONS = ("lowra-data-free", "lowra-nearest")
 FULL_GRID = (
     [("unquantized", None)]
     + [("lowra", b) for b in BUDGETS]
+    # without fitted scales: the default until 2026-11-30, so these ran first (relabeled in the JSON)
+    + [("lowra-absmax", b) for b in BUDGETS]
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
     # the ablations at three budgets
     + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench_utils import RESULTS, device_name
-from lowra_compile.config import LowRAConfig
+from lowra_compile.config import SCALES, LowRAConfig
 from lowra_compile.passes.gptq import LatestFactor
 from lowra_compile.passes.pipeline import device_clock
 from lowra_compile.passes.plan import plan_bits
@@ -71,7 +71,8 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         layer_factor = factor(k, input_id)  # the random E[x x^T] is built inside the timing
         x2 = layer_factor.gram.diagonal() if gptq else x2
         lq = quantize_layer(
-            weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, layer_factor
+            weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, layer_factor,
+            config.scales == "fitted",
         )
         errors.append(lq.error * g2[:, None])
         seconds["quantize"] += device_clock(device) - t0
@@ -96,6 +97,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         "bit_choices": config.allowed_bits,
         "rounding": config.rounding,
         "refit_rounds": config.refit_rounds,
+        "scales": config.scales,
         "code_bits": sum(p.code_bits() * p.shape[0] * p.shape[1] for p in packed) / weights,
         "seconds": {**seconds, "total": sum(seconds.values())},
     }
@@ -108,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=float, default=2.0)
     parser.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"))
     parser.add_argument("--refit-rounds", type=int, default=0, help="with gptq: levels refitted to the codes")
+    parser.add_argument("--scales", default=LowRAConfig.scales, choices=SCALES, help="group scales (option scales)")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/plan_speed[_gptq]_<devices>_<date>.json)")
     args = parser.parse_args(argv)
-    config = LowRAConfig(bits=args.bits, rounding=args.rounding, refit_rounds=args.refit_rounds)
+    config = LowRAConfig(bits=args.bits, rounding=args.rounding, refit_rounds=args.refit_rounds, scales=args.scales)
     runs = [("smollm2-135m", "cpu")] + ([("llama-2-7b", "cuda")] if torch.cuda.is_available() else [])
     if args.model:
         runs = [(args.model, args.device or ("cuda" if args.model == "llama-2-7b" else "cpu"))]
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     devices = "-".join(sorted({device for _, device in runs}))
     rounding = "" if args.rounding == "nearest" else f"_{args.rounding}"
     rounding += f"_refit{args.refit_rounds}" if args.refit_rounds else ""
+    rounding += f"_{args.scales}" if args.scales != LowRAConfig.scales else ""
     out = args.out or RESULTS / f"plan_speed{rounding}_{devices}_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -17,6 +17,7 @@ KERNELS = ("auto", "triton", "reference")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 CALIBRATION = ("fisher", "activation", "off")
 ROUNDING = ("auto", "nearest", "gptq")
+SCALES = ("absmax", "fitted")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class LowRAConfig:
     bit_choices:  bit widths a single output channel may get; the paper's set is (1, 2, 4).
     group_size:   K elements sharing one absmax scale.
     codebook:     "lloyd" (weighted Lloyd-Max per channel), "nf" (NormalFloat levels), "uniform" (RTN grid).
+    scales:       "fitted" (the default: per width, the group scale that minimises the E[x^2]-weighted error
+                  of the channel's codebook; passes/quantize.py) or "absmax" (each group's largest |weight|,
+                  QLoRA's).
     calibrate:    "fisher" (E[x^2] and E[g^2] from the first batch), "activation" (E[x^2] only) or
                   "off" (plain weight error, the paper's data-free criterion). True means "fisher".
     rounding:     "gptq" (error-feedback rounding on the calibrated E[x x^T] of each layer's input; needs
@@ -49,6 +53,7 @@ class LowRAConfig:
     bit_choices: tuple[int, ...] = SUPPORTED_BITS
     group_size: int = 64
     codebook: str = "lloyd"
+    scales: str = "fitted"
     calibrate: str = "fisher"
     rounding: str = "auto"
     refit_rounds: int = 0
@@ -86,6 +91,7 @@ class LowRAConfig:
                 f"add smaller widths to bit_choices or raise the budget"
             )
         _check_choice("codebook", self.codebook, CODEBOOKS)
+        _check_choice("scales", self.scales, SCALES)
         _check_choice("kernels", self.kernels, KERNELS)
         _check_choice("inner", self.inner, INNER_COMPILERS)
         _check_choice("calibrate", self.calibrate, CALIBRATION)

@@ -161,6 +161,7 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"bit_choices": (1, 5)}, "subset"),
         ({"codebook": "k-means"}, "codebook"),
         ({"rounding": "stochastic"}, "rounding"),
+        ({"scales": "minmax"}, "scales"),
         ({"rounding": "gptq", "calibrate": "off"}, "needs the input statistics"),
         ({"refit_rounds": -1}, "refit_rounds must be >= 0"),
     ],

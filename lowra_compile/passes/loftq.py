@@ -49,6 +49,7 @@ def loftq_init(
     lloyd_iters: int,
     factor: HessianFactor | None = None,
     refit_rounds: int = 0,
+    fit_scales: bool = False,
 ) -> tuple[PackedWeight, Tensor, Tensor]:
     """(packed Q, lora_A [rank, K], lora_B [N, rank]) after `iters` >= 1 alternating steps, in fp32; `first`
     is `weight` quantized at `bits_per_row` (the first step's Q)."""
@@ -61,7 +62,9 @@ def loftq_init(
     for step in range(iters):
         if step:
             target = w - scaling * b @ a
-            packed = quantize_rows(target, bits_per_row, group_size, codebook, x2, lloyd_iters, factor, refit_rounds)
+            packed = quantize_rows(
+                target, bits_per_row, group_size, codebook, x2, lloyd_iters, factor, refit_rounds, fit_scales
+            )
         residual = (w - dequantize(packed.tensors(), k, group_size, torch.float32)) / scaling
         a, b = _low_rank(residual, rank)
     return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, group_size), a, b

@@ -110,7 +110,10 @@ def quantize_sites(
         start = device_clock(weight.device)
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         factor = factors(i, weight.device)
-        lq = quantize_layer(weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor)
+        lq = quantize_layer(
+            weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor,
+            config.scales == "fitted",
+        )
         err = lq.error
         if stats[i] is not None and stats[i].g2 is not None:
             err = err * stats[i].g2.to(err.device)[:, None]
@@ -136,7 +139,7 @@ def quantize_sites(
                 x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
                 packed, a, b = loftq_init(
                     weight.detach(), packed, bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
-                    config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds,
+                    config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds, config.scales == "fitted",
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))

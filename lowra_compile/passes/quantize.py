@@ -9,8 +9,17 @@ For a weight W [N, K] (rows = output channels):
                     or fixed NF / uniform levels
     error[n, b]   = sum_k u[n, k] * (v[n, k] - levels_b[n][code])^2 = sum_k (dW[n, k])^2 * E[x_k^2]
 
-All rows of a layer are processed at once; codes come from `torch.searchsorted` on the per-row
-thresholds (midpoints of sorted levels), never from an argmin over all levels. Levels are rounded to
+With `fit_scales` (option scales="fitted") each width then replaces the absmax by the group scale that
+minimises that error for the codes just found, which the format stores in the absmax's place:
+
+    s_b[n, g]     = sum_k E[x_k^2] W[n, k] l_k / sum_k E[x_k^2] l_k^2     over the group, l_k = levels_b[n][code]
+
+(within 0.25-2x the absmax, double-quantized), and one Lloyd-Max step refits the levels to the new v; a
+row keeps its absmax where that is not better. The absmax spends the top level on the group's largest
+weight; with 1-4 levels per sign that is rarely where the group's error is smallest.
+
+All rows of a layer are processed at once; codes count the per-row thresholds (midpoints of sorted
+levels) below each weight, never an argmin over all levels. Levels are rounded to
 the stored fp16 before the final assignment, so errors describe exactly what `runtime` dequantizes.
 Only levels and errors are kept per width; `assemble` recomputes the codes of the chosen width, so
 planning a large model never holds codes for every width at once.
@@ -22,6 +31,7 @@ dW[n] H dW[n]^T, so the plan sees what each width really costs after compensatio
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +60,23 @@ def uniform_levels(bits: int) -> Tensor:
     return torch.linspace(-1.0, 1.0, 2**bits)
 
 
+# A fitted group scale stays within these multiples of the group's absmax: outside them the group is
+# degenerate (all its codes on a level near 0), and the absmax's double quantization keeps its range.
+SCALE_RANGE = (0.25, 2.0)
+
+Groups = tuple[Tensor, Tensor]  # double-quantized group scales: uint8 codes [N, G], fp32 scales [N, ceil(G/256)]
+
+
 @dataclass(frozen=True)
 class LayerQuant:
-    """Candidates of one layer. Tensors: absmax_codes uint8 [N, G], absmax_scale [N, ceil(G/256)],
-    levels {b: [N, 2^b] float32, fp16-exact}, error [N, len(bit_choices)] float32 (None when the widths
-    were fixed beforehand: `quantize_rows`)."""
+    """Candidates of one layer. Tensors per width b: groups {b: (uint8 [N, G], float32 [N, ceil(G/256)])}
+    (the group scales, stored as the format's absmax; the same for every width unless fitted), levels
+    {b: [N, 2^b] float32, fp16-exact}; error [N, len(bit_choices)] float32 (None when the widths were fixed
+    beforehand: `quantize_rows`)."""
 
     bit_choices: tuple[int, ...]
     group_size: int
-    absmax_codes: Tensor
-    absmax_scale: Tensor
+    groups: dict[int, Groups]
     levels: dict[int, Tensor]
     error: Tensor | None
 
@@ -71,12 +88,25 @@ def _check_weight(weight: Tensor) -> None:
         raise ValueError(f"lowra: cannot quantize {weight.dtype} weights; convert the model to float32/bfloat16")
 
 
-def _normalise(weight: Tensor, group_size: int, absmax_codes: Tensor, absmax_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """v = W / absmax (in [-1, 1]) and the per-element absmax, both [N, K] float32."""
+def _normalise(weight: Tensor, group_size: int, groups: Groups, clip: bool = True) -> tuple[Tensor, Tensor]:
+    """v = W / scale and the per-element group scale, both [N, K] float32. v is clipped to [-1, 1], which
+    only moves it by the rounding of an absmax; a fitted scale can be below a group's largest weight, whose
+    error then counts in full (clip=False)."""
     k = weight.shape[1]
-    absmax = dequantize_absmax(absmax_codes, absmax_scale).repeat_interleave(group_size, dim=1)[:, :k]
+    absmax = dequantize_absmax(*groups).repeat_interleave(group_size, dim=1)[:, :k]
     v = weight.float() / absmax.clamp_min(torch.finfo(torch.float32).tiny)
-    return v.clamp(-1.0, 1.0), absmax
+    return (v.clamp(-1.0, 1.0) if clip else v), absmax
+
+
+def _importance(absmax: Tensor, x2: Tensor | None) -> Tensor:
+    """u = absmax^2 * E[x^2] per element (x2 None: the plain weight error)."""
+    return absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)[None, :]
+
+
+def _group_sums(values: Tensor, group_size: int) -> Tensor:
+    n, k = values.shape
+    groups = -(-k // group_size)
+    return torch.nn.functional.pad(values, (0, groups * group_size - k)).view(n, groups, group_size).sum(-1)
 
 
 def group_absmax(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -89,9 +119,16 @@ def group_absmax(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
 
 
 def _assign(v: Tensor, levels: Tensor) -> Tensor:
-    """Index of the nearest level per element (levels sorted per row): search the midpoints."""
+    """Index of the nearest level per element (levels sorted per row): the number of midpoints below it.
+
+    Counting with one comparison per midpoint (at most 15) gives what `torch.searchsorted` gives, ties
+    included, 1.6-5x faster on CPU (135M shapes, 2 to 16 levels), where it is the inner step of Lloyd-Max.
+    """
     thresholds = (levels[:, 1:] + levels[:, :-1]) / 2
-    return torch.searchsorted(thresholds.contiguous(), v.contiguous())
+    codes = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for j in range(thresholds.shape[1]):
+        codes += v > thresholds[:, j : j + 1]
+    return codes.long()
 
 
 def _weighted_error(v: Tensor, u: Tensor, levels: Tensor) -> Tensor:
@@ -126,19 +163,47 @@ def fit_levels(v: Tensor, u: Tensor, bits: int, codebook: str, lloyd_iters: int)
     return torch.where(better[:, None], learned, fixed), torch.where(better, learned_error, fixed_error)
 
 
-def _prepare(
-    weight: Tensor, bit_choices: tuple[int, ...], group_size: int, x2: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Checked inputs -> absmax codes and scales, v, per-element absmax and u = absmax^2 * E[x^2] (x2 None:
-    the plain weight error)."""
+def _prepare(weight: Tensor, bit_choices: tuple[int, ...], group_size: int) -> Groups:
+    """Checked inputs -> the double-quantized group absmax."""
     _check_weight(weight)
     bad = [b for b in bit_choices if b not in (1, 2, 3, 4)]
     if bad:
         raise ValueError(f"lowra: bit widths {bad} are not supported; choose from 1, 2, 3, 4")
-    absmax_codes, absmax_scale = group_absmax(weight, group_size)
-    v, absmax = _normalise(weight, group_size, absmax_codes, absmax_scale)
-    u = absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)[None, :]
-    return absmax_codes, absmax_scale, v, absmax, u
+    return group_absmax(weight, group_size)
+
+
+def fit_group_scales(weight: Tensor, x2: Tensor | None, levels: Tensor, group_size: int, absmax: Groups) -> Groups:
+    """Double-quantized group scales that minimise sum_k E[x_k^2] (W[n, k] - s * l_k)^2 per group, l_k the
+    level nearest to W / absmax (least squares: s = sum E[x^2] W l / sum E[x^2] l^2), within SCALE_RANGE."""
+    v, scale = _normalise(weight, group_size, absmax)
+    x2 = torch.ones_like(scale[0]) if x2 is None else x2.float().to(scale.device)
+    level = torch.gather(levels, 1, _assign(v, levels))
+    num = _group_sums(x2 * weight.float() * level, group_size)
+    den = _group_sums(x2 * level * level, group_size)
+    old = dequantize_absmax(*absmax)
+    fitted = torch.where(den > 0, num / den.clamp_min(1e-30), old)
+    return quantize_absmax(torch.minimum(torch.maximum(fitted, SCALE_RANGE[0] * old), SCALE_RANGE[1] * old))
+
+
+def fit_width(
+    weight: Tensor, x2: Tensor | None, bits: int, codebook: str, lloyd_iters: int, group_size: int, absmax: Groups,
+    fit_scales: bool,
+) -> tuple[Groups, Tensor, Tensor]:
+    """Group scales, levels [N, 2^b] (fp16-exact) and weighted error [N] of one width for all rows (see the
+    module docstring)."""
+    v, scale = _normalise(weight, group_size, absmax)
+    u = _importance(scale, x2)
+    levels, error = fit_levels(v, u, bits, codebook, lloyd_iters)
+    if not fit_scales:
+        return absmax, levels, error
+    groups = fit_group_scales(weight, x2, levels, group_size, absmax)
+    v, scale = _normalise(weight, group_size, groups, clip=False)
+    u = _importance(scale, x2)
+    refit = _fp16_exact(_lloyd(v, u, levels, 1).clamp(-1.0, 1.0)) if codebook == "lloyd" else levels
+    refit_error = _weighted_error(v, u, refit)
+    better = refit_error < error
+    groups = tuple(torch.where(better[:, None], new, old) for new, old in zip(groups, absmax))
+    return groups, torch.where(better[:, None], refit, levels), torch.where(better, refit_error, error)
 
 
 def _codes(
@@ -165,26 +230,29 @@ def quantize_layer(
     x2: Tensor | None,
     lloyd_iters: int,
     factor: HessianFactor | None = None,
+    fit_scales: bool = False,
 ) -> LayerQuant:
     """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring)."""
-    absmax_codes, absmax_scale, v, absmax, u = _prepare(weight, bit_choices, group_size, x2)
-    levels, errors = {}, []
+    absmax = _prepare(weight, bit_choices, group_size)
+    groups, levels, errors = {}, {}, []
     for bits in bit_choices:
-        levels[bits], err = fit_levels(v, u, bits, codebook, lloyd_iters)
+        groups[bits], levels[bits], err = fit_width(weight, x2, bits, codebook, lloyd_iters, group_size, absmax, fit_scales)
         errors.append(err)
-    error = torch.stack(errors, 1) if factor is None else _feedback_error(weight, absmax, levels, factor)
-    return LayerQuant(tuple(bit_choices), group_size, absmax_codes, absmax_scale, levels, error)
+    lq = LayerQuant(tuple(bit_choices), group_size, groups, levels, None)
+    error = torch.stack(errors, 1) if factor is None else _feedback_error(weight, lq, factor)
+    return dataclasses.replace(lq, error=error)
 
 
-def _feedback_error(weight: Tensor, absmax: Tensor, levels: dict[int, Tensor], factor: HessianFactor) -> Tensor:
+def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> Tensor:
     """Output error [N, widths] after error-feedback rounding at every width, in one pass over the columns.
 
     Rows are rounded independently, so the widths are stacked as one tall matrix; each width's levels are
     padded to 16 by repeating its top level, which rounds to the same values (only the codes would differ).
     """
-    n = weight.shape[0]
+    n, levels = weight.shape[0], lq.levels
     stacked = torch.cat([torch.cat([lv, lv[:, -1:].expand(n, 16 - lv.shape[1])], 1) for lv in levels.values()])
-    tall_weight, tall_absmax = weight.float().repeat(len(levels), 1), absmax.repeat(len(levels), 1)
+    tall_absmax = torch.cat([_normalise(weight, lq.group_size, lq.groups[b])[1] for b in levels])
+    tall_weight = weight.float().repeat(len(levels), 1)
     rounded = tall_absmax * torch.gather(stacked, 1, gptq_codes(tall_weight, tall_absmax, stacked, factor))
     return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t()
 
@@ -194,7 +262,6 @@ def assemble(
 ) -> PackedWeight:
     """Pack `weight` with each row at its planned width, using the levels found by `quantize_layer` (with a
     Hessian factor, refitted to the error-feedback codes `refit_rounds` times)."""
-    v, absmax = _normalise(weight, lq.group_size, lq.absmax_codes, lq.absmax_scale)
     n, k = weight.shape
     bits_per_row = bits_per_row.to(weight.device)
     unplanned = set(bits_per_row.unique().tolist()) - set(lq.bit_choices)
@@ -202,15 +269,17 @@ def assemble(
         raise ValueError(f"lowra: rows planned at {sorted(unplanned)} bits, which were not quantized ({lq.bit_choices})")
     codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
     levels = torch.zeros(n, 16, device=weight.device)
+    absmax_codes, absmax_scale = (torch.zeros_like(t) for t in lq.groups[lq.bit_choices[0]])
     for bits in lq.bit_choices:
         rows = (bits_per_row == bits).nonzero().squeeze(1)
         if len(rows):
-            row_codes, row_levels = _codes(
-                weight[rows], v[rows], absmax[rows], lq.levels[bits][rows], factor, refit_rounds
-            )
+            groups = tuple(t[rows] for t in lq.groups[bits])
+            v, absmax = _normalise(weight[rows], lq.group_size, groups)
+            row_codes, row_levels = _codes(weight[rows], v, absmax, lq.levels[bits][rows], factor, refit_rounds)
             codes[rows] = row_codes.to(torch.uint8)
             levels[rows, : 2**bits] = row_levels
-    return pack_weight(codes, bits_per_row, levels, lq.absmax_codes, lq.absmax_scale, lq.group_size, weight.dtype)
+            absmax_codes[rows], absmax_scale[rows] = groups
+    return pack_weight(codes, bits_per_row, levels, absmax_codes, absmax_scale, lq.group_size, weight.dtype)
 
 
 def quantize_rows(
@@ -222,16 +291,23 @@ def quantize_rows(
     lloyd_iters: int,
     factor: HessianFactor | None = None,
     refit_rounds: int = 0,
+    fit_scales: bool = False,
 ) -> PackedWeight:
-    """Quantize with the widths already fixed per row (LoftQ's inner step): each width's levels are fitted
-    on its own rows only, and no errors are computed."""
+    """Quantize with the widths already fixed per row (LoftQ's inner step): each width's scales and levels
+    are fitted on its own rows only, and no errors are computed."""
     widths = tuple(sorted(set(bits_per_row.tolist())))
-    absmax_codes, absmax_scale, v, absmax, u = _prepare(weight, widths, group_size, x2)
+    absmax = _prepare(weight, widths, group_size)
     bits_per_row = bits_per_row.to(weight.device)
-    levels = {}
+    groups, levels = {}, {}
     for bits in widths:
         rows = (bits_per_row == bits).nonzero().squeeze(1)
+        row_groups, row_levels, _ = fit_width(
+            weight[rows], x2, bits, codebook, lloyd_iters, group_size, tuple(t[rows] for t in absmax), fit_scales
+        )
+        groups[bits] = tuple(t.clone() for t in absmax)
+        for whole, part in zip(groups[bits], row_groups):
+            whole[rows] = part
         levels[bits] = torch.zeros(weight.shape[0], 2**bits, device=weight.device)
-        levels[bits][rows] = fit_levels(v[rows], u[rows], bits, codebook, lloyd_iters)[0]
-    lq = LayerQuant(widths, group_size, absmax_codes, absmax_scale, levels, None)
+        levels[bits][rows] = row_levels
+    lq = LayerQuant(widths, group_size, groups, levels, None)
     return assemble(lq, weight, bits_per_row, factor, refit_rounds)

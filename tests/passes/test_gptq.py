@@ -11,8 +11,7 @@ from lowra_compile.passes.quantize import _assign, _normalise, fit_levels, group
 def _layer(n: int, k: int, bits: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
-    codes, scale = group_absmax(w, 16)
-    v, absmax = _normalise(w, 16, codes, scale)
+    v, absmax = _normalise(w, 16, group_absmax(w, 16))
     levels, _ = fit_levels(v, absmax**2, bits, "lloyd", 6)
     return w, v, absmax, levels
 

@@ -25,8 +25,9 @@ def test_loftq_factors_reduce_the_quantization_error():
     assert errors[1] <= errors[0] * 1.05
 
 
+@pytest.mark.parametrize("fit_scales", [False, True])
 @pytest.mark.parametrize("gptq", [False, True])
-def test_the_pipelines_first_quantization_is_what_loftq_would_fit_itself(gptq):
+def test_the_pipelines_first_quantization_is_what_loftq_would_fit_itself(gptq, fit_scales):
     # The pipeline hands LoftQ the layer packed from the codebooks of every width (quantize_layer); fitted on
     # the planned widths' rows alone (quantize_rows), the codebooks and codes are the same: rows are independent.
     torch.manual_seed(0)
@@ -36,7 +37,7 @@ def test_the_pipelines_first_quantization_is_what_loftq_would_fit_itself(gptq):
     x2 = (x**2).mean(0)
     factor = hessian_factor(x.t() @ x / 512, 0.1) if gptq else None
     bits = torch.tensor([1, 2, 3, 4] * (n // 4))
-    from_all = assemble(quantize_layer(w, (1, 2, 3, 4), 64, "lloyd", x2, 6, factor), w, bits, factor, 2 * gptq)
-    own = quantize_rows(w, bits, 64, "lloyd", x2, 6, factor, 2 * gptq)
+    from_all = assemble(quantize_layer(w, (1, 2, 3, 4), 64, "lloyd", x2, 6, factor, fit_scales), w, bits, factor, 2 * gptq)
+    own = quantize_rows(w, bits, 64, "lloyd", x2, 6, factor, 2 * gptq, fit_scales)
     for mine, theirs in zip(from_all.tensors(), own.tensors()):
         assert torch.equal(mine, theirs)

@@ -14,10 +14,10 @@ def _spy(monkeypatch):
     seen = {"x2": [], "errors": [], "factors": []}
     quantize_layer, plan_bits = pipeline.quantize_layer, pipeline.plan_bits
 
-    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor):
+    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales):
         seen["x2"].append(x2)
         seen["factors"].append(factor)
-        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor)
+        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales)
 
     def plan_spy(errors, in_features, choices, budget):
         seen["errors"] = errors
@@ -99,6 +99,17 @@ def test_refitting_the_levels_lowers_the_output_error_of_the_same_plan(monkeypat
     refitted = _output_errors({**options, "refit_rounds": 2}, batch(32))
     assert all(torch.equal(a, b) for a, b in zip(plan, seen["errors"]))  # the plan sees the Lloyd-Max levels
     assert refitted < 0.99 * kept
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_fitted_scales_lower_the_output_error(rounding):
+    # groups of 16: the tiny model's 64-input layers would otherwise be one group per row, which the row's
+    # own codebook already fits
+    options = {"bits": 2.0, "calibrate": "activation", "loftq_iters": 0, "rounding": rounding, "group_size": 16}
+    absmax = _output_errors({**options, "scales": "absmax"}, batch(32))
+    torch._dynamo.reset()
+    fitted = _output_errors({**options, "scales": "fitted"}, batch(32))
+    assert fitted < 0.985 * absmax
 
 
 def test_gptq_holds_one_hessian_factor_at_a_time(monkeypatch):

@@ -34,10 +34,10 @@ def test_weighted_lloyd_never_worse_than_normalfloat_per_row(x2):
 
 
 @pytest.mark.parametrize("k,group", [(200, 64), (128, 64), (90, 32)])
-@pytest.mark.parametrize("codebook", ["lloyd", "nf", "uniform"])
-def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook):
+@pytest.mark.parametrize("codebook,fit_scales", [("lloyd", False), ("nf", False), ("uniform", False), ("lloyd", True), ("nf", True)])
+def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook, fit_scales):
     w, x2 = _layer(k=k)
-    lq = quantize_layer(w, CHOICES, group, codebook, x2, 6)
+    lq = quantize_layer(w, CHOICES, group, codebook, x2, 6, fit_scales=fit_scales)
     bits = torch.tensor(CHOICES).repeat(w.shape[0] // 4)
     packed = assemble(lq, w, bits)
     deq = dequantize(packed.tensors(), k, group, torch.float32)
@@ -45,6 +45,33 @@ def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook
     planned = lq.error.gather(1, (bits - 1)[:, None]).squeeze(1)
     torch.testing.assert_close(recomputed, planned, rtol=1e-4, atol=1e-9)
     assert packed.rows_per_width() == {b: w.shape[0] // 4 for b in CHOICES}
+
+
+@pytest.mark.parametrize("codebook", ["lloyd", "nf"])
+@pytest.mark.parametrize("x2", [False, True])
+def test_fitted_scales_are_never_worse_than_the_absmax_and_pay_at_low_bits(codebook, x2):
+    w, act = _layer()
+    act = act if x2 else None
+    absmax = quantize_layer(w, CHOICES, 64, codebook, act, 10)
+    fitted = quantize_layer(w, CHOICES, 64, codebook, act, 10, fit_scales=True)
+    assert (fitted.error <= absmax.error).all()
+    assert (fitted.error.sum(0)[:2] < 0.97 * absmax.error.sum(0)[:2]).all(), "1 and 2 bits should gain 3% or more"
+    # each width keeps its own scales; the absmax is the same for all of them
+    assert not torch.equal(fitted.groups[1][0], fitted.groups[2][0])
+    assert all(torch.equal(absmax.groups[1][0], absmax.groups[b][0]) for b in CHOICES)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_fitted_scales_help_the_groups_the_rows_codebook_fits_badly(bits):
+    # One group per row holds a weight 10x the others: normalised by their absmax, its other weights crowd
+    # near 0 while the other groups span [-1, 1], and one codebook per row cannot fit both.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 256, generator=gen) * 0.02
+    w[:, 3] = 0.2
+    absmax = quantize_layer(w, (bits,), 64, "lloyd", None, 10)
+    fitted = quantize_layer(w, (bits,), 64, "lloyd", None, 10, fit_scales=True)
+    assert (fitted.error < absmax.error).all() and (fitted.error / absmax.error).mean() < 0.97
+    assert not torch.equal(fitted.groups[bits][0], absmax.groups[bits][0])
 
 
 def test_activation_weighting_moves_error_off_busy_inputs():
