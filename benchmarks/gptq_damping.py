@@ -68,6 +68,15 @@ def layer_moments(calibration_windows) -> tuple[dict, dict, dict]:
     return weights, calib, held
 
 
+def write_layer_study(name: str, results: dict) -> None:
+    """Write a study over LAYERS to results/<name>_cpu_<date>.json, with the settings all of them share."""
+    date = datetime.date.today().isoformat()
+    head = {"device": device_name(torch.device("cpu")), "date": date, "group_size": GROUP, "held_out_windows": 8}
+    out = RESULTS / f"{name}_cpu_{date}.json"
+    out.write_text(json.dumps(head | results, indent=1))
+    print(f"wrote {out}")
+
+
 def held_out_error(weight: torch.Tensor, x2: torch.Tensor, factor, held: torch.Tensor) -> float:
     lq = quantize_layer(weight, (BITS,), GROUP, "lloyd", x2, 12, factor)
     packed = assemble(lq, weight, torch.full((weight.shape[0],), BITS), factor)
@@ -94,15 +103,8 @@ def main() -> None:
             str(d): row["vs_nearest"][str(d)] / best for d in FIXED
         }
     worst = {key: max(r["vs_best_fixed"][key] for r in rows) for key in rows[0]["vs_best_fixed"]}
-    date = datetime.date.today().isoformat()
-    result = {
-        "device": device_name(torch.device("cpu")), "date": date, "bits": BITS, "group_size": GROUP,
-        "held_out_windows": 8, "worst_vs_best_fixed": worst, "rows": rows,
-    }
-    out = RESULTS / f"gptq_damping_cpu_{date}.json"
-    out.write_text(json.dumps(result, indent=1))
     print("worst ratio to the best fixed damping:", {k: round(v, 3) for k, v in worst.items()})
-    print(f"wrote {out}")
+    write_layer_study("gptq_damping", {"bits": BITS, "worst_vs_best_fixed": worst, "rows": rows})
 
 
 if __name__ == "__main__":

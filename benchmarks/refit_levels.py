@@ -11,14 +11,10 @@ Results go to benchmarks/results/refit_levels_<device>_<date>.json.
 
 from __future__ import annotations
 
-import datetime
-import json
-
 import torch
 from tqdm.auto import tqdm
 
-from bench_utils import RESULTS, device_name
-from gptq_damping import GROUP, LAYERS, layer_moments
+from gptq_damping import GROUP, LAYERS, layer_moments, write_layer_study
 from lowra_compile.passes.gptq import damping, hessian_factor, output_error
 from lowra_compile.passes.quantize import assemble, quantize_layer
 from lowra_compile.runtime.reference import dequantize
@@ -51,12 +47,7 @@ def main() -> None:
             mean = torch.tensor(ratios).mean(0).tolist()
             summary[f"{tokens} tokens, {bits} bits"] = dict(zip(map(str, ROUNDS), mean))
             print(f"{tokens} tokens, {bits} bits: mean held-out error vs no refit", {r: round(m, 4) for r, m in zip(ROUNDS, mean)})
-    date = datetime.date.today().isoformat()
-    result = {"device": device_name(torch.device("cpu")), "date": date, "group_size": GROUP, "held_out_windows": 8,
-              "mean_vs_no_refit": summary, "rows": rows}
-    out = RESULTS / f"refit_levels_cpu_{date}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_layer_study("refit_levels", {"mean_vs_no_refit": summary, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ packed (sorted) row order.
 
 Tensor data (in the fixed order of `PackedWeight.tensors()`, which is how ops receive them):
     perm           int32 [N]                  packed row -> original row
-    absmax_codes   uint8 [N, G]               G = ceil(K / group_size); double-quantized group absmax
+    absmax_codes   uint8 [N, G]               G = ceil(K / group_size); double-quantized group scale (the
+                                              absmax, or the fitted scale of option scales="fitted")
     absmax_scale   float32 [N, ceil(G/256)]   one scale per row and 256 consecutive absmax values
     codes_b        int32 [N_b, words_b]       for b in 1, 2, 3, 4 (empty [0, words_b] if no row has b bits)
     codebook_b     float16 [N_b, 2^b]         sorted levels in [-1, 1]
