@@ -92,10 +92,14 @@ def _normalise(weight: Tensor, group_size: int, groups: Groups, clip: bool = Tru
     """v = W / scale and the per-element group scale, both [N, K] float32. v is clipped to [-1, 1], which
     only moves it by the rounding of an absmax; a fitted scale can be below a group's largest weight, whose
     error then counts in full (clip=False)."""
-    k = weight.shape[1]
-    absmax = dequantize_absmax(*groups).repeat_interleave(group_size, dim=1)[:, :k]
+    absmax = _element_scale(groups, group_size, weight.shape[1])
     v = weight.float() / absmax.clamp_min(torch.finfo(torch.float32).tiny)
     return (v.clamp(-1.0, 1.0) if clip else v), absmax
+
+
+def _element_scale(groups: Groups, group_size: int, k: int) -> Tensor:
+    """The group scale of every element, [N, K] float32."""
+    return dequantize_absmax(*groups).repeat_interleave(group_size, dim=1)[:, :k]
 
 
 def _importance(absmax: Tensor, x2: Tensor | None) -> Tensor:
@@ -172,11 +176,12 @@ def _prepare(weight: Tensor, bit_choices: tuple[int, ...], group_size: int) -> G
     return group_absmax(weight, group_size)
 
 
-def fit_group_scales(weight: Tensor, x2: Tensor | None, levels: Tensor, group_size: int, absmax: Groups) -> Groups:
+def fit_group_scales(
+    weight: Tensor, v: Tensor, x2: Tensor | None, levels: Tensor, group_size: int, absmax: Groups
+) -> Groups:
     """Double-quantized group scales that minimise sum_k E[x_k^2] (W[n, k] - s * l_k)^2 per group, l_k the
-    level nearest to W / absmax (least squares: s = sum E[x^2] W l / sum E[x^2] l^2), within SCALE_RANGE."""
-    v, scale = _normalise(weight, group_size, absmax)
-    x2 = torch.ones_like(scale[0]) if x2 is None else x2.float().to(scale.device)
+    level nearest to v = W / absmax (least squares: s = sum E[x^2] W l / sum E[x^2] l^2), within SCALE_RANGE."""
+    x2 = torch.ones_like(v[0]) if x2 is None else x2.float().to(v.device)
     level = torch.gather(levels, 1, _assign(v, levels))
     num = _group_sums(x2 * weight.float() * level, group_size)
     den = _group_sums(x2 * level * level, group_size)
@@ -196,7 +201,7 @@ def fit_width(
     levels, error = fit_levels(v, u, bits, codebook, lloyd_iters)
     if not fit_scales:
         return absmax, levels, error
-    groups = fit_group_scales(weight, x2, levels, group_size, absmax)
+    groups = fit_group_scales(weight, v, x2, levels, group_size, absmax)
     v, scale = _normalise(weight, group_size, groups, clip=False)
     u = _importance(scale, x2)
     refit = _fp16_exact(_lloyd(v, u, levels, 1).clamp(-1.0, 1.0)) if codebook == "lloyd" else levels
@@ -251,7 +256,7 @@ def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> Te
     """
     n, levels = weight.shape[0], lq.levels
     stacked = torch.cat([torch.cat([lv, lv[:, -1:].expand(n, 16 - lv.shape[1])], 1) for lv in levels.values()])
-    tall_absmax = torch.cat([_normalise(weight, lq.group_size, lq.groups[b])[1] for b in levels])
+    tall_absmax = torch.cat([_element_scale(lq.groups[b], lq.group_size, weight.shape[1]) for b in levels])
     tall_weight = weight.float().repeat(len(levels), 1)
     rounded = tall_absmax * torch.gather(stacked, 1, gptq_codes(tall_weight, tall_absmax, stacked, factor))
     return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t()
