@@ -12,24 +12,10 @@ Results go to benchmarks/results/fitted_scales_<device>_<date>.json.
 
 from __future__ import annotations
 
-import torch
-from tqdm.auto import tqdm
-
-from gptq_damping import GROUP, LAYERS, layer_moments, write_layer_study
-from lowra_compile.passes.gptq import damping, hessian_factor, output_error
-from lowra_compile.passes.quantize import assemble, quantize_layer
-from lowra_compile.runtime.reference import dequantize
+from gptq_damping import damped_layers, held_out_error, layer_moments, write_layer_study
 
 CALIBRATION_WINDOWS = (2, 8)  # of 512 tokens
 BITS = (1, 2, 3, 4)
-
-
-def held_out_error(weight: torch.Tensor, gram: torch.Tensor, tokens: int, bits: int, held: torch.Tensor, fit: bool) -> float:
-    factor = hessian_factor(gram, damping(gram.shape[0], tokens))
-    lq = quantize_layer(weight, (bits,), GROUP, "lloyd", gram.diagonal(), 12, factor, fit)
-    packed = assemble(lq, weight, torch.full((weight.shape[0],), bits), factor)
-    delta = weight - dequantize(packed.tensors(), weight.shape[1], GROUP, torch.float32)
-    return output_error(delta, held).sum().item()
 
 
 def main() -> None:
@@ -38,8 +24,8 @@ def main() -> None:
     for tokens, grams in calib.items():
         for bits in BITS:
             ratios = []
-            for name in tqdm(LAYERS, desc=f"{tokens} tokens, {bits} bits"):
-                absmax, fitted = (held_out_error(weights[name], grams[name], tokens, bits, held[name], fit) for fit in (False, True))
+            for name, gram, factor in damped_layers(grams, tokens, f"{tokens} tokens, {bits} bits"):
+                absmax, fitted = (held_out_error(weights[name], gram.diagonal(), factor, held[name], bits, fit) for fit in (False, True))
                 ratios.append(fitted / absmax)
                 rows.append({"layer": name, "tokens": tokens, "bits": bits, "fitted_vs_absmax": ratios[-1]})
             key = f"{tokens} tokens, {bits} bits"

@@ -77,9 +77,20 @@ def write_layer_study(name: str, results: dict) -> None:
     print(f"wrote {out}")
 
 
-def held_out_error(weight: torch.Tensor, x2: torch.Tensor, factor, held: torch.Tensor) -> float:
-    lq = quantize_layer(weight, (BITS,), GROUP, "lloyd", x2, 12, factor)
-    packed = assemble(lq, weight, torch.full((weight.shape[0],), BITS), factor)
+def damped_layers(grams: dict[str, torch.Tensor], tokens: int, desc: str):
+    """(name, E[x x^T], its Hessian factor damped by the rule) for every layer of LAYERS, with a progress bar."""
+    for name in tqdm(LAYERS, desc=desc):
+        gram = grams[name]
+        yield name, gram, hessian_factor(gram, damping(gram.shape[0], tokens))
+
+
+def held_out_error(
+    weight: torch.Tensor, x2: torch.Tensor, factor, held: torch.Tensor, bits: int = BITS, fit_scales: bool = False,
+    refit_rounds: int = 0,
+) -> float:
+    """Output error on the held-out E[x x^T] of `weight` packed at `bits` (nearest rounding when `factor` is None)."""
+    lq = quantize_layer(weight, (bits,), GROUP, "lloyd", x2, 12, factor, fit_scales)
+    packed = assemble(lq, weight, torch.full((weight.shape[0],), bits), factor, refit_rounds)
     delta = weight - dequantize(packed.tensors(), weight.shape[1], GROUP, torch.float32)
     return output_error(delta, held).sum().item()
 

@@ -9,7 +9,7 @@ Target: 7B in under 2 minutes on one H100 (the paper reports ~10 minutes for LLa
     python benchmarks/plan_speed.py                  # 135M on CPU, and 7B when CUDA is present
     python benchmarks/plan_speed.py --model llama-2-7b --device cuda
     python benchmarks/plan_speed.py --rounding gptq  # error-feedback rounding (a random E[x x^T] per layer input)
-    python benchmarks/plan_speed.py --rounding gptq --refit-rounds 2   # and levels refitted to the codes
+    python benchmarks/plan_speed.py --rounding gptq --refit-rounds 2   # and scales and levels refitted to the codes
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cpu for 135M, cuda for 7B)")
     parser.add_argument("--bits", type=float, default=2.0)
     parser.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"))
-    parser.add_argument("--refit-rounds", type=int, default=0, help="with gptq: levels refitted to the codes")
+    parser.add_argument("--refit-rounds", type=int, default=0, help="with gptq: scales and levels refitted to the codes")
     parser.add_argument("--scales", default=LowRAConfig.scales, choices=SCALES, help="group scales (option scales)")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/plan_speed[_gptq]_<devices>_<date>.json)")
     args = parser.parse_args(argv)

@@ -36,10 +36,11 @@ class LowRAConfig:
     rounding:     "gptq" (error-feedback rounding on the calibrated E[x x^T] of each layer's input; needs
                   calibration), "nearest" (each weight to its nearest level), or "auto" (the default):
                   "gptq" when calibrating, "nearest" with calibrate="off".
-    refit_rounds: with rounding="gptq", times each channel's levels are refitted to its codes by least
-                  squares on E[x x^T] (the codes rounded again onto them in between); 0 (the default)
-                  keeps the Lloyd-Max levels. 2 lowers the output error by ~3% for ~30% more
-                  quantization time (docs/accuracy.md).
+    refit_rounds: with rounding="gptq", times each channel's group scales (when fitted) and levels are
+                  refitted to its codes by least squares on E[x x^T] (the codes rounded again onto them
+                  in between); 0 (the default) keeps those fitted on the weights. 2 lowers the layers'
+                  output error by 5-10% but not the perplexity, for 3-5x the packing time
+                  (docs/accuracy.md).
     loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist and B is zero (0 = off).
     lloyd_iters:  Lloyd-Max iterations per codebook.
     skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").

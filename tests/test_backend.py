@@ -1,7 +1,6 @@
 """End to end: `torch.compile(model, backend="lowra")` on tiny PEFT Llamas and plain linear stacks."""
 
 import copy
-import io
 import math
 import warnings
 

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from ..runtime import ops as _ops  # noqa: F401  (defines torch.ops.lowra.gptq_block)
-from ..runtime.format import CODEBOOK_DTYPE
 
 # Of the mean diagonal, added to H before inverting: a sample E[x x^T] over T tokens of K inputs is noisy
 # (singular when T < K), and rounding onto an undamped one fits the calibration batch instead of the
@@ -62,7 +61,6 @@ def damping(features: int, tokens: int) -> float:
 def hessian_factor(gram: Tensor, damp: float) -> HessianFactor:
     """Damp, reorder and factor E[x x^T] of one layer's input."""
     gram = gram.float()
-    k = gram.shape[0]
     diag = gram.diagonal()
     order = torch.argsort(diag, descending=True)
     ridge = damp * diag.mean().clamp_min(1e-12).item()
@@ -117,36 +115,3 @@ def gptq_codes(weight: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFa
 def output_error(delta: Tensor, gram: Tensor) -> Tensor:
     """dW[n] H dW[n]^T per row [N]: the mean squared output error of each row on the calibration inputs."""
     return ((delta @ gram.to(delta.device)) * delta).sum(1)
-
-
-# Rows whose one-hot [rows, K, L] code matrix is built at once (2^24 elements: 64 MiB in float32).
-_REFIT_ELEMENTS = 1 << 24
-# Of each row's mean diagonal, pulling the refitted levels toward the old ones: keeps a level no code
-# uses where it was and a near-singular system finite, and is small enough not to matter otherwise.
-_REFIT_RIDGE = 1e-3
-
-
-def refit_levels(weight: Tensor, absmax: Tensor, codes: Tensor, levels: Tensor, factor: HessianFactor) -> tuple[Tensor, Tensor]:
-    """Levels [N, L] that minimise each row's output error for its fixed codes, and the codes [N, K] that
-    point at the same levels once they are sorted again.
-
-    With the codes fixed, row n dequantizes to X_n l_n (X_n[k, j] = absmax[n, k] where code[n, k] = j), so
-    its error (w_n - X_n l_n) H (w_n - X_n l_n)^T on the damped H = E[x x^T] + ridge I is quadratic in its
-    L levels: l_n = (X_n^T H X_n + r I)^-1 (X_n^T H w_n + r l_n_old). Levels are clamped to [-1, 1] and
-    rounded to fp16, as the format stores them.
-    """
-    n, k = weight.shape
-    m = levels.shape[1]
-    gram = factor.gram.to(weight.device)
-    new = torch.empty_like(levels)
-    for rows in torch.arange(n, device=weight.device).split(max(1, _REFIT_ELEMENTS // (k * m))):
-        x = torch.zeros(len(rows), k, m, device=weight.device)
-        x.scatter_(2, codes[rows, :, None], absmax[rows, :, None].float())
-        hx = (gram @ x.transpose(0, 1).reshape(k, -1)).view(k, len(rows), m).transpose(0, 1) + factor.ridge * x
-        lhs = x.transpose(1, 2) @ hx  # [rows, L, L]
-        rhs = (hx * weight[rows, :, None].float()).sum(1)  # X^T H w: H is symmetric
-        r = _REFIT_RIDGE * lhs.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-        lhs.diagonal(dim1=1, dim2=2).add_(r[:, None])
-        new[rows] = torch.linalg.solve(lhs, rhs + r[:, None] * levels[rows])
-    new, order = new.clamp(-1.0, 1.0).to(CODEBOOK_DTYPE).float().sort(dim=1)
-    return new, torch.gather(order.argsort(dim=1), 1, codes)

@@ -26,7 +26,9 @@ planning a large model never holds codes for every width at once.
 
 With `rounding="gptq"` (a `HessianFactor` from the calibrated E[x x^T]) the levels are fitted the same
 way, but codes come from error-feedback rounding (passes/gptq.py) and the error is the full output error
-dW[n] H dW[n]^T, so the plan sees what each width really costs after compensation.
+dW[n] H dW[n]^T, so the plan sees what each width really costs after compensation. Packing rounds all
+rows in one pass, whatever their widths, and can then refit each width's scales and levels to its codes
+(`refit_rounds`, passes/refit.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import torch
 from torch import Tensor
 
 from ..runtime.format import CODEBOOK_DTYPE, PackedWeight, dequantize_absmax, pack_weight, quantize_absmax
-from .gptq import HessianFactor, gptq_codes, output_error, refit_levels
+from .gptq import HessianFactor, gptq_codes, output_error
+from .refit import refit_levels, refit_scales
 
 NF_OFFSET = 0.9677  # QLoRA's NF4 quantile offset
 
@@ -72,10 +75,11 @@ class LayerQuant:
     """Candidates of one layer. Tensors per width b: groups {b: (uint8 [N, G], float32 [N, ceil(G/256)])}
     (the group scales, stored as the format's absmax; the same for every width unless fitted), levels
     {b: [N, 2^b] float32, fp16-exact}; error [N, len(bit_choices)] float32 (None when the widths were fixed
-    beforehand: `quantize_rows`)."""
+    beforehand: `quantize_rows`). Attribute fitted: whether the group scales were fitted (else absmax)."""
 
     bit_choices: tuple[int, ...]
     group_size: int
+    fitted: bool
     groups: dict[int, Groups]
     levels: dict[int, Tensor]
     error: Tensor | None
@@ -186,8 +190,12 @@ def fit_group_scales(
     num = _group_sums(x2 * weight.float() * level, group_size)
     den = _group_sums(x2 * level * level, group_size)
     old = dequantize_absmax(*absmax)
-    fitted = torch.where(den > 0, num / den.clamp_min(1e-30), old)
-    return quantize_absmax(torch.minimum(torch.maximum(fitted, SCALE_RANGE[0] * old), SCALE_RANGE[1] * old))
+    return _bounded(torch.where(den > 0, num / den.clamp_min(1e-30), old), old)
+
+
+def _bounded(scales: Tensor, absmax: Tensor) -> Groups:
+    """Fitted group scales [N, G], kept within SCALE_RANGE of the groups' `absmax` and double-quantized."""
+    return quantize_absmax(torch.minimum(torch.maximum(scales, SCALE_RANGE[0] * absmax), SCALE_RANGE[1] * absmax))
 
 
 def fit_width(
@@ -211,20 +219,30 @@ def fit_width(
     return groups, torch.where(better[:, None], refit, levels), torch.where(better, refit_error, error)
 
 
-def _codes(
-    weight: Tensor, v: Tensor, absmax: Tensor, levels: Tensor, factor: HessianFactor | None, refit_rounds: int
-) -> tuple[Tensor, Tensor]:
-    """Codes and levels of the given rows: the nearest level; or, with a Hessian factor, error-feedback
-    rounding, then `refit_rounds` times the levels refitted to the codes (gptq.refit_levels), each round
-    after the first rounding again onto the refitted levels."""
-    if factor is None:
-        return _assign(v, levels), levels
-    codes = gptq_codes(weight, absmax, levels, factor)
-    for i in range(refit_rounds):
+def _refit(
+    weight: Tensor, groups: Groups, levels: Tensor, codes: Tensor, group_size: int, factor: HessianFactor, rounds: int,
+    fit_scales: bool,
+) -> tuple[Tensor, Tensor, Groups]:
+    """Codes, levels and group scales of rows of one width after `rounds` times refitting the group scales
+    (when fitted) and the levels to the error-feedback codes (passes/refit.py), each round after the first
+    rounding again onto them."""
+    scale = _element_scale(groups, group_size, weight.shape[1])
+    absmax = dequantize_absmax(*group_absmax(weight, group_size)) if fit_scales else None
+    for i in range(rounds):
         if i:
-            codes = gptq_codes(weight, absmax, levels, factor)
-        levels, codes = refit_levels(weight, absmax, codes, levels, factor)
-    return codes, levels
+            codes = gptq_codes(weight, scale, levels, factor)
+        if absmax is not None:
+            solved = refit_scales(weight, dequantize_absmax(*groups), codes, levels, group_size, factor)
+            groups = _bounded(solved, absmax)
+            scale = _element_scale(groups, group_size, weight.shape[1])
+        levels, codes = refit_levels(weight, scale, codes, levels, factor)
+    return codes, levels, groups
+
+
+def _padded(levels: Tensor) -> Tensor:
+    """Levels [N, 2^b] -> [N, 16], the top level repeated: nearest and error-feedback rounding give the same
+    values on them (a code past 2^b - 1 points at a copy of the top level)."""
+    return torch.cat([levels, levels[:, -1:].expand(-1, 16 - levels.shape[1])], 1)
 
 
 def quantize_layer(
@@ -243,7 +261,7 @@ def quantize_layer(
     for bits in bit_choices:
         groups[bits], levels[bits], err = fit_width(weight, x2, bits, codebook, lloyd_iters, group_size, absmax, fit_scales)
         errors.append(err)
-    lq = LayerQuant(tuple(bit_choices), group_size, groups, levels, None)
+    lq = LayerQuant(tuple(bit_choices), group_size, fit_scales, groups, levels, None)
     error = torch.stack(errors, 1) if factor is None else _feedback_error(weight, lq, factor)
     return dataclasses.replace(lq, error=error)
 
@@ -255,7 +273,7 @@ def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> Te
     padded to 16 by repeating its top level, which rounds to the same values (only the codes would differ).
     """
     n, levels = weight.shape[0], lq.levels
-    stacked = torch.cat([torch.cat([lv, lv[:, -1:].expand(n, 16 - lv.shape[1])], 1) for lv in levels.values()])
+    stacked = torch.cat([_padded(lv) for lv in levels.values()])
     tall_absmax = torch.cat([_element_scale(lq.groups[b], lq.group_size, weight.shape[1]) for b in levels])
     tall_weight = weight.float().repeat(len(levels), 1)
     rounded = tall_absmax * torch.gather(stacked, 1, gptq_codes(tall_weight, tall_absmax, stacked, factor))
@@ -265,26 +283,33 @@ def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> Te
 def assemble(
     lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: HessianFactor | None = None, refit_rounds: int = 0
 ) -> PackedWeight:
-    """Pack `weight` with each row at its planned width, using the levels found by `quantize_layer` (with a
-    Hessian factor, refitted to the error-feedback codes `refit_rounds` times)."""
+    """Pack `weight` with each row at its planned width, using the levels and group scales found by
+    `quantize_layer` (with a Hessian factor, refitted to the error-feedback codes `refit_rounds` times; the
+    scales only where they were fitted)."""
     n, k = weight.shape
     bits_per_row = bits_per_row.to(weight.device)
     unplanned = set(bits_per_row.unique().tolist()) - set(lq.bit_choices)
     if unplanned:
         raise ValueError(f"lowra: rows planned at {sorted(unplanned)} bits, which were not quantized ({lq.bit_choices})")
-    codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
     levels = torch.zeros(n, 16, device=weight.device)
-    absmax_codes, absmax_scale = (torch.zeros_like(t) for t in lq.groups[lq.bit_choices[0]])
-    for bits in lq.bit_choices:
-        rows = (bits_per_row == bits).nonzero().squeeze(1)
-        if len(rows):
-            groups = tuple(t[rows] for t in lq.groups[bits])
-            v, absmax = _normalise(weight[rows], lq.group_size, groups)
-            row_codes, row_levels = _codes(weight[rows], v, absmax, lq.levels[bits][rows], factor, refit_rounds)
-            codes[rows] = row_codes.to(torch.uint8)
-            levels[rows, : 2**bits] = row_levels
-            absmax_codes[rows], absmax_scale[rows] = groups
-    return pack_weight(codes, bits_per_row, levels, absmax_codes, absmax_scale, lq.group_size, weight.dtype)
+    groups = tuple(torch.zeros_like(t) for t in lq.groups[lq.bit_choices[0]])
+    rows_of = {b: rows for b in lq.bit_choices if len(rows := (bits_per_row == b).nonzero().squeeze(1))}
+    for bits, rows in rows_of.items():
+        levels[rows] = _padded(lq.levels[bits][rows])
+        for whole, part in zip(groups, lq.groups[bits]):
+            whole[rows] = part[rows]
+    # every width in one rounding pass: the column loop of error feedback costs the same for a few rows
+    v, scale = _normalise(weight, lq.group_size, groups)
+    codes = _assign(v, levels) if factor is None else gptq_codes(weight, scale, levels, factor)
+    codes = torch.minimum(codes, 2 ** bits_per_row[:, None] - 1)
+    for bits, rows in rows_of.items() if factor is not None and refit_rounds else ():
+        row_groups = tuple(t[rows] for t in groups)
+        codes[rows], levels[rows, : 2**bits], row_groups = _refit(
+            weight[rows], row_groups, levels[rows, : 2**bits], codes[rows], lq.group_size, factor, refit_rounds, lq.fitted
+        )
+        for whole, part in zip(groups, row_groups):
+            whole[rows] = part
+    return pack_weight(codes, bits_per_row, levels, *groups, lq.group_size, weight.dtype)
 
 
 def quantize_rows(
@@ -314,5 +339,5 @@ def quantize_rows(
             whole[rows] = part
         levels[bits] = torch.zeros(weight.shape[0], 2**bits, device=weight.device)
         levels[bits][rows] = row_levels
-    lq = LayerQuant(widths, group_size, groups, levels, None)
+    lq = LayerQuant(widths, group_size, fit_scales, groups, levels, None)
     return assemble(lq, weight, bits_per_row, factor, refit_rounds)

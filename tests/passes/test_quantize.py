@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lowra_compile.passes.quantize import assemble, nf_levels, quantize_layer, uniform_levels
+from lowra_compile.passes.gptq import gptq_codes, hessian_factor
+from lowra_compile.passes.quantize import _assign, _normalise, assemble, nf_levels, quantize_layer, uniform_levels
 from lowra_compile.runtime.reference import dequantize
 
 CHOICES = (1, 2, 3, 4)
@@ -114,3 +115,24 @@ def test_assemble_rejects_widths_that_were_not_quantized():
     lq = quantize_layer(w, (2, 4), 64, "nf", None, 0)
     with pytest.raises(ValueError, match="not quantized"):
         assemble(lq, w, torch.full((w.shape[0],), 3))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+@pytest.mark.parametrize("fit_scales", [False, True])
+def test_mixed_widths_pack_each_row_as_rounding_it_on_its_own_levels(rounding, fit_scales):
+    # all widths are rounded in one pass (levels padded to 16): each row must still dequantize to its own
+    # width's levels and scales, rounded without the padding
+    w, x2 = _layer(n=40, k=136)
+    factor = None
+    if rounding == "gptq":
+        x = torch.randn(400, 136, generator=torch.Generator().manual_seed(3)) @ (torch.eye(136) + 0.1)
+        factor = hessian_factor(x.t() @ x / 400, 0.1)
+    lq = quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, factor, fit_scales)
+    bits = torch.arange(40) % 4 + 1
+    mixed = dequantize(assemble(lq, w, bits, factor).tensors(), 136, 32, torch.float32)
+    for b in CHOICES:
+        rows = bits == b
+        v, scale = _normalise(w[rows], 32, tuple(t[rows] for t in lq.groups[b]))
+        levels = lq.levels[b][rows]
+        codes = _assign(v, levels) if factor is None else gptq_codes(w[rows], scale, levels, factor)
+        torch.testing.assert_close(mixed[rows], scale * torch.gather(levels, 1, codes), rtol=0, atol=0)
