@@ -11,7 +11,7 @@ is quadratic in the scales with the levels fixed, and in the levels with the sca
     scales  s_n [G]:  (L_n^T H L_n + r I) s_n = L_n^T H w_n + r s_n_old     L_n[k, g] = l_n[code[n, k]] if k in g
     levels  l_n [L]:  (X_n^T H X_n + r I) l_n = X_n^T H w_n + r l_n_old     X_n[k, j] = s[n, g(k)] if code[n, k] = j
 
-One refit round solves the scales, then the levels (passes/quantize.py `_codes` rounds again in between
+One refit round solves the scales, then the levels (passes/quantize.py `_refit` rounds again in between
 rounds). The ridge r (of the system's mean diagonal) keeps a scale or level that no code constrains where
 it was, and a near-singular system finite. Every row is solved on its own, in chunks of rows whose
 [rows, K, G] or [rows, K, L] products stay under 64 MiB.
