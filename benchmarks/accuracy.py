@@ -72,7 +72,7 @@ METHODS = {
     "lowra-no-loftq": lambda b: {"bits": b, "loftq_iters": 0},
     "lowra-activation": lambda b: {"bits": b, "calibrate": "activation"},
     "lowra-data-free": lambda b: {"bits": b, "calibrate": "off"},  # the paper's plan criterion (so nearest rounding)
-    # not in a grid (run with --methods and --bits): levels refitted to the codes; other absmax group sizes
+    # not in a grid (run with --methods and --bits): scales and levels refitted to the codes; other group sizes
     "lowra-refit": lambda b: {"bits": b, "refit_rounds": 2},
     "lowra-group-32": lambda b: {"bits": b, "group_size": 32},
     "lowra-group-128": lambda b: {"bits": b, "group_size": 128},

@@ -72,12 +72,12 @@ def refit_levels(weight: Tensor, scale: Tensor, codes: Tensor, levels: Tensor, f
     clamped to [-1, 1] and rounded to fp16, as the format stores them."""
     n, k = weight.shape
     m = levels.shape[1]
-    gram = factor.gram.to(weight.device)
+    h = _damped(factor, k, weight.device)
     new = torch.empty_like(levels)
     for rows in torch.arange(n, device=weight.device).split(max(1, _ELEMENTS // (k * m))):
         x = torch.zeros(len(rows), k, m, device=weight.device)
         x.scatter_(2, codes[rows, :, None], scale[rows, :, None].float())
-        hx = (gram @ x.transpose(0, 1).reshape(k, -1)).view(k, len(rows), m).transpose(0, 1) + factor.ridge * x
+        hx = (h @ x.transpose(0, 1).reshape(k, -1)).view(k, len(rows), m).transpose(0, 1)  # H X_n: [rows, K, L]
         lhs = x.transpose(1, 2) @ hx  # [rows, L, L]
         rhs = (hx * weight[rows, :, None].float()).sum(1)  # X^T H w: H is symmetric
         new[rows] = _solve(lhs, rhs, levels[rows])
