@@ -34,6 +34,7 @@ import copy
 import datetime
 import fcntl
 import json
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -130,7 +131,8 @@ def measure(base, options, data: dict, args) -> dict:
     model = lora_model(copy.deepcopy(base), args.rank, args.seed)
     row: dict = {}
     if options is not None:
-        model = torch.compile(model, backend="lowra", options={**options, "inner": args.inner, "progress": False})
+        run_options = {"inner": args.inner, "progress": False, "candidates_dir": args.candidates}
+        model = torch.compile(model, backend="lowra", options={**options, **run_options})
         t0 = time.perf_counter()
         quantize_on(model, data["calibration"])
         row["quantize_s"] = time.perf_counter() - t0
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                         "compile caches; needs --windows and --out)")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th point of the grid from the K-th")
     parser.add_argument("--resume", action="store_true", help="skip points already in the output JSON")
+    parser.add_argument("--candidates", type=Path, help="directory of the layers' quantization candidates, shared "
+                        "by the points and by shards (default: a temporary one for this run)")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/accuracy_<grid>_<device>_<date>.json)")
     args = parser.parse_args(argv)
 
@@ -292,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
         },
     }
+    # Points that differ only in budget, bit set or LoftQ quantize each layer alike: the first one saves
+    # the candidates, the others load them (passes/candidates.py) and spend their time planning and packing.
+    scratch = None if args.candidates else tempfile.TemporaryDirectory(prefix="lowra-candidates-")
+    args.candidates = str(args.candidates or scratch.name)
     failed = []
     for method, bits in grid:
         print(f"== {method} {bits if bits is not None else ''}", flush=True)

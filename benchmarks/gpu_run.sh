@@ -88,7 +88,8 @@ case "$stage" in
     threads=$(( $(nproc) / jobs > 1 ? $(nproc) / jobs : 1 ))
     for k in $(seq 0 $((jobs - 1))); do
       LOWRA_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=$threads OMP_NUM_THREADS=$threads timeout "${LIMIT:-540}" \
-        python benchmarks/accuracy.py --resume --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" "$@" \
+        python benchmarks/accuracy.py --resume --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" \
+        --candidates /tmp/lowra-candidates "$@" \
         > "$stash/accuracy_$k.log" 2>&1 &
     done
     wait

@@ -48,6 +48,9 @@ class LowRAConfig:
     inner:        compiler run on the rewritten graph.
     min_bits / max_bits: per-channel floor and ceiling applied on top of bit_choices.
     progress:     show progress bars during quantization.
+    candidates_dir: a directory where each layer's candidates (codebooks, scales and errors at every width)
+                  are saved and found again: compiling the same model at another budget or bit set then
+                  skips the quantize stage (passes/candidates.py). None (the default) keeps nothing.
     """
 
     bits: float = 2.0
@@ -66,6 +69,7 @@ class LowRAConfig:
     min_bits: int = 1
     max_bits: int = 4
     progress: bool = True
+    candidates_dir: str | None = None
 
     def __post_init__(self) -> None:
         choices = tuple(sorted(set(int(b) for b in self.bit_choices)))

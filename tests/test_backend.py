@@ -324,7 +324,7 @@ def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch
     lowra_compile.load_quantized(fresh, path)
     assert sum(isinstance(p, ReleasedWeight) for p in fresh.parameters()) == 14
     assert lowra_compile.report(fresh).seconds == {}  # loaded, not quantized here
-    monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer", None)  # must not be called
+    monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer_cached", None)  # must not be called
     torch._dynamo.reset()
     with torch.no_grad():
         got = _compile(fresh)(**data).logits
@@ -359,7 +359,7 @@ def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
     lowra_compile.quantize_(model, batch(32, size=8), {"progress": False, "rounding": "gptq"})
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
     assert any(m.lora_B["default"].weight.any() for m in model.modules() if hasattr(m, "lora_B"))  # LoftQ ran
-    monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer", None)  # must not be called again
+    monkeypatch.setattr(lowra_compile.passes.pipeline, "quantize_layer_cached", None)  # must not be called again
     compiled = _compile(model)
     data = batch(16, seed=5)
     loss = compiled(**data).loss

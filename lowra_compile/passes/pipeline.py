@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from ..config import LowRAConfig
 from .calibrate import SiteStats, calibrate
+from .candidates import quantize_layer_cached
 from .gptq import HessianFactor, LatestFactor
 from .loftq import loftq_init
 from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
-from .quantize import assemble, quantize_layer
+from .quantize import assemble
 from .release import attach
 
 
@@ -110,8 +111,8 @@ def quantize_sites(
         start = device_clock(weight.device)
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         factor = factors(i, weight.device)
-        lq = quantize_layer(
-            weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor,
+        lq = quantize_layer_cached(
+            config.candidates_dir, weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor,
             config.scales == "fitted",
         )
         err = lq.error

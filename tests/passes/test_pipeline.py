@@ -5,16 +5,17 @@ import pytest
 import torch
 
 import lowra_compile
-from lowra_compile.passes import gptq, pipeline, release
+from lowra_compile.passes import candidates, gptq, pipeline, release
 
 from ..tiny_models import batch, tiny_peft_llama
 
 
 def _spy(monkeypatch):
-    seen = {"x2": [], "errors": [], "factors": []}
-    quantize_layer, plan_bits = pipeline.quantize_layer, pipeline.plan_bits
+    seen = {"choices": [], "x2": [], "errors": [], "factors": []}
+    quantize_layer, plan_bits = candidates.quantize_layer, pipeline.plan_bits
 
     def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales):
+        seen["choices"].append(choices)
         seen["x2"].append(x2)
         seen["factors"].append(factor)
         return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales)
@@ -23,7 +24,7 @@ def _spy(monkeypatch):
         seen["errors"] = errors
         return plan_bits(errors, in_features, choices, budget)
 
-    monkeypatch.setattr(pipeline, "quantize_layer", quantize_spy)
+    monkeypatch.setattr(candidates, "quantize_layer", quantize_spy)
     monkeypatch.setattr(pipeline, "plan_bits", plan_spy)
     return seen
 

@@ -1,0 +1,90 @@
+"""A directory of quantization candidates, so that planning a model again at another budget skips quantizing.
+
+`quantize_layer` (the costly stage: Lloyd-Max codebooks, fitted scales and error-feedback errors at every
+width) depends only on the weight, its input statistics and a few options, never on the budget. With the
+option `candidates_dir`, each layer's `LayerQuant` is saved there per width, under a digest of everything
+it depends on; a later compile whose layer has the same digest loads the widths found and quantizes only
+the missing ones. Sweeping budgets or bit sets over one model then quantizes each layer once:
+
+    first compile, bits=3.0:             quantize widths 1-4   -> save  <digest>.safetensors {1, 2, 3, 4}
+    next compile, bits=2.0:              load widths 1-4
+    next compile, bit_choices=(2,):      load width 2
+
+The digest covers the weight's bytes, E[x^2], the Hessian factor's E[x x^T] and damping, the group size,
+codebook, Lloyd-Max iterations, scale fitting, the device type (CUDA kernels round differently from the
+CPU reference) and the source of the modules that compute the candidates; a change in any of them
+misses. Rows are quantized independently at every width, so a width loaded from a larger set equals that
+width quantized alone (up to the float summation order of the error-feedback pass). Files (safetensors)
+hold levels, group scales and errors, not codes: 30 MB for SmolLM2-135M's 210 layers at four widths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .gptq import HessianFactor
+from .quantize import LayerQuant, quantize_layer
+
+_FIELDS = ("absmax_codes", "absmax_scale", "levels", "error")
+# the code whose results the files hold (read, not imported: passes do not depend on codegen); editing any
+# of these modules invalidates every file
+_PACKAGE = Path(__file__).resolve().parent.parent
+_SOURCES = hashlib.blake2b(b"".join(
+    (_PACKAGE / name).read_bytes()
+    for name in ("passes/quantize.py", "passes/gptq.py", "runtime/format.py", "runtime/reference.py", "codegen/gptq_block.py")
+))
+
+
+def _digest(
+    weight: Tensor, x2: Tensor | None, factor: HessianFactor | None, group_size: int, codebook: str,
+    lloyd_iters: int, fit_scales: bool,
+) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(_SOURCES.digest())
+    options = (weight.device.type, tuple(weight.shape), str(weight.dtype), group_size, codebook,
+               lloyd_iters, fit_scales, None if factor is None else factor.ridge)
+    h.update(repr(options).encode())
+    for t in (weight, x2, None if factor is None else factor.gram):
+        # a copy: numpy() of the tensor itself would mark the weight's storage not resizable, and the
+        # backend frees the dense weight by resizing its storage to 0
+        h.update(b"-" if t is None else t.detach().flatten().view(torch.uint8).cpu().clone().numpy())
+    return h.hexdigest()
+
+
+def quantize_layer_cached(
+    directory: str | Path | None,
+    weight: Tensor,
+    bit_choices: tuple[int, ...],
+    group_size: int,
+    codebook: str,
+    x2: Tensor | None,
+    lloyd_iters: int,
+    factor: HessianFactor | None = None,
+    fit_scales: bool = False,
+) -> LayerQuant:
+    """`quantize_layer` with its widths loaded from / saved to `directory` (None: no cache)."""
+    if directory is None:
+        return quantize_layer(weight, bit_choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales)
+    path = Path(directory) / f"{_digest(weight, x2, factor, group_size, codebook, lloyd_iters, fit_scales)}.safetensors"
+    # width -> (absmax codes, absmax scales, levels, error). Not torch.load: inside the backend's compile
+    # it detects the fake mode of the tracing context and returns meta tensors.
+    flat = load_file(path, device=str(weight.device)) if path.exists() else {}
+    stored = {b: tuple(flat[f"{b}.{f}"] for f in _FIELDS) for b in {int(name.split(".")[0]) for name in flat}}
+    missing = tuple(b for b in bit_choices if b not in stored)
+    if missing:
+        new = quantize_layer(weight, missing, group_size, codebook, x2, lloyd_iters, factor, fit_scales)
+        stored.update({b: (*new.groups[b], new.levels[b], new.error[:, j]) for j, b in enumerate(missing)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({f"{b}.{f}": t.contiguous().cpu() for b, entry in stored.items() for f, t in zip(_FIELDS, entry)}, tmp)
+        tmp.replace(path)  # whole files only: another process may be reading the same digest
+    return LayerQuant(
+        tuple(bit_choices), group_size, fit_scales, {b: tuple(stored[b][:2]) for b in bit_choices},
+        {b: stored[b][2] for b in bit_choices}, torch.stack([stored[b][3] for b in bit_choices], 1),
+    )

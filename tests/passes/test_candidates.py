@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from lowra_compile.passes import candidates, release
+from lowra_compile.passes.gptq import damping, hessian_factor
+from lowra_compile.passes.quantize import quantize_layer
+
+from ..tiny_models import batch
+from .layer_data import GROUP, correlated_inputs
+from .test_pipeline import _first_step, _spy
+
+
+def _layer(seed: int = 0):
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(seed))
+    x = correlated_inputs(48, 96)
+    gram = x.t() @ x / 96
+    return w, gram.diagonal().clone(), hessian_factor(gram, damping(48, 96))
+
+
+def _calls(monkeypatch) -> list:
+    calls = []
+
+    def counted(weight, choices, *args):
+        calls.append(choices)
+        return quantize_layer(weight, choices, *args)
+
+    monkeypatch.setattr(candidates, "quantize_layer", counted)
+    return calls
+
+
+def _assert_same_width(a, b, bits: int, rtol: float = 0.0) -> None:
+    assert all(torch.equal(x, y) for x, y in zip(a.groups[bits], b.groups[bits]))
+    assert torch.equal(a.levels[bits], b.levels[bits])
+    ia, ib = a.bit_choices.index(bits), b.bit_choices.index(bits)
+    torch.testing.assert_close(a.error[:, ia], b.error[:, ib], rtol=rtol, atol=0.0)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_a_saved_layer_loads_as_quantized_and_subsets_skip_quantizing(tmp_path, monkeypatch, rounding):
+    w, x2, factor = _layer()
+    factor = factor if rounding == "gptq" else None
+    args = (GROUP, "lloyd", x2, 6, factor, True)
+    direct = quantize_layer(w, (1, 2, 3, 4), *args)
+    calls = _calls(monkeypatch)
+    first = candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
+    again = candidates.quantize_layer_cached(tmp_path, w, (2, 4), *args)
+    assert calls == [(1, 2, 3, 4)]  # the second call loaded every width it asked for
+    assert again.bit_choices == (2, 4) and again.error.shape == (24, 2)
+    for bits in (1, 2, 3, 4):
+        _assert_same_width(first, direct, bits)
+    for bits in (2, 4):
+        _assert_same_width(again, direct, bits)
+
+
+def test_only_missing_widths_are_quantized_and_added(tmp_path, monkeypatch):
+    w, x2, factor = _layer()
+    args = (GROUP, "lloyd", x2, 6, factor, True)
+    calls = _calls(monkeypatch)
+    candidates.quantize_layer_cached(tmp_path, w, (2,), *args)
+    both = candidates.quantize_layer_cached(tmp_path, w, (1, 2), *args)
+    candidates.quantize_layer_cached(tmp_path, w, (1, 2), *args)
+    assert calls == [(2,), (1,)]
+    alone = quantize_layer(w, (1, 2), *args)
+    # rows are rounded independently: a width quantized alone matches it quantized with others
+    for bits in (1, 2):
+        _assert_same_width(both, alone, bits, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["weight", "x2", "gram", "group_size", "codebook", "fit_scales"])
+def test_any_change_of_the_inputs_misses(tmp_path, monkeypatch, change):
+    w, x2, factor = _layer()
+    base = dict(group_size=GROUP, codebook="lloyd", x2=x2, lloyd_iters=6, factor=factor, fit_scales=True)
+    calls = _calls(monkeypatch)
+    candidates.quantize_layer_cached(tmp_path, w, (2,), *base.values())
+    changed = dict(base)
+    if change == "weight":
+        w = w.clone()
+        w[3, 5] += 1e-3
+    elif change == "x2":
+        changed["x2"] = x2 * 1.001
+    elif change == "gram":
+        changed["factor"] = hessian_factor(factor.gram * 1.001, damping(48, 96))
+    else:
+        changed[change] = {"group_size": 8, "codebook": "nf", "fit_scales": False}[change]
+    candidates.quantize_layer_cached(tmp_path, w, (2,), *changed.values())
+    assert len(calls) == 2
+
+
+def _packed(model) -> list:
+    return [release.packed_weight(p) for p in model.parameters() if release.packed_weight(p) is not None]
+
+
+def test_compiling_again_at_another_budget_plans_from_the_saved_candidates(tmp_path, monkeypatch):
+    seen = _spy(monkeypatch)
+    options = {"calibrate": "activation", "loftq_iters": 0, "candidates_dir": str(tmp_path)}
+    _first_step({**options, "bits": 3.0}, batch(16))
+    assert len(seen["choices"]) == 14 and len(list(tmp_path.iterdir())) == 14
+    torch._dynamo.reset()
+    cached = _first_step({**options, "bits": 2.0}, batch(16))
+    assert len(seen["choices"]) == 14  # nothing quantized the second time
+    torch._dynamo.reset()
+    fresh = _first_step({**options, "bits": 2.0, "candidates_dir": None}, batch(16))
+    for a, b in zip(_packed(cached), _packed(fresh), strict=True):
+        assert a.rows_per_width() == b.rows_per_width()
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
