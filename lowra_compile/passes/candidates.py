@@ -11,9 +11,9 @@ the missing ones. Sweeping budgets or bit sets over one model then quantizes eac
     next compile, bit_choices=(2,):      load width 2
 
 The digest covers the weight's bytes, E[x^2], the Hessian factor's E[x x^T] and damping, the group size,
-codebook, Lloyd-Max iterations, scale fitting, the device type (CUDA kernels round differently from the
-CPU reference) and the source of the modules that compute the candidates; a change in any of them
-misses. Rows are quantized independently at every width, so a width loaded from a larger set equals that
+codebook, Lloyd-Max iterations, scale fitting, the torch version, the device type (CUDA kernels round
+differently from the CPU reference) and the source of the modules that compute the candidates; a change
+in any of them misses. Rows are quantized independently at every width, so a width loaded from a larger set equals that
 width quantized alone (up to the float summation order of the error-feedback pass). Files (safetensors)
 hold levels, group scales and errors, not codes: 30 MB for SmolLM2-135M's 210 layers at four widths.
 """
@@ -47,7 +47,7 @@ def _digest(
 ) -> str:
     h = hashlib.blake2b(digest_size=20)
     h.update(_SOURCES.digest())
-    options = (weight.device.type, tuple(weight.shape), str(weight.dtype), group_size, codebook,
+    options = (torch.__version__, weight.device.type, tuple(weight.shape), str(weight.dtype), group_size, codebook,
                lloyd_iters, fit_scales, None if factor is None else factor.ridge)
     h.update(repr(options).encode())
     for t in (weight, x2, None if factor is None else factor.gram):
