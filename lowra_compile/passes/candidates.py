@@ -13,15 +13,17 @@ the missing ones. Sweeping budgets or bit sets over one model then quantizes eac
 The digest covers the weight's bytes, E[x^2], the Hessian factor's E[x x^T] and damping, the group size,
 codebook, Lloyd-Max iterations, scale fitting, the torch version, the device type (CUDA kernels round
 differently from the CPU reference) and the source of the modules that compute the candidates; a change
-in any of them misses. Rows are quantized independently at every width, so a width loaded from a larger set equals that
-width quantized alone (up to the float summation order of the error-feedback pass). Files (safetensors)
-hold levels, group scales and errors, not codes: 30 MB for SmolLM2-135M's 210 layers at four widths.
+in any of them misses. Rows are quantized independently at every width, so a width loaded from a larger
+set equals that width quantized alone (up to the float summation order of the error-feedback pass).
+Files (safetensors) hold levels, group scales and errors, not codes: 30 MB for SmolLM2-135M's 210 layers
+at four widths. A file that cannot be read is quantized again and replaced, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,6 +59,15 @@ def _digest(
     return h.hexdigest()
 
 
+def _load(path: Path, device: torch.device) -> dict[int, tuple[Tensor, ...]]:
+    try:
+        flat = load_file(path, device=str(device))
+        return {b: tuple(flat[f"{b}.{f}"] for f in _FIELDS) for b in {int(name.split(".")[0]) for name in flat}}
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file must not stop a compile)
+        warnings.warn(f"lowra: cannot read the saved candidates {path} ({e!r}); quantizing the layer again", stacklevel=4)
+        return {}
+
+
 def quantize_layer_cached(
     directory: str | Path | None,
     weight: Tensor,
@@ -74,8 +85,7 @@ def quantize_layer_cached(
     path = Path(directory) / f"{_digest(weight, x2, factor, group_size, codebook, lloyd_iters, fit_scales)}.safetensors"
     # width -> (absmax codes, absmax scales, levels, error). Not torch.load: inside the backend's compile
     # it detects the fake mode of the tracing context and returns meta tensors.
-    flat = load_file(path, device=str(weight.device)) if path.exists() else {}
-    stored = {b: tuple(flat[f"{b}.{f}"] for f in _FIELDS) for b in {int(name.split(".")[0]) for name in flat}}
+    stored = _load(path, weight.device) if path.exists() else {}
     missing = tuple(b for b in bit_choices if b not in stored)
     if missing:
         new = quantize_layer(weight, missing, group_size, codebook, x2, lloyd_iters, factor, fit_scales)

@@ -112,8 +112,8 @@ def quantize_sites(
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         factor = factors(i, weight.device)
         lq = quantize_layer_cached(
-            config.candidates_dir, weight.detach(), choices, config.group_size, config.codebook, x2, config.lloyd_iters, factor,
-            config.scales == "fitted",
+            config.candidates_dir, weight.detach(), choices, config.group_size, config.codebook, x2,
+            config.lloyd_iters, factor, config.scales == "fitted",
         )
         err = lq.error
         if stats[i] is not None and stats[i].g2 is not None:

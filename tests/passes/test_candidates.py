@@ -86,6 +86,21 @@ def test_any_change_of_the_inputs_misses(tmp_path, monkeypatch, change):
     assert len(calls) == 2
 
 
+def test_an_unreadable_file_is_quantized_again_with_a_warning(tmp_path, monkeypatch):
+    w, x2, factor = _layer()
+    args = (GROUP, "lloyd", x2, 6, factor, True)
+    calls = _calls(monkeypatch)
+    first = candidates.quantize_layer_cached(tmp_path, w, (2,), *args)
+    (saved,) = tmp_path.iterdir()
+    saved.write_bytes(saved.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.warns(UserWarning, match="cannot read the saved candidates"):
+        again = candidates.quantize_layer_cached(tmp_path, w, (2,), *args)
+    assert len(calls) == 2
+    _assert_same_width(again, first, 2)
+    candidates.quantize_layer_cached(tmp_path, w, (2,), *args)  # replaced by a whole file: loads
+    assert len(calls) == 2
+
+
 def _packed(model) -> list:
     return [release.packed_weight(p) for p in model.parameters() if release.packed_weight(p) is not None]
 
