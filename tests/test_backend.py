@@ -125,6 +125,22 @@ def test_frozen_weights_released_eager_calls_and_checkpoints_keep_working(tmp_pa
         torch.testing.assert_close(fresh(**data).logits, out, atol=1e-5, rtol=1e-5)
 
 
+def test_recompile_reads_released_weights_without_dequantizing(monkeypatch):
+    # A no_grad call recompiles; Dynamo's fake copy of each released weight queries only metadata
+    # (is_view, storage_offset, is_conj, ...), which must not dequantize the whole weight.
+    import lowra_compile.passes.release as release
+
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    data = batch(16)
+    compiled(**data).loss.backward()
+    calls = []
+    monkeypatch.setattr(release, "dequantized", lambda p: calls.append(p) or pytest.fail("dequantized a weight"))
+    with torch.no_grad():
+        compiled(**data)
+    assert not calls
+
+
 def test_materialize_restores_dense_weights():
     model = tiny_peft_llama()
     compiled = _compile(model)
