@@ -22,7 +22,8 @@ All rows of a layer are processed at once; codes count the per-row thresholds (m
 levels) below each weight, never an argmin over all levels. Levels are rounded to
 the stored fp16 before the final assignment, so errors describe exactly what `runtime` dequantizes.
 Only levels and errors are kept per width; `assemble` recomputes the codes of the chosen width, so
-planning a large model never holds codes for every width at once.
+planning a large model never holds codes for every width at once (passes/candidates.py keeps the
+error-feedback codes on disk instead, and `assemble` reads them back rather than rounding again).
 
 With `rounding="gptq"` (a `HessianFactor` from the calibrated E[x x^T]) the levels are fitted the same
 way, but codes come from error-feedback rounding (passes/gptq.py) and the error is the full output error
@@ -34,6 +35,7 @@ rows in one pass, whatever their widths, and can then refit each width's scales 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +77,9 @@ class LayerQuant:
     """Candidates of one layer. Tensors per width b: groups {b: (uint8 [N, G], float32 [N, ceil(G/256)])}
     (the group scales, stored as the format's absmax; the same for every width unless fitted), levels
     {b: [N, 2^b] float32, fp16-exact}; error [N, len(bit_choices)] float32 (None when the widths were fixed
-    beforehand: `quantize_rows`). Attribute fitted: whether the group scales were fitted (else absmax)."""
+    beforehand: `quantize_rows`); codes {b: [N, K] uint8}, the error-feedback codes behind the error, when
+    kept (`keep_codes`; else None: `assemble` rounds again). Attribute fitted: whether the group scales were
+    fitted (else absmax)."""
 
     bit_choices: tuple[int, ...]
     group_size: int
@@ -83,6 +87,7 @@ class LayerQuant:
     groups: dict[int, Groups]
     levels: dict[int, Tensor]
     error: Tensor | None
+    codes: Mapping[int, Tensor] | None = None
 
 
 def _check_weight(weight: Tensor) -> None:
@@ -254,20 +259,26 @@ def quantize_layer(
     lloyd_iters: int,
     factor: HessianFactor | None = None,
     fit_scales: bool = False,
+    keep_codes: bool = False,
 ) -> LayerQuant:
-    """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring)."""
+    """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring); with a
+    Hessian factor and `keep_codes`, also the error-feedback codes of every width."""
     absmax = _prepare(weight, bit_choices, group_size)
     groups, levels, errors = {}, {}, []
     for bits in bit_choices:
         groups[bits], levels[bits], err = fit_width(weight, x2, bits, codebook, lloyd_iters, group_size, absmax, fit_scales)
         errors.append(err)
     lq = LayerQuant(tuple(bit_choices), group_size, fit_scales, groups, levels, None)
-    error = torch.stack(errors, 1) if factor is None else _feedback_error(weight, lq, factor)
-    return dataclasses.replace(lq, error=error)
+    if factor is None:
+        return dataclasses.replace(lq, error=torch.stack(errors, 1))
+    error, codes = _feedback_error(weight, lq, factor)
+    kept = {b: codes[j].to(torch.uint8) for j, b in enumerate(bit_choices)} if keep_codes else None
+    return dataclasses.replace(lq, error=error, codes=kept)
 
 
-def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> Tensor:
-    """Output error [N, widths] after error-feedback rounding at every width, in one pass over the columns.
+def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> tuple[Tensor, Tensor]:
+    """Output error [N, widths] after error-feedback rounding at every width, in one pass over the columns,
+    and the codes [widths, N, K] (a code past 2^b - 1 points at a copy of the top level).
 
     Rows are rounded independently, so the widths are stacked as one tall matrix; each width's levels are
     padded to 16 by repeating its top level, which rounds to the same values (only the codes would differ).
@@ -276,16 +287,19 @@ def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> Te
     stacked = torch.cat([_padded(lv) for lv in levels.values()])
     tall_absmax = torch.cat([_element_scale(lq.groups[b], lq.group_size, weight.shape[1]) for b in levels])
     tall_weight = weight.float().repeat(len(levels), 1)
-    rounded = tall_absmax * torch.gather(stacked, 1, gptq_codes(tall_weight, tall_absmax, stacked, factor))
-    return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t()
+    codes = gptq_codes(tall_weight, tall_absmax, stacked, factor)
+    rounded = tall_absmax * torch.gather(stacked, 1, codes)
+    widths = torch.tensor([2**b - 1 for b in levels], device=codes.device)
+    codes = torch.minimum(codes.view(len(levels), n, -1), widths[:, None, None])
+    return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t(), codes
 
 
 def assemble(
     lq: LayerQuant, weight: Tensor, bits_per_row: Tensor, factor: HessianFactor | None = None, refit_rounds: int = 0
 ) -> PackedWeight:
     """Pack `weight` with each row at its planned width, using the levels and group scales found by
-    `quantize_layer` (with a Hessian factor, refitted to the error-feedback codes `refit_rounds` times; the
-    scales only where they were fitted)."""
+    `quantize_layer` (with a Hessian factor, rounded with error feedback, or the codes `lq` kept of that
+    rounding; then refitted to those codes `refit_rounds` times, the scales only where they were fitted)."""
     n, k = weight.shape
     bits_per_row = bits_per_row.to(weight.device)
     unplanned = set(bits_per_row.unique().tolist()) - set(lq.bit_choices)
@@ -299,8 +313,13 @@ def assemble(
         for whole, part in zip(groups, lq.groups[bits]):
             whole[rows] = part[rows]
     # every width in one rounding pass: the column loop of error feedback costs the same for a few rows
-    v, scale = _normalise(weight, lq.group_size, groups)
-    codes = _assign(v, levels) if factor is None else gptq_codes(weight, scale, levels, factor)
+    if factor is not None and lq.codes is not None:
+        codes = torch.empty(n, k, dtype=torch.long, device=weight.device)
+        for bits, rows in rows_of.items():
+            codes[rows] = lq.codes[bits].to(weight.device)[rows].long()
+    else:
+        v, scale = _normalise(weight, lq.group_size, groups)
+        codes = _assign(v, levels) if factor is None else gptq_codes(weight, scale, levels, factor)
     codes = torch.minimum(codes, 2 ** bits_per_row[:, None] - 1)
     for bits, rows in rows_of.items() if factor is not None and refit_rounds else ():
         row_groups = tuple(t[rows] for t in groups)

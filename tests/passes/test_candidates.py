@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,9 +22,9 @@ def _layer(seed: int = 0):
 def _calls(monkeypatch) -> list:
     calls = []
 
-    def counted(weight, choices, *args):
+    def counted(weight, choices, *args, **kwargs):
         calls.append(choices)
-        return quantize_layer(weight, choices, *args)
+        return quantize_layer(weight, choices, *args, **kwargs)
 
     monkeypatch.setattr(candidates, "quantize_layer", counted)
     return calls
@@ -118,3 +120,26 @@ def test_compiling_again_at_another_budget_plans_from_the_saved_candidates(tmp_p
     for a, b in zip(_packed(cached), _packed(fresh), strict=True):
         assert a.rows_per_width() == b.rows_per_width()
         assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+
+
+def test_saved_error_feedback_codes_are_read_back_instead_of_rounding_again(tmp_path, monkeypatch):
+    from lowra_compile.passes import quantize
+
+    w, x2, factor = _layer()
+    args = (GROUP, "lloyd", x2, 6, factor, True)
+    candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
+    loaded = candidates.quantize_layer_cached(tmp_path, w, (2, 3), *args)
+    direct = quantize_layer(w, (2, 3), *args, keep_codes=True)
+    assert set(loaded.codes) == {2, 3}
+    for bits in (2, 3):
+        assert torch.equal(loaded.codes[bits], direct.codes[bits])
+    rounded = []
+    monkeypatch.setattr(quantize, "gptq_codes", lambda *a: rounded.append(a) or pytest.fail("rounded again"))
+    bits = torch.tensor([2, 3] * 12)
+    packed = quantize.assemble(loaded, w, bits, factor)
+    monkeypatch.undo()
+    expected = quantize.assemble(dataclasses.replace(direct, codes=None), w, bits, factor)
+    assert not rounded
+    assert all(torch.equal(a, b) for a, b in zip(packed.tensors(), expected.tensors(), strict=True))
+    nearest = candidates.quantize_layer_cached(tmp_path, w, (2,), GROUP, "lloyd", x2, 6, None, True)
+    assert nearest.codes is None  # nearest rounding is cheap: nothing saved, nothing read

@@ -14,11 +14,11 @@ def _spy(monkeypatch):
     seen = {"choices": [], "x2": [], "errors": [], "factors": []}
     quantize_layer, plan_bits = candidates.quantize_layer, pipeline.plan_bits
 
-    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales):
+    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales, **kwargs):
         seen["choices"].append(choices)
         seen["x2"].append(x2)
         seen["factors"].append(factor)
-        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales)
+        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales, **kwargs)
 
     def plan_spy(errors, in_features, choices, budget):
         seen["errors"] = errors

@@ -136,3 +136,21 @@ def test_mixed_widths_pack_each_row_as_rounding_it_on_its_own_levels(rounding, f
         levels = lq.levels[b][rows]
         codes = _assign(v, levels) if factor is None else gptq_codes(w[rows], scale, levels, factor)
         torch.testing.assert_close(mixed[rows], scale * torch.gather(levels, 1, codes), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("refit_rounds", [0, 1])
+def test_kept_error_feedback_codes_pack_as_rounding_again(refit_rounds):
+    # the codes of the one pass that measured every width's error, read back for the planned rows, must
+    # pack the weight as rounding those rows again does
+    w, x2 = _layer(n=40, k=136)
+    x = torch.randn(400, 136, generator=torch.Generator().manual_seed(3)) @ (torch.eye(136) + 0.1)
+    factor = hessian_factor(x.t() @ x / 400, 0.1)
+    kept = quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, factor, True, keep_codes=True)
+    again = quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, factor, True)
+    assert again.codes is None and set(kept.codes) == set(CHOICES)
+    assert all(kept.codes[b].dtype == torch.uint8 and int(kept.codes[b].max()) < 2**b for b in CHOICES)
+    bits = torch.arange(40) % 4 + 1
+    packed = assemble(kept, w, bits, factor, refit_rounds).tensors()
+    for a, b in zip(packed, assemble(again, w, bits, factor, refit_rounds).tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, None, True, keep_codes=True).codes is None  # nearest
