@@ -141,10 +141,12 @@ def measure(base, options, data: dict, args) -> dict:
             raise RuntimeError(f"the lowra backend quantized no layer for options {options}")
         row.update({k: rep.summary()[k] for k in ("code_bits", "effective_bits", "channels_per_bits")})
         row["stage_s"] = rep.summary()["seconds"]  # where quantize_s went: calibrate, quantize, plan, pack, loftq
-    # Evaluated on the model's eager forward: its frozen weights are the backend's packed ones
-    # (passes/release.py sends F.linear to lowra.lora_linear), so the perplexity is bit for bit the compiled
-    # model's, without a second Dynamo trace for no_grad (35-45 s a point on 2 cores, measured 2026-11-30).
-    evaluated = getattr(model, "_orig_mod", model)
+    # With inner="eager" (the CPU grid) the compiled graph runs the same ops as the model's eager forward,
+    # whose frozen weights are the backend's packed ones (passes/release.py sends F.linear to
+    # lowra.lora_linear): the perplexity is bit for bit the compiled model's, without a second Dynamo trace
+    # for no_grad (35-45 s a point on 2 cores, measured 2026-11-30). Inductor's fused glue ops round bf16
+    # differently from eager ones, so the GPU grid evaluates the compiled model, as its earlier points did.
+    evaluated = getattr(model, "_orig_mod", model) if args.inner == "eager" else model
     row["before"] = {c: perplexity(evaluated, w, args.eval_batch) for c, w in data["heldout"].items()}
     t0 = time.perf_counter()
     row["losses"] = finetune(model, data["batches"], lr=args.lr, seed=args.seed)
