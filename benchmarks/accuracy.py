@@ -9,7 +9,7 @@ quantization and again after the same LoRA fine-tune (same steps, seeds, data, r
     nf    QLoRA-style NormalFloat levels, one fixed width per layer, 64-blocks, double-quantized absmax
     rtn   plain round-to-nearest on a uniform grid, otherwise the same as nf
 
-    python benchmarks/accuracy.py --reduced     # CPU: 13 points, 59-72 min on 2 cores (docs/accuracy.md)
+    python benchmarks/accuracy.py --reduced     # CPU: 13 points, 57-59 min on 2 cores (docs/accuracy.md)
     python benchmarks/accuracy.py               # the full grid (GPU)
     python benchmarks/accuracy.py --methods lowra,nf --bits 2.0   # a slice, merged into the same JSON
     python benchmarks/accuracy.py --reduced --bits 4.0,2.5        # a slice of the full grid, reduced settings
