@@ -272,13 +272,14 @@ def quantize_layer(
     if factor is None:
         return dataclasses.replace(lq, error=torch.stack(errors, 1))
     error, codes = _feedback_error(weight, lq, factor)
-    kept = {b: codes[j].to(torch.uint8) for j, b in enumerate(bit_choices)} if keep_codes else None
+    # a code past 2^b - 1 points at a copy of the top level (_padded): clamped, it is the same value
+    kept = {b: codes[j].clamp_max(2**b - 1).to(torch.uint8) for j, b in enumerate(bit_choices)} if keep_codes else None
     return dataclasses.replace(lq, error=error, codes=kept)
 
 
 def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> tuple[Tensor, Tensor]:
     """Output error [N, widths] after error-feedback rounding at every width, in one pass over the columns,
-    and the codes [widths, N, K] (a code past 2^b - 1 points at a copy of the top level).
+    and the codes [widths, N, K] (int64; a code past 2^b - 1 points at a copy of the top level).
 
     Rows are rounded independently, so the widths are stacked as one tall matrix; each width's levels are
     padded to 16 by repeating its top level, which rounds to the same values (only the codes would differ).
@@ -289,9 +290,7 @@ def _feedback_error(weight: Tensor, lq: LayerQuant, factor: HessianFactor) -> tu
     tall_weight = weight.float().repeat(len(levels), 1)
     codes = gptq_codes(tall_weight, tall_absmax, stacked, factor)
     rounded = tall_absmax * torch.gather(stacked, 1, codes)
-    widths = torch.tensor([2**b - 1 for b in levels], device=codes.device)
-    codes = torch.minimum(codes.view(len(levels), n, -1), widths[:, None, None])
-    return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t(), codes
+    return output_error(tall_weight - rounded, factor.gram).view(len(levels), n).t(), codes.view(len(levels), n, -1)
 
 
 def assemble(
@@ -312,12 +311,11 @@ def assemble(
         levels[rows] = _padded(lq.levels[bits][rows])
         for whole, part in zip(groups, lq.groups[bits]):
             whole[rows] = part[rows]
-    # every width in one rounding pass: the column loop of error feedback costs the same for a few rows
-    if factor is not None and lq.codes is not None:
+    if factor is not None and lq.codes is not None:  # the quantize stage's error-feedback codes
         codes = torch.empty(n, k, dtype=torch.long, device=weight.device)
         for bits, rows in rows_of.items():
             codes[rows] = lq.codes[bits].to(weight.device)[rows].long()
-    else:
+    else:  # every width in one rounding pass: the column loop of error feedback costs the same for a few rows
         v, scale = _normalise(weight, lq.group_size, groups)
         codes = _assign(v, levels) if factor is None else gptq_codes(weight, scale, levels, factor)
     codes = torch.minimum(codes, 2 ** bits_per_row[:, None] - 1)
