@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from lowra_compile.passes import candidates, release
+from lowra_compile.passes import candidates, quantize, release
 from lowra_compile.passes.gptq import damping, hessian_factor
 from lowra_compile.passes.quantize import quantize_layer
 
@@ -123,8 +123,6 @@ def test_compiling_again_at_another_budget_plans_from_the_saved_candidates(tmp_p
 
 
 def test_saved_error_feedback_codes_are_read_back_instead_of_rounding_again(tmp_path, monkeypatch):
-    from lowra_compile.passes import quantize
-
     w, x2, factor = _layer()
     args = (GROUP, "lloyd", x2, 6, factor, True)
     candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
