@@ -347,6 +347,49 @@ def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch
     torch.testing.assert_close(got, want)
 
 
+def _packed_tensors(model) -> list[torch.Tensor]:
+    return [t for p in model.parameters() if isinstance(p, ReleasedWeight) for t in p._lowra_packed]
+
+
+def test_quantize_ahead_calibrates_on_every_batch_of_a_list(monkeypatch):
+    # More tokens than fit in one batch: the batches run one at a time and their statistics add up.
+    seen = []
+    calibrate = lowra_compile.passes.pipeline.calibrate
+    monkeypatch.setattr(lowra_compile.passes.pipeline, "calibrate",
+                        lambda *a, **k: seen.append((k["more_inputs"], s := calibrate(*a, **k))) or s)
+    batches = [batch(16, size=2, seed=s) for s in range(3)]
+    model = lowra_compile.quantize_(tiny_peft_llama(), batches, {"progress": False})
+    (more, stats), = seen
+    assert len(more) == 2 and [any(v is b["input_ids"] for v in run) for run, b in zip(more, batches[1:])] == [True, True]
+    assert all(s.tokens == 3 * 2 * 16 for s in stats)
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+
+    # the same batch twice sums to the same means (nearest rounding: no damping by token count), so the same model
+    options = {"progress": False, "rounding": "nearest"}
+    once = lowra_compile.quantize_(tiny_peft_llama(), batches[0], options)
+    twice = lowra_compile.quantize_(tiny_peft_llama(), [batches[0], batches[0]], options)
+    for a, b in zip(_packed_tensors(once), _packed_tensors(twice), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "other, error",
+    [
+        ({"input_ids": torch.zeros(2, 8, dtype=torch.long)}, r"batch 1 has kwargs \['input_ids'\], the first \['input_ids', 'labels', 'use_cache'\]"),
+        ({**batch(8), "input_ids": torch.zeros(2, 9, dtype=torch.long)}, r"batch 1's 'input_ids' is \(2, 9\) torch.int64 on cpu, the first batch's \(2, 8\)"),
+        ({**batch(8), "use_cache": True}, r"batch 1's 'use_cache' is True, the first batch's False"),
+        ({**batch(8), "labels": torch.zeros(2, 8, dtype=torch.long)}, r"batch 1's 'labels' differs from its 'input_ids'"),
+    ],
+)
+def test_quantize_ahead_names_the_calibration_batch_that_does_not_match(other, error):
+    model = tiny_peft_llama()
+    with pytest.raises(ValueError, match=error):
+        lowra_compile.quantize_(model, [batch(8), other])
+    assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())  # checked before any work
+    with pytest.raises(ValueError, match="at least one example batch"):
+        lowra_compile.quantize_(model, [])
+
+
 def test_merge_folds_adapters_into_the_dequantized_base():
     model = tiny_peft_llama()
     compiled = _compile(model)

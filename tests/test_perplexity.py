@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowra_compile.finetune import finetune, training_batches
+from lowra_compile.finetune import finetune, quantize_on, training_batches
 from lowra_compile.perplexity import perplexity
 
 from .tiny_models import VOCAB, tiny_llama, tiny_peft_llama
@@ -87,6 +87,21 @@ def test_finetune_trains_only_lora_and_loss_falls():
     assert len(losses) == 15 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.5
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_quantize_on_calibrates_on_every_batch_it_is_given(monkeypatch):
+    import lowra_compile.passes.pipeline as pipeline
+
+    tokens = []
+    calibrate = pipeline.calibrate
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: tokens.append((s := calibrate(*a, **k))[0].tokens) or s)
+    batches = _windows().split(2)[:3]
+    quantize_on(torch.compile(tiny_peft_llama(), backend="lowra", options={"progress": False}), batches)
+    torch._dynamo.reset()
+    assert tokens == [3 * 2 * 32]
+    quantize_on(torch.compile(tiny_peft_llama(), backend="lowra", options={"progress": False}), batches[0])
+    torch._dynamo.reset()
+    assert tokens[1:] == [2 * 32]
 
 
 def _accuracy_module():

@@ -15,7 +15,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from ..config import LowRAConfig
-from .calibrate import SiteStats, calibrate
+from .calibrate import SiteStats, calibrate, more_inputs
 from .candidates import quantize_layer_cached
 from .gptq import HessianFactor, LatestFactor
 from .loftq import loftq_init
@@ -48,7 +48,8 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
     if config.calibrate == "off":
         return [None] * len(sites)
     stats = calibrate(
-        gm, sites, example_inputs, use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq"
+        gm, sites, example_inputs, use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq",
+        more_inputs=more_inputs(example_inputs),
     )
     if config.calibrate == "fisher":
         missing = [sites[i].name for i in new if stats[i].g2 is None]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowra_compile.passes.calibrate import calibrate
+from lowra_compile.passes.calibrate import calibrate, more_batches, more_inputs
 from lowra_compile.passes.match import match_sites
 
 from ..tiny_models import capture_graph
@@ -70,3 +70,46 @@ def test_second_moment_matrices_of_a_gpu_model_wait_in_host_memory():
     assert stats[0].gram.device.type == "cpu" and stats[0].x2.is_cuda
     flat = x.reshape(-1, 8)
     torch.testing.assert_close(stats[0].gram, (flat.t() @ flat / 15).cpu())
+
+
+def test_more_batches_add_up_to_statistics_over_all_their_tokens():
+    model = TwoLayers()
+    (x1, t1), (x2, t2) = [(torch.randn(3, 5, 8), torch.randn(3, 5, 4)) for _ in range(2)]
+    gm, inputs = capture_graph(model, x1, t1)
+    sites = match_sites(gm)
+    second = [x2 if v is x1 else t2 if v is t1 else v for v in inputs]
+    both = calibrate(gm, sites, inputs, gram=True, more_inputs=[second])
+    one, two = calibrate(gm, sites, inputs, gram=True), calibrate(gm, sites, second, gram=True)
+
+    flat = torch.cat([x1, x2]).reshape(-1, 8)
+    torch.testing.assert_close(both[0].x2, (flat**2).mean(0))
+    torch.testing.assert_close(both[0].gram, flat.t() @ flat / 30)
+    assert [s.tokens for s in both] == [30, 30]
+    for b, o, t in zip(both, one, two):
+        torch.testing.assert_close(b.x2, (o.x2 + t.x2) / 2)
+        # each batch's loss is a mean over its own tokens: its E[g^2] is averaged per batch
+        torch.testing.assert_close(b.g2, (o.g2 + t.g2) / 2)
+    assert not torch.allclose(both[0].x2, one[0].x2)
+
+
+def test_further_batches_replace_the_first_batch_among_the_graph_inputs():
+    model, x, target = TwoLayers(), torch.randn(3, 5, 8), torch.randn(3, 5, 4)
+    gm, inputs = capture_graph(model, x, target)
+    assert more_inputs(inputs) == []  # none given
+    others = [{"x": torch.randn(3, 5, 8), "target": torch.randn(3, 5, 4)} for _ in range(2)]
+    with more_batches({"x": x, "target": target}, others):
+        runs = more_inputs(inputs)
+    assert len(runs) == 2
+    for run, other in zip(runs, others):
+        assert len(run) == len(inputs)
+        assert any(v is other["x"] for v in run) and any(v is other["target"] for v in run)
+        assert not any(v is x or v is target for v in run)
+        assert all(v is w for v, w in zip(run, inputs) if not any(w is t for t in (x, target)))  # parameters kept
+
+
+def test_a_graph_not_fed_by_the_batch_warns_and_calibrates_on_the_first_batch_only():
+    model, hidden = TwoLayers(), torch.randn(3, 8)
+    gm, inputs = capture_graph(model, hidden)  # as a graph after a graph break: activations, not the batch
+    with more_batches({"input_ids": torch.zeros(3, 4)}, [{"input_ids": torch.ones(3, 4)}]):
+        with pytest.warns(UserWarning, match="does not take the calibration batch"):
+            assert more_inputs(inputs) == []
