@@ -364,6 +364,15 @@ def test_quantize_ahead_calibrates_on_every_batch_of_a_list(monkeypatch):
     assert all(s.tokens == 3 * 2 * 16 for s in stats)
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
 
+    # layers inside checkpointed regions (recorded by a nested interpreter) add up over the batches too
+    seen.clear()
+    checkpointed = tiny_peft_llama()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.disable_input_require_grads()
+    lowra_compile.quantize_(checkpointed, batches, {"progress": False})
+    (_, stats), = seen
+    assert len(stats) == 14 and all(s.tokens == 3 * 2 * 16 and s.g2 is not None for s in stats)
+
     # the same batch twice sums to the same means (nearest rounding: no damping by token count), so the same model
     options = {"progress": False, "rounding": "nearest"}
     once = lowra_compile.quantize_(tiny_peft_llama(), batches[0], options)
