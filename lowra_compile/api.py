@@ -60,9 +60,12 @@ def _check_batches(batches: list) -> None:
             else:
                 same = other == value
             if not same:
-                show = (lambda v: f"{tuple(v.shape)} {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else repr(v))
-                raise ValueError(f"lowra: calibration batch {b}'s {name!r} is {show(other)}, the first batch's "
-                                 f"{show(value)}; every batch must match the first (split the data into equal batches)")
+                raise ValueError(f"lowra: calibration batch {b}'s {name!r} is {_show(other)}, the first batch's "
+                                 f"{_show(value)}; every batch must match the first (split the data into equal batches)")
+
+
+def _show(value: Any) -> str:
+    return f"{tuple(value.shape)} {value.dtype} on {value.device}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def materialize(model: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,8 @@ def quantize_on(model: torch.nn.Module, batches: torch.Tensor | Sequence[torch.T
     The backend quantizes on that first call; a call that returns a loss lets it weigh errors by the loss
     gradient (the Fisher criterion), so they should be training batches.
     """
-    calls = [{"input_ids": b, "labels": b, "use_cache": False} for b in ([batches] if torch.is_tensor(batches) else batches)]
+    batches = [batches] if torch.is_tensor(batches) else batches
+    calls = [{"input_ids": b, "labels": b, "use_cache": False} for b in batches]
     model.train()
     with more_batches(calls[0], calls[1:]):
         model(**calls[0])  # output dropped: only the quantization side effect is wanted

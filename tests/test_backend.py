@@ -384,8 +384,10 @@ def test_quantize_ahead_calibrates_on_every_batch_of_a_list(monkeypatch):
 @pytest.mark.parametrize(
     "other, error",
     [
-        ({"input_ids": torch.zeros(2, 8, dtype=torch.long)}, r"batch 1 has kwargs \['input_ids'\], the first \['input_ids', 'labels', 'use_cache'\]"),
-        ({**batch(8), "input_ids": torch.zeros(2, 9, dtype=torch.long)}, r"batch 1's 'input_ids' is \(2, 9\) torch.int64 on cpu, the first batch's \(2, 8\)"),
+        ({"input_ids": torch.zeros(2, 8, dtype=torch.long)},
+         r"batch 1 has kwargs \['input_ids'\], the first \['input_ids', 'labels', 'use_cache'\]"),
+        ({**batch(8), "input_ids": torch.zeros(2, 9, dtype=torch.long)},
+         r"batch 1's 'input_ids' is \(2, 9\) torch.int64 on cpu, the first batch's \(2, 8\)"),
         ({**batch(8), "use_cache": True}, r"batch 1's 'use_cache' is True, the first batch's False"),
         ({**batch(8), "labels": torch.zeros(2, 8, dtype=torch.long)}, r"batch 1's 'labels' differs from its 'input_ids'"),
     ],
