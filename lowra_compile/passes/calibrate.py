@@ -62,9 +62,10 @@ def more_batches(first: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) 
 def more_inputs(example_inputs: list) -> list[list]:
     """The graph's inputs for each further calibration batch (see `more_batches`): `example_inputs` with
     every tensor of the first batch replaced by the other batch's tensor of the same name."""
-    if _batches.get() is None:
+    batches = _batches.get()
+    if batches is None:
         return []
-    first, others = _batches.get()
+    first, others = batches
     slots = {}  # position among the graph inputs -> kwarg name
     for j, value in enumerate(example_inputs):
         name = next((k for k, t in first.items() if isinstance(t, Tensor) and t is value), None)
@@ -95,6 +96,7 @@ class _Sums:
         self.tokens: dict[int, int] = {}  # rows summed, per site
         self.g2: dict[int, Tensor] = {}  # sum over batches of each batch's E[(dL/dy)^2], per site
         self.grams: dict[fx.Node, Tensor] = {}  # sum of x x^T over rows, per input node, on the CPU
+        self.gram_tokens: dict[fx.Node, int] = {}  # rows summed into each of those
         self.gram_node: dict[int, fx.Node] = {}  # the input node each site reads
 
 
@@ -137,6 +139,7 @@ class _Recorder(fx.Interpreter):
             if self.want_gram:
                 if x not in self._gram_added:
                     _add(self.sums.grams, x, (rows.t() @ rows).cpu())  # moved back per layer
+                    self.sums.gram_tokens[x] = self.sums.gram_tokens.get(x, 0) + len(rows)
                     self._gram_added.add(x)
                 self.sums.gram_node[i] = x
         if n in self.outputs and self.want_grad and isinstance(result, Tensor) and torch.is_grad_enabled():
@@ -188,7 +191,7 @@ def calibrate(
         _record(gm, sites, sums, inputs, use_loss, gram)
     batches = 1 + len(more_inputs)
     for node, total in sums.grams.items():
-        total /= sums.tokens[next(i for i, x in sums.gram_node.items() if x is node)]
+        total /= sums.gram_tokens[node]
     return [
         SiteStats(
             sums.x2[i] / sums.tokens[i],
