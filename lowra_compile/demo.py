@@ -1,7 +1,8 @@
 """`lowra demo`: 2-bit LoRA fine-tuning of SmolLM2-135M on the King James Bible, on whatever device is here.
 
 Loads the packaged SmolLM2, wraps it with PEFT LoRA on every attention and MLP projection, compiles it
-with `backend="lowra"` at the requested bit budget and fine-tunes it on the training split with an
+with `backend="lowra"` at the requested bit budget, calibrates it on the first few training batches
+(`quantize_on` with a list: one batch at a time) and fine-tunes it on the training split with an
 ordinary loop. Prints held-out perplexity of the unquantized model, of the quantized model before
 fine-tuning (LoftQ-initialised adapters included) and after, then the kernel report. The defaults fit in
 well under 15 minutes on 2 CPU cores.
@@ -25,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=256, help="tokens per window (training and evaluation)")
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--calib-batches", type=int, default=4,
+        help="training batches the backend calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
+    )
     parser.add_argument("--inner", default="eager", help="compiler run on the rewritten graph (inductor compiles slowly on CPU)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -46,6 +51,8 @@ def run(args: argparse.Namespace) -> None:
     from .smollm import load_smollm2
     from .texts import load_split, split_text, token_windows
 
+    if not 1 <= args.calib_batches <= args.steps:
+        raise SystemExit(f"lowra demo: --calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
     split = load_split("kjv", seed=args.seed)
@@ -60,8 +67,10 @@ def run(args: argparse.Namespace) -> None:
 
     compiled = torch.compile(model, backend="lowra", options={"bits": args.bits, "inner": args.inner})
     t0 = time.perf_counter()
-    quantize_on(compiled, batches[0])
-    print(f"quantized to {args.bits} bits on the first batch in {time.perf_counter() - t0:.0f} s")
+    calib = batches[: args.calib_batches]
+    quantize_on(compiled, calib)
+    tokens = sum(b.numel() for b in calib)
+    print(f"quantized to {args.bits} bits, calibrated on {tokens} tokens, in {time.perf_counter() - t0:.0f} s")
     ppl["quantized"] = perplexity(compiled, heldout, desc="perplexity, quantized")
     print(f"held-out perplexity, {args.bits}-bit before fine-tuning: {ppl['quantized']:.2f}")
 
