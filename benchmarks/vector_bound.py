@@ -10,7 +10,7 @@ measures what they can buy before building a format and kernels for them, on the
 (lowra weights it by E[x^2] per input channel, the same for every quantizer compared):
 
 - `scalar, per row`: lowra's codebooks, 2^R Lloyd-Max levels per output row (12 iterations);
-- `scalar, per layer`: one set of 2^R levels for the whole layer;
+- `scalar, per layer`: one set of 2^R Lloyd-Max levels for the whole layer (lowra's fit on one row);
 - `vector d=2` and `vector d=4`: one k-means codebook of 2^(R d) centroids per layer on runs of d
   consecutive weights of a row, started from the per-layer scalar codebook's product (so never worse
   than it), 20 iterations;
@@ -23,7 +23,7 @@ measures what they can buy before building a format and kernels for them, on the
 
 The same in lowra's own metric, each weight's squared error times absmax^2 * E[x^2] of its group and
 input channel (E[x^2] from the reduced grid's calibration batch, 1,024 KJV tokens): `scalar, per row,
-weighted` is lowra's codebooks fitted to it, and `Shannon lower bound, weighted` the bound for codes
+weighted` is lowra's codebooks fitted to it, `scalar, per layer, weighted` one such codebook per layer, and `Shannon lower bound, weighted` the bound for codes
 that know those weights, K * 2^(2 h) / (2 pi e) * 2^(-2 R) * (row mean square) * (geometric mean of the
 row's weights) per row: with weights that differ, an ideal code spends more of a row's bits where they
 are large, which one scalar codebook per row cannot; its equivalent bits are against the weighted
@@ -92,7 +92,7 @@ def kmeans(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.T
 
 def vector_error(v: torch.Tensor, dim: int, bits: int) -> float:
     """k-means error of runs of `dim` weights, 2^(bits * dim) centroids, started from the product of the
-    per-layer scalar Lloyd-Max levels (dim 1: the per-layer scalar codebook itself)."""
+    per-layer scalar Lloyd-Max levels ."""
     levels = kmeans(v.reshape(-1, 1), torch.linspace(-1, 1, 2**bits)[:, None], KMEANS_ITERS).squeeze(1)
     points = v.reshape(-1, dim)
     start = torch.cartesian_prod(*[levels] * dim).reshape(-1, dim)
@@ -147,9 +147,10 @@ def main() -> None:
         n, plain, weighted = v.shape[0], torch.ones_like(v), absmax.square() * grams[name].diagonal()[None, :]
         for bits in SCALAR_BITS:
             add("scalar, per row", bits, scalar_per_row(v, plain, bits), n * 2**bits)
-            add("scalar, per layer", bits, vector_error(v, 1, bits), 2**bits)
+            add("scalar, per layer", bits, scalar_per_row(v.reshape(1, -1), plain.reshape(1, -1), bits), 2**bits)
             add("Shannon lower bound", bits, shannon_bound(v, plain, bits), 0)
             add("scalar, per row, weighted", bits, scalar_per_row(v, weighted, bits), n * 2**bits)
+            add("scalar, per layer, weighted", bits, scalar_per_row(v.reshape(1, -1), weighted.reshape(1, -1), bits), 2**bits)
             add("Shannon lower bound, weighted", bits, shannon_bound(v, weighted, bits), 0)
         for dim, rates in VECTORS.items():
             for bits in rates:
