@@ -11,21 +11,27 @@ layers together, so a row may take 4 bits on its hot columns and 1 on the rest.
 
 Measured as `rotation.py` measures (calibration on the reduced grid's 1,024 KJV tokens, fitted scales,
 error-feedback rounding, the Fisher plan; quantized model only, no LoRA, no LoftQ; held-out perplexity
-on 8 KJV and 8 Austen windows) at f = 0 (today's format), 1/8 and 1/4. Splitting loses error feedback
+on 8 KJV and 8 Austen windows) at f = 0 (today's format), 1/8 and 1/4; then, on the dequantized
+weights, the reduced grid's LoRA fine-tune (rank 16, 10 steps of 2 windows, lr 1e-3, adapters from
+zero: no LoftQ for any f) and the same held-out perplexity again. Splitting loses error feedback
 between the two sets (each is rounded on its own block of E[x x^T]); a format built on it would keep
 one codebook per row and part, which `codebook_bits_per_weight` counts (fp16 levels).
 
-    python benchmarks/column_split.py      # CPU, about 15 minutes
+    python benchmarks/column_split.py      # CPU, about 35 minutes
 
 Results go to benchmarks/results/column_split_cpu_<date>.json.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from tqdm.auto import tqdm
 
 from gptq_damping import write_layer_study
+from lowra_compile.demo import lora_model
+from lowra_compile.finetune import finetune, training_batches
 from lowra_compile.passes.gptq import damping, hessian_factor
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
@@ -36,6 +42,7 @@ from rotation import calibrated_smollm2
 BITS, GROUP = (1, 2, 3, 4), 64
 FRACTIONS = {"one set": 0.0, "hot 1/8": 1 / 8, "hot 1/4": 1 / 4}
 BUDGETS = (2.5, 2.0)
+STEPS, RANK = 10, 16
 
 
 def column_sets(x2: torch.Tensor, fraction: float) -> list[torch.Tensor]:
@@ -48,8 +55,16 @@ def column_sets(x2: torch.Tensor, fraction: float) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    model, linears, held, batch, grams, g2, dense = calibrated_smollm2()
-    results = {"unquantized": {c: perplexity(model, w) for c, w in held.items()}}
+    model, linears, train, held, batch, grams, g2, dense = calibrated_smollm2()
+    batches = training_batches(train, STEPS, 2)  # the reduced grid's fine-tune; its first batch is `batch`
+
+    def finetuned(model: torch.nn.Module) -> dict:
+        """Held-out perplexity and losses after the reduced grid's LoRA fine-tune of a copy of `model`."""
+        tuned = lora_model(copy.deepcopy(model), RANK)
+        losses = finetune(tuned, batches, lr=1e-3)
+        return {"after_finetune": {c: perplexity(tuned, w) for c, w in held.items()}, "losses": losses}
+
+    results = {"unquantized": {c: perplexity(model, w) for c, w in held.items()} | finetuned(model)}
     for label, fraction in FRACTIONS.items():
         parts = []  # (layer name, its input channels, weight, factor, candidates)
         for name in tqdm(linears, desc=f"quantize, {label}"):
@@ -68,7 +83,7 @@ def main() -> None:
             ppl = {c: perplexity(model, w) for c, w in held.items()}
             hot = [(rows.float().sum() * len(cols)).item() for (_, cols, *_), rows in zip(parts, plan)][:: 2 if fraction else 1]
             hot_weights = [len(rows) * len(cols) for (_, cols, *_), rows in zip(parts, plan)][:: 2 if fraction else 1]
-            results[f"{label}, plan at {budget} bits"] = ppl | {
+            results[f"{label}, plan at {budget} bits"] = ppl | finetuned(model) | {
                 "channels_at_1_2_3_4_bits": torch.cat(plan).bincount(minlength=5)[1:].tolist(),
                 "mean_code_bits_of_hot_set": sum(hot) / sum(hot_weights),
                 "codebook_bits_per_weight": codebook_bits / sum(w.numel() for w in dense.values()),

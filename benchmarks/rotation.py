@@ -68,8 +68,9 @@ def moments(model, linears: dict, batch: torch.Tensor) -> tuple[dict, dict]:
 
 
 def calibrated_smollm2() -> tuple:
-    """SmolLM2 in eval mode, its decoder linears, 8 + 8 held-out windows of KJV and Austen, the reduced grid's
-    calibration batch (2 KJV windows), E[x x^T] and E[g^2] of every linear on it, and the dense weights."""
+    """SmolLM2 in eval mode, its decoder linears, the KJV training windows, 8 + 8 held-out windows of KJV and
+    Austen, the reduced grid's calibration batch (its first training batch, 2 KJV windows), E[x x^T] and
+    E[g^2] of every linear on it, and the dense weights."""
     model, tokenizer = load_smollm2()
     model.eval().requires_grad_(False)
     train = token_windows(tokenizer, split_text(load_split("kjv")["train"]), 512)
@@ -78,11 +79,11 @@ def calibrated_smollm2() -> tuple:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     grams, g2 = moments(model, linears, batch)
     dense = {n: m.weight.detach().clone() for n, m in linears.items()}
-    return model, linears, held, batch, grams, g2, dense
+    return model, linears, train, held, batch, grams, g2, dense
 
 
 def main() -> None:
-    model, linears, held, batch, grams, g2, dense = calibrated_smollm2()
+    model, linears, _, held, batch, grams, g2, dense = calibrated_smollm2()
     results = {"unquantized": {c: perplexity(model, w) for c, w in held.items()}}
     for rotation, seed in ROTATIONS.items():
         candidates = {}

@@ -130,7 +130,7 @@ def equivalent_bits(error: float, scalar: dict[int, float]) -> float:
 
 
 def main() -> None:
-    _, _, _, _, grams, _, dense = calibrated_smollm2()
+    *_, grams, _, dense = calibrated_smollm2()
     weights = {name: dense[name].float() for name in LAYERS}
     totals: dict[str, dict[int, float]] = {}
     overhead: dict[str, dict[int, float]] = {}
