@@ -81,6 +81,7 @@ def main() -> None:
                 linears[name].weight.data = weight
             codebook_bits = sum((16 * 2.0**rows).sum().item() for rows in plan)
             ppl = {c: perplexity(model, w) for c, w in held.items()}
+            # parts alternate hot, cold per layer when split (column_sets); one set: every part
             hot = [(rows.float().sum() * len(cols)).item() for (_, cols, *_), rows in zip(parts, plan)][:: 2 if fraction else 1]
             hot_weights = [len(rows) * len(cols) for (_, cols, *_), rows in zip(parts, plan)][:: 2 if fraction else 1]
             results[f"{label}, plan at {budget} bits"] = ppl | finetuned(model) | {

@@ -6,8 +6,8 @@ lowra's own curve (2.5 -> 3.0 -> 4.0 bits) reaches NF 4-bit's remainder only at 
 quantizer would need about 1.1 bits of gain over lowra's per-channel scalar Lloyd-Max codebooks. Vector
 codebooks (one code per d weights, 2^(R d) centroids) are the one lever of that kind left untried. This
 measures what they can buy before building a format and kernels for them, on the 15 linears of
-`gptq_damping.py` (q, v, o, up and down projections of blocks 3, 15 and 27), each weight normalised by its 64-element group absmax (as lowra's codebooks see it), in plain squared error
-(lowra weights it by E[x^2] per input channel, the same for every quantizer compared):
+`gptq_damping.py` (q, v, o, up and down projections of blocks 3, 15 and 27), each weight normalised by
+its 64-element group absmax (as lowra's codebooks see it), in plain squared error:
 
 - `scalar, per row`: lowra's codebooks, 2^R Lloyd-Max levels per output row (12 iterations);
 - `scalar, per layer`: one set of 2^R Lloyd-Max levels for the whole layer (lowra's fit on one row);
@@ -23,8 +23,8 @@ measures what they can buy before building a format and kernels for them, on the
 
 The same in lowra's own metric, each weight's squared error times absmax^2 * E[x^2] of its group and
 input channel (E[x^2] from the reduced grid's calibration batch, 1,024 KJV tokens): `scalar, per row,
-weighted` is lowra's codebooks fitted to it, `scalar, per layer, weighted` one such codebook per layer, and `Shannon lower bound, weighted` the bound for codes
-that know those weights, K * 2^(2 h) / (2 pi e) * 2^(-2 R) * (row mean square) * (geometric mean of the
+weighted` is lowra's codebooks fitted to it, `scalar, per layer, weighted` one such codebook per layer,
+and `Shannon lower bound, weighted` the bound for codes that know those weights, K * 2^(2 h) / (2 pi e) * 2^(-2 R) * (row mean square) * (geometric mean of the
 row's weights) per row: with weights that differ, an ideal code spends more of a row's bits where they
 are large, which one scalar codebook per row cannot; its equivalent bits are against the weighted
 scalar codebooks.
@@ -33,7 +33,7 @@ Each method's error at rate R is turned into `equivalent bits`: the rate at whic
 codebooks reach the same total error (log error interpolated linearly between 1, 2, 3 and 4 bits).
 The gain is equivalent bits minus R. Codebook storage is reported as bits per weight beside it.
 
-    python benchmarks/vector_bound.py      # CPU, about 15 minutes
+    python benchmarks/vector_bound.py      # CPU, about 2 minutes
 
 Results go to benchmarks/results/vector_bound_<device>_<date>.json.
 """
@@ -43,14 +43,14 @@ from __future__ import annotations
 import datetime
 import json
 import math
+from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
 
 from bench_utils import RESULTS, device_name
 from gptq_damping import LAYERS
-from lowra_compile.passes.quantize import fit_levels, group_absmax
-from lowra_compile.runtime.format import dequantize_absmax
+from lowra_compile.passes.quantize import _normalise, fit_levels, group_absmax
 from rotation import calibrated_smollm2
 
 GROUP, SCALAR_BITS, KMEANS_ITERS, CHUNK = 64, (1, 2, 3, 4), 20, 65536
@@ -59,10 +59,8 @@ CODEBOOK_BITS = 16  # fp16 levels and centroids
 
 
 def normalised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W / group absmax, [N, K] in [-1, 1] (what lowra's codebooks are fitted to), and each element's absmax.
-    The absmax is double-quantized, so a group's largest weight may fall a rounding outside [-1, 1]."""
-    absmax = dequantize_absmax(*group_absmax(weight, GROUP)).repeat_interleave(GROUP, dim=1)[:, : weight.shape[1]]
-    return (weight / absmax.clamp_min(torch.finfo(torch.float32).tiny)).clamp(-1.0, 1.0), absmax
+    """W / group absmax, [N, K] in [-1, 1] (what lowra's codebooks are fitted to), and each element's absmax."""
+    return _normalise(weight, GROUP, group_absmax(weight, GROUP))
 
 
 def scalar_per_row(v: torch.Tensor, importance: torch.Tensor, bits: int) -> float:
@@ -92,7 +90,7 @@ def kmeans(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.T
 
 def vector_error(v: torch.Tensor, dim: int, bits: int) -> float:
     """k-means error of runs of `dim` weights, 2^(bits * dim) centroids, started from the product of the
-    per-layer scalar Lloyd-Max levels ."""
+    per-layer scalar Lloyd-Max levels."""
     levels = kmeans(v.reshape(-1, 1), torch.linspace(-1, 1, 2**bits)[:, None], KMEANS_ITERS).squeeze(1)
     points = v.reshape(-1, dim)
     start = torch.cartesian_prod(*[levels] * dim).reshape(-1, dim)
@@ -132,14 +130,12 @@ def equivalent_bits(error: float, scalar: dict[int, float]) -> float:
 def main() -> None:
     *_, grams, _, dense = calibrated_smollm2()
     weights = {name: dense[name].float() for name in LAYERS}
-    totals: dict[str, dict[int, float]] = {}
-    overhead: dict[str, dict[int, float]] = {}
+    totals: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    overhead: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     count = sum(w.numel() for w in weights.values())
 
     def add(method: str, bits: int, error: float, codebook_values: int) -> None:
-        totals.setdefault(method, {}).setdefault(bits, 0.0)
         totals[method][bits] += error
-        overhead.setdefault(method, {}).setdefault(bits, 0.0)
         overhead[method][bits] += codebook_values * CODEBOOK_BITS / count
 
     for name, weight in tqdm(weights.items(), desc="layers"):
