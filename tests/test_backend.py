@@ -436,3 +436,37 @@ def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
     loss.backward()
     assert math.isfinite(loss.item()) and all(p.grad is not None for p in _trainable(model))
     _compiled_matches_eager(model, compiled, data)
+
+
+def test_state_dict_gives_dequantized_cpu_copies_and_loads_only_the_same_values():
+    model = tiny_peft_llama()
+    compiled = _compile(model)
+    compiled(**batch(16)).loss.backward()
+    state = model.state_dict()
+    released = {n: p for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)}
+    assert len(released) == 14
+    for name, p in released.items():
+        value = state[name]
+        assert type(value) is torch.Tensor and value.device.type == "cpu" and value.untyped_storage().nbytes() > 0
+        torch.testing.assert_close(value, F.linear(torch.eye(p.shape[1]), p).T.contiguous())
+    model.load_state_dict(state)  # its own values: accepted, nothing changes
+    assert all(isinstance(p, ReleasedWeight) for p in released.values())
+
+    name = next(iter(released))
+    state[name] = state[name] + 0.1 * state[name].abs().mean()
+    with pytest.raises(RuntimeError, match=r"cannot write new values into a quantized frozen weight.*materialize"):
+        model.load_state_dict(state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_state_dict_of_a_gpu_model_never_holds_the_dense_base_on_the_gpu():
+    model = tiny_llama(layers=4, hidden=256).cuda().requires_grad_(False)
+    dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n)
+    with torch.no_grad():
+        _compile(model)(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(16).items()})
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    state = model.state_dict()
+    assert torch.cuda.max_memory_allocated() - before < dense_bytes / 4  # one layer at a time, not all of them
+    assert all(state[n].device.type == "cpu" for n, p in model.named_parameters() if isinstance(p, ReleasedWeight))

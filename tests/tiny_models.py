@@ -1,4 +1,4 @@
-"""Tiny randomly initialised Llama models, with and without PEFT LoRA adapters, and token batches."""
+"""Tiny randomly initialised Llama models (and other causal LMs), with and without PEFT LoRA adapters, and token batches."""
 
 import torch
 
@@ -22,6 +22,39 @@ def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, **lora_kwargs):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
     model = get_peft_model(tiny_llama(seed=seed), config)
+    model.train()
+    return model
+
+
+# Other decoder families: config class, its size fields, and the LoRA target modules of their linears.
+_GQA = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+_ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", _GQA, _ATTENTION_MLP),  # biased q/k/v
+    "qwen3": ("Qwen3Config", {**_GQA, "head_dim": 16}, _ATTENTION_MLP),
+    "mistral": ("MistralConfig", _GQA, _ATTENTION_MLP),
+    "gemma": ("GemmaConfig", {**_GQA, "head_dim": 16}, _ATTENTION_MLP),  # tied lm_head
+    "gemma2": ("Gemma2Config", {**_GQA, "head_dim": 16}, _ATTENTION_MLP),
+    "phi3": ("Phi3Config", {**_GQA, "num_key_value_heads": 4}, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4, "word_embed_proj_dim": 64,
+                          "dropout": 0.0}, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+                 ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+}
+
+
+def tiny_peft_model(architecture: str, seed: int = 0):
+    """A 2-layer model of `architecture` (a key of ARCHITECTURES) with LoRA on every decoder linear."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config_class, sizes, targets = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
+        vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **sizes,
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     model.train()
     return model
 

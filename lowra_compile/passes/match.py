@@ -14,7 +14,9 @@ A site is one frozen linear, in one of two forms, optionally followed by a LoRA 
 
 `match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call.
 A weight is only a site when every use of it in the graph is such a linear; anything else (DoRA's norm of
-W, a tied embedding) leaves the layer dense, with one warning that names it.
+W, a tied embedding) leaves the layer dense, with one warning that names it. Frozen weights that reach a
+matrix product another way (GPT-2's Conv1D: `addmm(b, x, W)`; Falcon's linear: `matmul(x, W.T)`) stay
+dense too, with one warning per graph that names them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from .sources import placeholder_name
 _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
 _DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+# Matrix products other than F.linear, and the views a weight may pass through on its way to one.
+_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum}
+_MATMUL_METHODS = {"matmul", "mm", "addmm", "__matmul__"}
+_VIEWS = {torch.t, torch.transpose, torch.permute, torch.reshape}
+_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous"}
 
 
 @dataclass
@@ -167,7 +174,12 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSi
 def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, int], skip, scope) -> list[LinearSite]:
     """Sites of one graph; `outer` maps its placeholders to the top-level placeholders that feed them."""
     sites: list[LinearSite] = []
+    other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
     for node in graph.nodes:
+        if _is_matmul(node):
+            for w in filter(None, map(_viewed_placeholder, node.all_input_nodes)):
+                if w in outer and _is_frozen_matrix(_example(w)):
+                    other_products[placeholder_name(outer[w])] = _op_name(node)
         if _is_linear(node):
             x, w, bias = _linear_args(node)
             value = _example(w) if isinstance(w, fx.Node) else None
@@ -198,7 +210,53 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             shape = (_example(packed[0]).shape[0], _example(x).shape[-1])
             name = placeholder_name(packed[0]).removesuffix("._lowra_packed[0]")
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape))
+    _warn_other_products(other_products, skip)
     return sites
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MATMULS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS
+    )
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _viewed_placeholder(node: fx.Node) -> fx.Node | None:
+    """The placeholder that `node` is a view of (W, W.T, W.t(), W.view(...), ...), or None."""
+    while True:
+        if node.op == "placeholder":
+            return node
+        is_view = (
+            (node.op == "call_function" and node.target in _VIEWS)
+            or (node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"))
+        )
+        if not is_view or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+
+
+def _is_frozen_matrix(value) -> bool:
+    return (
+        isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 2
+        and value.dtype.is_floating_point
+    )
+
+
+def _warn_other_products(other_products: dict[str, str], skip) -> None:
+    names = [n for n in other_products if not any(s in n for s in skip)]
+    if names:
+        ops = ", ".join(sorted({other_products[n] for n in names}))
+        listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear "
+            "(as in GPT-2's Conv1D or Falcon's linear layers); lowra quantizes the layers that call F.linear "
+            "(torch.nn.Linear), so these keep their full size.",
+            stacklevel=4,
+        )
 
 
 def _module_path(node: fx.Node) -> str:

@@ -8,6 +8,12 @@ recompile follows. Its class becomes `ReleasedWeight`, whose `__torch_function__
 packed op and dequantizes for anything else, so eager calls of the model, `state_dict()` and `torch.save`
 keep working. On a recompile Dynamo inlines that `__torch_function__`, so the new graph holds the packed
 op directly. `materialize` undoes it all.
+
+Two reads are special. `detach()`, which `state_dict()` calls on every parameter and whose results it
+holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `save_pretrained` builds the
+whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
+one layer's at a time. And `copy_()`, which `load_state_dict()` calls, accepts only the weight's own values
+(a checkpoint of this model); any other values raise instead of being dropped.
 """
 
 from __future__ import annotations
@@ -59,6 +65,10 @@ class ReleasedWeight(torch.nn.Parameter):
                 return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
             if func in _METADATA:
                 return func(*args, **kwargs)
+            if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
+                return dequantized(args[0]).cpu()
+            if func is Tensor.copy_ and isinstance(args[0], ReleasedWeight):
+                return _copy_own_values(args[0], args[1])
 
             def densify(a):
                 return dequantized(a) if isinstance(a, ReleasedWeight) else a
@@ -77,6 +87,20 @@ class ReleasedWeight(torch.nn.Parameter):
     def __repr__(self) -> str:
         pw = self._lowra_weight
         return f"ReleasedWeight(shape={tuple(pw.shape)}, code_bits={pw.code_bits():.2f}, packed)"
+
+
+def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> "ReleasedWeight":
+    """`p.copy_(source)` for a packed weight: a no-op when `source` holds `p`'s dequantized values (up to a
+    bf16 rounding, as when a checkpoint was written on another device), an error otherwise."""
+    dense = dequantized(p).float()
+    source = source.to(dense.device, torch.float32).expand_as(dense)
+    if (source - dense).norm() > 2**-8 * dense.norm():
+        raise RuntimeError(
+            f"lowra: cannot write new values into a quantized frozen weight of shape {tuple(p.shape)}: its dense "
+            "storage is freed and only its packed form is kept. Load the checkpoint before compiling, or "
+            "lowra_compile.materialize(model), load it, and compile the model anew (which quantizes it again)."
+        )
+    return p
 
 
 def attach(p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None) -> None:

@@ -23,6 +23,8 @@ def source_to_fqn(source) -> str:
             parts.append(f"[{index}]" if isinstance(index, int) else str(index))
         source = getattr(source, "base", None)
     names = [p for p in reversed(parts) if p not in _SKIP]
+    while names and names[0].startswith("["):  # the module reached as an argument (L['args'][0]) after a graph break
+        names.pop(0)
     return ".".join(names).replace(".[", "[")
 
 

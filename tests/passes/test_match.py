@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,3 +50,44 @@ def test_scaling_as_symfloat_under_dynamic_shapes():
     assert len(sites) == 14
     assert all(isinstance(s.lora.scaling, (float, torch.fx.Node)) for s in sites)
 
+
+
+class _OtherProducts(torch.nn.Module):
+    """A linear layer, GPT-2's Conv1D (addmm on an (in, out) weight) and Falcon's linear (x @ W.T)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.linear = torch.nn.Linear(32, 32)
+        self.conv1d = Conv1D(32, 32)
+        self.falcon_weight = torch.nn.Parameter(torch.randn(32, 32))
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.linear(self.conv1d(x)) @ self.falcon_weight.T
+
+
+def test_weights_read_by_other_matrix_products_are_named_in_one_warning():
+    gm, _ = capture_graph(_OtherProducts(), torch.randn(2, 4, 32))
+    with pytest.warns(UserWarning) as caught:
+        sites = match_sites(gm)
+    assert [s.name for s in sites] == ["linear.weight"]
+    [warning] = [w for w in caught if "stay dense" in str(w.message)]
+    message = str(warning.message)
+    assert "2 frozen weight(s)" in message and "'conv1d.weight'" in message and "'falcon_weight'" in message
+    assert "addmm" in message and "matmul" in message
+
+
+def test_skipped_weights_read_by_other_matrix_products_do_not_warn():
+    gm, _ = capture_graph(_OtherProducts(), torch.randn(2, 4, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [s.name for s in match_sites(gm, skip=("conv1d", "falcon"))] == ["linear.weight"]
+
+
+def test_a_module_passed_as_an_argument_keeps_its_parameter_names():
+    # After a graph break Dynamo may hand a module over as L['args'][0]: names must not start with "[0]".
+    module = torch.nn.Sequential(torch.nn.Linear(16, 16)).requires_grad_(False)
+    gm, _ = capture_graph(lambda *args: args[0](args[1]), module, torch.randn(2, 16))
+    assert [s.name for s in match_sites(gm)] == ["0.weight"]
