@@ -7,8 +7,9 @@ one batch of 1 x 2048 tokens, gradient checkpointing, AdamW on the adapters. Var
     bnb QLoRA NF4      every projection replaced by bitsandbytes Linear4bit (when importable)
     lowra 2.0 / 1.5    torch.compile(model, backend="lowra", options={"bits": b})
 Each variant runs in its own process so peak memory is its own. Reported: steady-state peak memory
-and median step time over the timed steps, and the first step's time (for lowra: quantization, plan,
-LoftQ and compilation, the one-off cost), plus the lowra kernel log.
+and median step time over the timed steps, the first step's time (for lowra: quantization, plan,
+LoftQ and compilation, the one-off cost), the peak memory and time of saving the adapters with PEFT's
+`save_pretrained` (which builds the whole state dict first), plus the lowra kernel log.
 
     python benchmarks/train_step.py                          # every variant (GPU)
     python benchmarks/train_step.py --variants "lowra 2.0"   # a subset
@@ -21,6 +22,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -109,6 +111,13 @@ def run_variant(variant: str, quick: bool, inner: str | None) -> dict:
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "first_step_peak_gib": first_peak / 2**30 if cuda else None,
            "trainable_params": sum(p.numel() for p in params), "tokens": length}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as checkpoint:
+        model.save_pretrained(checkpoint)
+    out["save_s"] = time.perf_counter() - t0
+    out["save_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     if variant.startswith("lowra"):
         out["compile_s"] = first - out["step_s"]  # the one-off: calibrate, quantize, plan, LoftQ, compile
         out["kernels"] = lowra_compile.codegen.kernel_log()
