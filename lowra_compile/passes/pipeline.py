@@ -2,7 +2,8 @@
 
 This is the one place where the per-site passes meet the whole-model plan. Every result is cached on
 the weight Parameter (`release.attach`), so a later graph (recompile, eval, generation) finds it and
-never quantizes the same weight twice.
+never quantizes the same weight twice. In a torch.distributed job of several ranks, `replicas` averages
+the statistics over the ranks and gives every rank rank 0's plan, packed weights and LoftQ adapters.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
 from .quantize import assemble
 from .release import attach
+from .replicas import average_statistics, first_rank_plan, replicated, share_first_rank
 
 
 def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:
@@ -102,6 +104,8 @@ def quantize_sites(
     start = device_clock(device)
     values = _placeholder_values(gm, example_inputs)
     stats = _statistics(gm, sites, new, example_inputs, config)
+    if replicated():
+        stats = average_statistics(stats)
     factors = _HessianFactors(stats)  # None for every site unless rounding="gptq"
     choices = config.allowed_bits
     calibrate_share = (device_clock(device) - start) / len(new)
@@ -124,6 +128,8 @@ def quantize_sites(
         seconds[j]["quantize"] = device_clock(weight.device) - start
     start = device_clock(device)
     bits = plan_bits(errors, [sites[i].shape[1] for i in new], choices, config.bits)
+    if replicated():
+        bits = first_rank_plan(bits)
     plan_share = (device_clock(device) - start) / len(new)
     for row in seconds:
         row["plan"] = plan_share
@@ -148,3 +154,7 @@ def quantize_sites(
         seconds[j]["loftq"] = device_clock(weight.device) - start
         attach(weight, packed.to(weight.device), seconds[j])
         layers[j] = None  # free the candidate codes of every width as we go
+    if replicated():
+        adapters = [values[sites[i].lora.lora_a] for i in new if sites[i].lora is not None]
+        adapters += [values[sites[i].lora.lora_b] for i in new if sites[i].lora is not None]
+        share_first_rank([example_inputs[sites[i].weight_index] for i in new], adapters)

@@ -1,0 +1,85 @@
+"""Keep data-parallel replicas identical: one quantization for all ranks of a torch.distributed job.
+
+Under DistributedDataParallel every rank compiles the same model on its own first batch. Left alone,
+each rank would calibrate on its own tokens, plan and pack a different base, and LoftQ would start
+different adapters (DDP broadcasts parameters once, when it wraps the model, before any of this): the
+replicas would train different models on averaged gradients. So, when a process group of more than one
+rank is initialised, the pipeline
+
+    calibrate  ->  average_statistics: E[x^2], E[x x^T] (token-weighted) and E[g^2] of all ranks, on every rank
+    plan       ->  first_rank_plan:    rank 0's widths (a tie broken differently would change packed shapes)
+    pack+LoftQ ->  share_first_rank:   rank 0's packed tensors and adapters, byte for byte
+
+Every rank still does the quantization work (in the same time as one), and the plan sees the tokens of
+every rank's batch. The collectives run in the order of the sites, which every rank shares because it
+compiles the same graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .calibrate import SiteStats
+
+
+def replicated() -> bool:
+    """True inside a torch.distributed job of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    on = t.to(_comm_device(), torch.float32)
+    dist.all_reduce(on)
+    return on.to(t.device)
+
+
+def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
+    """Each site's statistics over the tokens of every rank (E[g^2]: the mean of the ranks' means, as for
+    several calibration batches on one rank)."""
+    ranks = dist.get_world_size()
+    out: list[SiteStats | None] = []
+    for s in stats:
+        if s is None:
+            out.append(None)
+            continue
+        tokens = int(_all_reduce_sum(torch.tensor([float(s.tokens)])).item())
+        share = s.tokens / tokens
+        x2 = _all_reduce_sum(s.x2 * share)
+        gram = _all_reduce_sum(s.gram * share) if s.gram is not None else None
+        g2 = _all_reduce_sum(s.g2) / ranks if s.g2 is not None else None
+        out.append(SiteStats(x2, g2, gram, tokens))
+    return out
+
+
+def _broadcast_bytes(tensors: list[Tensor]) -> None:
+    """Overwrite `tensors` (same shapes and dtypes on every rank) with rank 0's values, in one broadcast."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).view(torch.uint8).to(_comm_device()) for t in tensors])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            t.copy_(flat[offset:offset + n].to(t.device).view(t.dtype).view(t.shape))
+            offset += n
+
+
+def first_rank_plan(bits: list[Tensor]) -> list[Tensor]:
+    """Rank 0's widths per row, on every rank."""
+    _broadcast_bytes(bits)
+    return bits
+
+
+def share_first_rank(weights: list[Tensor], adapters: list[Tensor]) -> None:
+    """Give every rank rank 0's packed tensors of `weights` (each carrying its packed form) and `adapters`."""
+    for weight in weights:
+        _broadcast_bytes(list(weight._lowra_packed))
+    _broadcast_bytes(adapters)

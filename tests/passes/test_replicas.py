@@ -1,0 +1,73 @@
+"""Data-parallel replicas quantize as one: two gloo ranks on CPU, each with its own batches."""
+
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lowra_compile.passes.calibrate import SiteStats
+from lowra_compile.passes.replicas import average_statistics
+
+from ..tiny_models import batch, tiny_peft_llama
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, tmp_path, world: int = 2) -> list:
+    mp.spawn(_rank, args=(fn, world, _free_port(), str(tmp_path)), nprocs=world)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]  # written by the test
+
+
+def _rank(rank: int, fn, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(fn(rank), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _statistics_of_rank(rank: int) -> SiteStats:
+    k = rank + 1  # rank 0: 10 tokens of value 1, rank 1: 20 tokens of value 2
+    stats = SiteStats(torch.full((3,), float(k)), torch.full((2,), float(k)), torch.full((3, 3), float(k)), 10 * k)
+    return average_statistics([stats, None])
+
+
+def test_statistics_are_averaged_over_every_rank_s_tokens(tmp_path):
+    for stats, empty in _spawn(_statistics_of_rank, tmp_path):
+        assert empty is None and stats.tokens == 30
+        torch.testing.assert_close(stats.x2, torch.full((3,), 50 / 30))  # token-weighted: (10 * 1 + 20 * 2) / 30
+        torch.testing.assert_close(stats.gram, torch.full((3, 3), 50 / 30))
+        torch.testing.assert_close(stats.g2, torch.full((2,), 1.5))  # mean of the ranks' means
+
+
+def _train_under_ddp(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_peft_llama()
+    compiled = torch.compile(
+        DistributedDataParallel(model), backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"}
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        compiled(**batch(16, seed=10 * rank + step)).loss.backward()  # each rank its own batches
+        opt.step()
+        opt.zero_grad()
+    packed = {n: [t.clone() for t in p._lowra_packed] for n, p in model.named_parameters() if hasattr(p, "_lowra_packed")}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"packed": packed, "adapters": adapters}
+
+
+def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path):
+    first, second = _spawn(_train_under_ddp, tmp_path)
+    assert len(first["packed"]) == 14 and first["packed"].keys() == second["packed"].keys()
+    for name, tensors in first["packed"].items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, second["packed"][name], strict=True)), name
+    assert len(first["adapters"]) == 28
+    for name, value in first["adapters"].items():
+        torch.testing.assert_close(value, second["adapters"][name], rtol=0, atol=0, msg=name)
