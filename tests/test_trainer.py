@@ -1,48 +1,65 @@
-"""The Hugging Face Trainer on a model compiled with the lowra backend: train, evaluate, checkpoint.
+"""The Hugging Face Trainer on a model compiled with the lowra backend: train, evaluate, checkpoint, resume.
 
-Trainer's own `torch_compile_backend` only takes the backends accelerate lists, so the model is compiled
-first and handed over; a compiled model's forward signature is (*args, **kwargs), so Trainer must be told
-to keep every column and where the labels are (README, "With the Hugging Face Trainer").
+Trainer's own `torch_compile_backend` only takes the backends accelerate lists, so the model is compiled in
+place (`nn.Module.compile`) and handed over as it is: Trainer still sees the PeftModel, its forward's
+arguments and its adapter checkpoints (README, "With the Hugging Face Trainer").
 """
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import lowra_compile
 from lowra_compile.passes.release import ReleasedWeight
 
 from .tiny_models import batch, tiny_peft_llama
 
 transformers = pytest.importorskip("transformers")
+OPTIONS = {"bits": 2.0, "progress": False, "inner": "eager"}
 
 
-def test_trainer_trains_evaluates_and_checkpoints_only_the_adapters(tmp_path):
+def _trainer(model, data, output_dir):
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=4,
+        save_steps=2, logging_steps=1, learning_rate=1e-2, use_cpu=True, report_to=[], seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+
+
+def _adapters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_trains_evaluates_checkpoints_the_adapters_and_resumes_on_the_saved_base(tmp_path):
     model = tiny_peft_llama()
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.compile(backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
-    compiled = model
+    start = _adapters(model)
+    model.compile(backend="lowra", options=OPTIONS)
     rows = batch(16, size=16)["input_ids"]
     data = [{"input_ids": r, "labels": r} for r in rows]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=4,
-        save_steps=4, logging_steps=1, learning_rate=1e-2, use_cpu=True, report_to=[],
-    )
-    trainer = transformers.Trainer(model=compiled, args=args, train_dataset=data, eval_dataset=data[:8])
+    trainer = _trainer(model, data, tmp_path / "run")
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
     base = [p for n, p in model.named_parameters() if "base_layer" in n]
     assert base and all(isinstance(p, ReleasedWeight) for p in base)
-    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trained = _adapters(model)
     assert any(not torch.equal(start[n], p) for n, p in trained.items() if "lora_B" in n)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
     with torch.no_grad():
-        expected = sum(compiled(input_ids=rows[i:i + 4], labels=rows[i:i + 4]).loss for i in (0, 4)) / 2
+        expected = sum(model(input_ids=rows[i:i + 4], labels=rows[i:i + 4]).loss for i in (0, 4)) / 2
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
-    saved = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
     assert saved and all("lora_" in key for key in saved)  # no dequantized base weights in the checkpoint
     for key, value in saved.items():
-        name = key.replace(".weight", ".default.weight")
-        torch.testing.assert_close(value, trained[name].detach())
+        torch.testing.assert_close(value, trained[key.replace(".weight", ".default.weight")])
+
+    # Resume halfway in a new model: the adapters belong to this quantization, so the packed base comes along.
+    lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
+    torch._dynamo.reset()
+    resumed = lowra_compile.load_quantized(tiny_peft_llama(), tmp_path / "base.safetensors")
+    resumed.compile(backend="lowra", options=OPTIONS)
+    _trainer(resumed, data, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for name, value in _adapters(resumed).items():
+        torch.testing.assert_close(value, trained[name], msg=name)
