@@ -470,3 +470,16 @@ def test_state_dict_of_a_gpu_model_never_holds_the_dense_base_on_the_gpu():
     state = model.state_dict()
     assert torch.cuda.max_memory_allocated() - before < dense_bytes / 4  # one layer at a time, not all of them
     assert all(state[n].device.type == "cpu" for n, p in model.named_parameters() if isinstance(p, ReleasedWeight))
+
+
+def _calibration_hints(model, batches) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowra_compile.quantize_(model, batches, {"progress": False, "rounding": "nearest"})
+    return [str(w.message) for w in caught if "calibrating on" in str(w.message)]
+
+
+def test_a_small_calibration_batch_gets_a_hint_and_enough_batches_do_not():
+    [hint] = _calibration_hints(tiny_peft_llama(), batch(16))
+    assert "calibrating on 32 tokens" in hint and "quantize_(model, [batch, ...]" in hint
+    assert _calibration_hints(tiny_peft_llama(), [batch(256, size=8, seed=s) for s in range(2)]) == []  # 4,096 tokens
