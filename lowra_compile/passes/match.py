@@ -165,10 +165,30 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSi
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
     sites = _scan(gm.graph, {n: n for n in placeholders}, index, skip, None)
-    for call, body in checkpoint_bodies(gm):
-        outer = {n: w for n, w in body_inputs(call, body).items() if w in index}
-        sites += _scan(body.graph, outer, index, skip, call)
+    bodies = [(body.graph, {n: w for n, w in body_inputs(call, body).items() if w in index}, call)
+              for call, body in checkpoint_bodies(gm)]
+    for graph, outer, call in bodies:
+        sites += _scan(graph, outer, index, skip, call)
+    if not sites:
+        _warn_trainable_only([(gm.graph, {n: n for n in placeholders}), *((g, o) for g, o, _ in bodies)])
     return sites
+
+
+def _warn_trainable_only(graphs: list[tuple[fx.Graph, dict[fx.Node, fx.Node]]]) -> None:
+    """A graph whose linears all have trainable weights (not LoRA adapters) is a model nobody froze."""
+    names = [
+        placeholder_name(outer[node.args[1]])
+        for graph, outer in graphs for node in graph.nodes
+        if _is_linear(node) and node.args[1] in outer and _trainable_placeholder(node.args[1])
+    ]
+    names = [n for n in names if "lora_" not in n]
+    if names:
+        warnings.warn(
+            f"lowra: nothing in this graph is quantized: its {len(names)} linear layer(s) have trainable weights "
+            f"(e.g. {names[0]!r}). lowra quantizes frozen weights: add LoRA adapters (PEFT's get_peft_model "
+            "freezes the base) or freeze the layers to quantize with requires_grad_(False).",
+            stacklevel=4,
+        )
 
 
 def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, int], skip, scope) -> list[LinearSite]:

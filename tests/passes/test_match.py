@@ -31,10 +31,11 @@ def test_skip_patterns_and_plain_linears():
     assert names and all("mlp" not in n and "lm_head" not in n for n in names)
 
 
-def test_trainable_weights_are_not_sites():
+def test_trainable_weights_are_not_sites_and_a_model_nobody_froze_gets_a_warning():
     lin = torch.nn.Linear(16, 16)
     gm, _ = capture_graph(torch.nn.Sequential(lin), torch.randn(2, 16))
-    assert match_sites(gm) == []
+    with pytest.warns(UserWarning, match=r"nothing in this graph is quantized: its 1 linear layer\(s\) have trainable weights \(e.g. '0.weight'\)"):
+        assert match_sites(gm) == []
 
 
 def test_scaling_as_symfloat_under_dynamic_shapes():
