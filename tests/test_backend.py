@@ -456,6 +456,8 @@ def test_state_dict_gives_dequantized_cpu_copies_and_loads_only_the_same_values(
     state[name] = state[name] + 0.1 * state[name].abs().mean()
     with pytest.raises(RuntimeError, match=r"cannot write new values into a quantized frozen weight.*materialize"):
         model.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"cannot write new values into a quantized frozen weight"):
+        released[name].data = state[name]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -483,3 +485,19 @@ def test_a_small_calibration_batch_gets_a_hint_and_enough_batches_do_not():
     [hint] = _calibration_hints(tiny_peft_llama(), batch(16))
     assert "calibrating on 32 tokens" in hint and "quantize_(model, [batch, ...]" in hint
     assert _calibration_hints(tiny_peft_llama(), [batch(256, size=8, seed=s) for s in range(2)]) == []  # 4,096 tokens
+
+
+def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_elsewhere_raises(monkeypatch):
+    model = lowra_compile.quantize_(tiny_peft_llama(), batch(16), {"progress": False})
+    with torch.no_grad():
+        expected = model(**batch(16)).logits
+    dequantized = []
+    monkeypatch.setattr(torch.ops.lowra, "dequant", lambda *a: dequantized.append(a) or torch.zeros(0))
+    model.to("cpu").to(torch.float32).float()
+    assert dequantized == [] and sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch(16)).logits, expected, rtol=0, atol=0)
+    for move in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.to("meta")):
+        with pytest.raises(RuntimeError, match=r"quantized frozen weight of shape .* cannot become"):
+            move(model)

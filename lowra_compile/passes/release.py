@@ -12,8 +12,10 @@ op directly. `materialize` undoes it all.
 Two reads are special. `detach()`, which `state_dict()` calls on every parameter and whose results it
 holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `save_pretrained` builds the
 whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
-one layer's at a time. And `copy_()`, which `load_state_dict()` calls, accepts only the weight's own values
-(a checkpoint of this model); any other values raise instead of being dropped.
+one layer's at a time. `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
+values (a checkpoint of this model); any other values raise instead of being dropped. And `to()`, `cuda()`,
+`half()` and the like (what `model.to(...)` calls) return the weight itself when nothing changes and raise
+for another device or dtype: the packed form stays where it was quantized.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ _METADATA = {
     Tensor.is_mkldnn.__get__,
     # torch 2.11's guard builder counts the bytes of every parameter it guards (param_bytes)
     Tensor.nbytes.__get__, Tensor.itemsize.__get__,
+    # what Module._apply (model.to, model.float, ...) asks of every parameter
+    Tensor.is_floating_point, Tensor.is_complex, torch._has_compatible_shallow_copy_type,
 }
+
+
+# Moves and casts: `model.to(...)` calls them on every parameter.
+_CONVERSIONS = {Tensor.to, Tensor.cuda, Tensor.cpu, Tensor.half, Tensor.float, Tensor.bfloat16, Tensor.double}
 
 
 def packed_weight(p: Tensor) -> PackedWeight | None:
@@ -67,8 +75,12 @@ class ReleasedWeight(torch.nn.Parameter):
                 return func(*args, **kwargs)
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
                 return dequantized(args[0]).cpu()
-            if func is Tensor.copy_ and isinstance(args[0], ReleasedWeight):
-                return _copy_own_values(args[0], args[1])
+            if func in (Tensor.copy_, Tensor.data.__set__) and isinstance(args[0], ReleasedWeight):
+                if args[1] is not args[0]:  # Module._apply sets `p.data = p` after a `.to()` that changed nothing
+                    _copy_own_values(args[0], args[1])
+                return args[0] if func is Tensor.copy_ else None
+            if func in _CONVERSIONS and isinstance(args[0], ReleasedWeight):
+                return _converted(func, args[0], args[1:], kwargs)
 
             def densify(a):
                 return dequantized(a) if isinstance(a, ReleasedWeight) else a
@@ -99,6 +111,19 @@ def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> "ReleasedWeight":
             f"lowra: cannot write new values into a quantized frozen weight of shape {tuple(p.shape)}: its dense "
             "storage is freed and only its packed form is kept. Load the checkpoint before compiling, or "
             "lowra_compile.materialize(model), load it, and compile the model anew (which quantizes it again)."
+        )
+    return p
+
+
+def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "ReleasedWeight":
+    """`p.to(...)` and the like for a packed weight: `p` itself when nothing changes (as for any tensor; no
+    dequantization, so `model.to(its own device)` costs nothing), an error for another device or dtype."""
+    target = func(torch.empty(0, dtype=p.dtype, device=p.device), *args, **kwargs)
+    if (target.device, target.dtype) != (p.device, p.dtype):
+        raise RuntimeError(
+            f"lowra: a quantized frozen weight of shape {tuple(p.shape)} ({p.dtype} on {p.device}) cannot become "
+            f"{target.dtype} on {target.device}: its dense storage is freed. Compile (or load_quantized) the model "
+            "on the device and in the dtype it trains in, or lowra_compile.materialize(model) first."
         )
     return p
 
