@@ -3,6 +3,7 @@
     lowra_compile.save_quantized(model, "base.lowra.safetensors")      # after the first compiled step
     model = build_the_same_architecture(); peft_model.load_adapter(...) # adapters: PEFT as usual
     lowra_compile.load_quantized(model, "base.lowra.safetensors")      # attaches + releases packed weights
+                                       # (device="cuda": a model on the CPU gets them on the GPU, then model.to("cuda"))
     torch.compile(model, backend="lowra")                               # finds them: no re-quantization
 
 One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
@@ -39,8 +40,12 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
     return len(meta)
 
 
-def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Attach the packed weights in `path` to `model`'s parameters of the same names and free the dense ones."""
+def load_quantized(model: torch.nn.Module, path: str | Path, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Attach the packed weights in `path` to `model`'s parameters of the same names and free the dense ones.
+
+    `device`: where the packed weights go (default: where each parameter is). A model built on the CPU then
+    gets its packed base straight onto the GPU, and `model.to(device)` moves the rest: the dense base never
+    has to fit there."""
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["lowra"])
         for name, info in meta.items():
@@ -50,7 +55,11 @@ def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
                 raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
             if tuple(p.shape) != tuple(info["shape"]):
                 raise ValueError(f"lowra: layer {name!r} is {tuple(p.shape)} here but {tuple(info['shape'])} in {path}")
-            tensors = [f.get_tensor(f"{name}::{i}").to(p.device) for i in range(TENSOR_COUNT)]
+            target = torch.device(device) if device is not None else p.device
+            if target != p.device:
+                with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
+                    p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
+            tensors = [f.get_tensor(f"{name}::{i}").to(target) for i in range(TENSOR_COUNT)]
             dtype = getattr(torch, info["dtype"])
             attach(p, PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"]))
             release(p)

@@ -501,3 +501,25 @@ def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_elsewhere_rai
     for move in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.to("meta")):
         with pytest.raises(RuntimeError, match=r"quantized frozen weight of shape .* cannot become"):
             move(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_packed_base_loads_straight_onto_the_gpu_of_a_model_built_on_the_cpu(tmp_path):
+    model = tiny_peft_llama()
+    data = batch(8)
+    _compile(model)(**data).loss.backward()
+    path = tmp_path / "base.lowra.safetensors"
+    lowra_compile.save_quantized(model, path)
+    with torch.no_grad():
+        want = model(**data).logits
+
+    fresh = tiny_peft_llama()  # the same base and adapters' start, on the CPU
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    lowra_compile.load_quantized(fresh, path, device="cuda")
+    released = [p for p in fresh.parameters() if isinstance(p, ReleasedWeight)]
+    assert len(released) == 14 and all(p.is_cuda and all(t.is_cuda for t in p._lowra_packed) for p in released)
+    fresh.to("cuda")  # the rest follows; the released weights are already there
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = _compile(fresh)(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in data.items()}).logits
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
