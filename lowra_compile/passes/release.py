@@ -9,7 +9,7 @@ packed op and dequantizes for anything else, so eager calls of the model, `state
 keep working. On a recompile Dynamo inlines that `__torch_function__`, so the new graph holds the packed
 op directly. `materialize` undoes it all.
 
-Two reads are special. `detach()`, which `state_dict()` calls on every parameter and whose results it
+A few calls are special. `detach()`, which `state_dict()` calls on every parameter and whose results it
 holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `save_pretrained` builds the
 whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
 one layer's at a time. `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
