@@ -1,6 +1,7 @@
 """The `lowra` torch.compile backend: `torch.compile(model, backend="lowra", options={...})`.
 
 Per graph Dynamo hands over:
+    linear_forms  `x @ W.T` of a frozen (or packed) weight as a linear, in a copy of the graph
     match     frozen linears (+ LoRA branches), already-packed ops after a recompile
     pipeline  for weights never seen before: calibrate on this (first) batch, quantize, plan, LoftQ, attach
     rewrite   a copy of the graph with one lowra.lora_linear per site, packed tensors as extra inputs
@@ -20,6 +21,7 @@ from torch import fx
 
 from . import codegen
 from .config import LowRAConfig
+from .passes.linear_forms import linear_forms
 from .passes.match import match_sites
 from .passes.pipeline import quantize_sites
 from .passes.release import packed_weight, release
@@ -49,6 +51,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
     codegen.set_kernel_mode(config.kernels)
+    gm = linear_forms(gm)
     sites = match_sites(gm, config.skip)
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner)

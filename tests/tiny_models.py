@@ -38,6 +38,8 @@ ARCHITECTURES = {
     "phi3": ("Phi3Config", {**_GQA, "num_key_value_heads": 4}, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
     "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4, "word_embed_proj_dim": 64,
                           "dropout": 0.0}, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    "falcon": ("FalconConfig", {"hidden_size": 64, "num_attention_heads": 4},  # x @ W.T, not F.linear
+               ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
 }

@@ -15,8 +15,8 @@ A site is one frozen linear, in one of two forms, optionally followed by a LoRA 
 `match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call.
 A weight is only a site when every use of it in the graph is such a linear; anything else (DoRA's norm of
 W, a tied embedding) leaves the layer dense, with one warning that names it. Frozen weights that reach a
-matrix product another way (GPT-2's Conv1D: `addmm(b, x, W)`; Falcon's linear: `matmul(x, W.T)`) stay
-dense too, with one warning per graph that names them.
+matrix product another way (GPT-2's Conv1D: `addmm(b, x, W)` on an (in, out) weight) stay dense too, with
+one warning per graph that names them; `x @ W.T` is made a linear beforehand (`linear_forms`).
 """
 
 from __future__ import annotations
@@ -273,8 +273,8 @@ def _warn_other_products(other_products: dict[str, str], skip) -> None:
         listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(
             f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear "
-            "(as in GPT-2's Conv1D or Falcon's linear layers); lowra quantizes the layers that call F.linear "
-            "(torch.nn.Linear), so these keep their full size.",
+            "(as in GPT-2's Conv1D); lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute "
+            "x @ W.T, so these keep their full size.",
             stacklevel=4,
         )
 

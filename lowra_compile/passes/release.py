@@ -27,8 +27,10 @@ from torch.utils._pytree import tree_map
 
 from ..runtime.format import PackedWeight
 
-# Tensor methods that only read metadata: safe on a weight whose storage is gone.
-_METADATA = {
+# Tensor methods that only read metadata: safe on a weight whose storage is gone. Tuples, not sets: on a
+# recompile Dynamo inlines `__torch_function__`, and a set lookup hashes a builtin, which breaks the graph
+# there (Falcon's `W.T` became a graph of its own, dequantized on every call).
+_METADATA = (
     Tensor.size, Tensor.dim, Tensor.stride, Tensor.is_contiguous, Tensor.numel, Tensor.element_size,
     Tensor.untyped_storage, Tensor.data_ptr, Tensor.__repr__,
     Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
@@ -43,11 +45,11 @@ _METADATA = {
     Tensor.nbytes.__get__, Tensor.itemsize.__get__,
     # what Module._apply (model.to, model.float, ...) asks of every parameter
     Tensor.is_floating_point, Tensor.is_complex, torch._has_compatible_shallow_copy_type,
-}
+)
 
 
 # Moves and casts: `model.to(...)` calls them on every parameter.
-_CONVERSIONS = {Tensor.to, Tensor.cuda, Tensor.cpu, Tensor.half, Tensor.float, Tensor.bfloat16, Tensor.double}
+_CONVERSIONS = (Tensor.to, Tensor.cuda, Tensor.cpu, Tensor.half, Tensor.float, Tensor.bfloat16, Tensor.double)
 
 
 def packed_weight(p: Tensor) -> PackedWeight | None:

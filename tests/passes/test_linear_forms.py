@@ -1,0 +1,38 @@
+import torch
+import torch.nn.functional as F
+
+from lowra_compile.passes.linear_forms import linear_forms
+from lowra_compile.passes.match import match_sites
+
+from ..tiny_models import capture_graph
+
+
+class _Transposed(torch.nn.Module):
+    """Linear layers written as products with a transposed weight, and one trainable weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(32, 16), requires_grad=False)
+        self.b = torch.nn.Parameter(torch.randn(32, 32), requires_grad=False)
+        self.c = torch.nn.Parameter(torch.randn(32, 32), requires_grad=False)
+        self.trained = torch.nn.Parameter(torch.randn(32, 32))
+
+    def forward(self, x):
+        h = torch.matmul(x @ self.a.T, self.b.t())
+        return (h @ self.c.transpose(0, 1)) @ self.trained.T
+
+
+def test_products_with_a_transposed_frozen_weight_become_linears_in_a_copy():
+    x = torch.randn(2, 3, 16)
+    gm, inputs = capture_graph(_Transposed(), x)
+    before = [n.format_node() for n in gm.graph.nodes]
+    new = linear_forms(gm)
+    assert new is not gm and [n.format_node() for n in gm.graph.nodes] == before  # Dynamo's graph untouched
+    assert sum(n.target is F.linear for n in new.graph.nodes) == 3
+    assert [s.name for s in match_sites(new)] == ["a", "b", "c"]  # the trainable product stays a matmul
+    torch.testing.assert_close(new(*inputs), gm(*inputs))
+
+
+def test_a_graph_without_such_products_is_returned_as_it_is():
+    gm, _ = capture_graph(torch.nn.Linear(8, 8).requires_grad_(False), torch.randn(2, 8))
+    assert linear_forms(gm) is gm
