@@ -40,7 +40,9 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
     return len(meta)
 
 
-def load_quantized(model: torch.nn.Module, path: str | Path, device: torch.device | str | None = None) -> torch.nn.Module:
+def load_quantized(
+    model: torch.nn.Module, path: str | Path, device: torch.device | str | None = None
+) -> torch.nn.Module:
     """Attach the packed weights in `path` to `model`'s parameters of the same names and free the dense ones.
 
     `device`: where the packed weights go (default: where each parameter is). A model built on the CPU then

@@ -39,7 +39,8 @@ def test_falcon_s_x_at_w_t_runs_the_packed_op_after_a_recompile_too(monkeypatch)
 
     graphs = []
     inner = backend._compile_inner
-    monkeypatch.setattr(backend, "_compile_inner", lambda gm, inputs, name: graphs.append(gm) or inner(gm, inputs, name))
+    monkeypatch.setattr(backend, "_compile_inner",
+                        lambda gm, inputs, name: graphs.append(gm) or inner(gm, inputs, name))
     model = tiny_peft_model("falcon")
     compiled = torch.compile(model, backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
     compiled(**batch(16)).loss.backward()

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised Llama models (and other causal LMs), with and without PEFT LoRA adapters, and token batches."""
+"""Tiny randomly initialised Llama models (and other causal LMs), with and without PEFT LoRA adapters, and
+token batches."""
 
 import torch
 
@@ -56,7 +57,8 @@ def tiny_peft_model(architecture: str, seed: int = 0):
         eos_token_id=2, **sizes,
     )
     torch.manual_seed(seed)
-    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config), lora)
     model.train()
     return model
 

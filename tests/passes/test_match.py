@@ -34,7 +34,8 @@ def test_skip_patterns_and_plain_linears():
 def test_trainable_weights_are_not_sites_and_a_model_nobody_froze_gets_a_warning():
     lin = torch.nn.Linear(16, 16)
     gm, _ = capture_graph(torch.nn.Sequential(lin), torch.randn(2, 16))
-    with pytest.warns(UserWarning, match=r"nothing in this graph is quantized: its 1 linear layer\(s\) have trainable weights \(e.g. '0.weight'\)"):
+    message = r"nothing in this graph is quantized: its 1 linear layer\(s\) have trainable weights \(e.g. '0.weight'\)"
+    with pytest.warns(UserWarning, match=message):
         assert match_sites(gm) == []
 
 

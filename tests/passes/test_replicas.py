@@ -58,7 +58,8 @@ def _train_under_ddp(rank: int) -> dict:
         compiled(**batch(16, seed=10 * rank + step)).loss.backward()  # each rank its own batches
         opt.step()
         opt.zero_grad()
-    packed = {n: [t.clone() for t in p._lowra_packed] for n, p in model.named_parameters() if hasattr(p, "_lowra_packed")}
+    packed = {n: [t.clone() for t in p._lowra_packed]
+              for n, p in model.named_parameters() if hasattr(p, "_lowra_packed")}
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return {"packed": packed, "adapters": adapters}
 
