@@ -48,6 +48,7 @@ def load_quantized(
     `device`: where the packed weights go (default: where each parameter is). A model built on the CPU then
     gets its packed base straight onto the GPU, and `model.to(device)` moves the rest: the dense base never
     has to fit there."""
+    device = torch.device(device) if device is not None else None
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["lowra"])
         for name, info in meta.items():
@@ -57,7 +58,7 @@ def load_quantized(
                 raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
             if tuple(p.shape) != tuple(info["shape"]):
                 raise ValueError(f"lowra: layer {name!r} is {tuple(p.shape)} here but {tuple(info['shape'])} in {path}")
-            target = torch.device(device) if device is not None else p.device
+            target = device or p.device
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)

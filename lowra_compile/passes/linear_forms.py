@@ -20,23 +20,12 @@ Dynamo's own graph is left as it is: the result is a copy when there is anything
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .match import checkpoint_bodies
+from .match import checkpoint_bodies, example_value, is_frozen_matrix, is_matmul
 from .rewrite import copy_graph_module
-
-_PRODUCTS = {operator.matmul, torch.matmul}
-_PRODUCT_METHODS = {"matmul", "__matmul__"}
-
-
-def _is_product(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _PRODUCTS) or (
-        node.op == "call_method" and node.target in _PRODUCT_METHODS
-    )
 
 
 def _transposed(node) -> fx.Node | None:
@@ -52,13 +41,8 @@ def _transposed(node) -> fx.Node | None:
     return None
 
 
-def _example(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def _frozen_weight(node) -> bool:
-    value = _example(node) if isinstance(node, fx.Node) and node.op == "placeholder" else None
-    return isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 2
+    return isinstance(node, fx.Node) and node.op == "placeholder" and is_frozen_matrix(example_value(node))
 
 
 def _is_dequant(node) -> bool:
@@ -70,7 +54,7 @@ def _is_dequant(node) -> bool:
 
 def _linear_form(node: fx.Node) -> tuple | None:
     """(target, args) of the linear that the product `node` computes, or None."""
-    if not _is_product(node) or len(node.args) != 2 or node.kwargs:
+    if not is_matmul(node) or len(node.args) != 2 or node.kwargs:  # matmul, @, mm; not addmm's 3 operands
         return None
     x, w = node.args[0], _transposed(node.args[1])
     if _frozen_weight(w):

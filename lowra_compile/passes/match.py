@@ -88,7 +88,8 @@ def _is_lowra(node: fx.Node) -> bool:
     )
 
 
-def _example(node: fx.Node):
+def example_value(node: fx.Node):
+    """The fake (or real) value Dynamo recorded for `node`."""
     return node.meta.get("example_value", node.meta.get("val"))
 
 
@@ -101,7 +102,7 @@ def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
 def _trainable_placeholder(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "placeholder":
         return False
-    value = _example(node)
+    value = example_value(node)
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
@@ -196,13 +197,13 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
     sites: list[LinearSite] = []
     other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
     for node in graph.nodes:
-        if _is_matmul(node):
+        if is_matmul(node):
             for w in filter(None, map(_viewed_placeholder, node.all_input_nodes)):
-                if w in outer and _is_frozen_matrix(_example(w)):
+                if w in outer and is_frozen_matrix(example_value(w)):
                     other_products[placeholder_name(outer[w])] = _op_name(node)
         if _is_linear(node):
             x, w, bias = _linear_args(node)
-            value = _example(w) if isinstance(w, fx.Node) else None
+            value = example_value(w) if isinstance(w, fx.Node) else None
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
             name = placeholder_name(outer[w])
@@ -227,14 +228,14 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, tuple(value.shape), scope))
         elif _is_lowra(node) and node.args[5] is None and scope is None:
             x, _, packed, group_size, bias = node.args[:5]
-            shape = (_example(packed[0]).shape[0], _example(x).shape[-1])
+            shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
             name = placeholder_name(packed[0]).removesuffix("._lowra_packed[0]")
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape))
     _warn_other_products(other_products, skip)
     return sites
 
 
-def _is_matmul(node: fx.Node) -> bool:
+def is_matmul(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _MATMULS) or (
         node.op == "call_method" and node.target in _MATMUL_METHODS
     )
@@ -259,7 +260,7 @@ def _viewed_placeholder(node: fx.Node) -> fx.Node | None:
         node = node.args[0]
 
 
-def _is_frozen_matrix(value) -> bool:
+def is_frozen_matrix(value) -> bool:
     return (
         isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 2
         and value.dtype.is_floating_point
