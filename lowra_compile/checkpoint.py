@@ -7,7 +7,8 @@
     torch.compile(model, backend="lowra")                               # finds them: no re-quantization
 
 One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
-"lowra" holds shape, dtype and group size per parameter.
+"lowra" holds shape, dtype, group size and orientation per parameter (`transposed`: stored (in, out), the
+packed matrix being its transpose, as GPT-2's Conv1D weights are).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
         name = name.removeprefix("_orig_mod.")
         for i, t in enumerate(pw.tensors()):
             tensors[f"{name}::{i}"] = t.detach().contiguous().cpu()
-        meta[name] = {"shape": list(pw.shape), "dtype": str(pw.dtype).removeprefix("torch."), "group_size": pw.group_size}
+        meta[name] = {
+            "shape": list(pw.shape), "dtype": str(pw.dtype).removeprefix("torch."), "group_size": pw.group_size,
+            "transposed": p._lowra_transposed,
+        }
     if not meta:
         raise ValueError("lowra: the model has no packed weights; run one compiled step (or quantize_) first")
     save_file(tensors, str(path), metadata={"lowra": json.dumps(meta)})
@@ -56,14 +60,16 @@ def load_quantized(
                 p = model.get_parameter(name)
             except AttributeError as err:
                 raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
-            if tuple(p.shape) != tuple(info["shape"]):
-                raise ValueError(f"lowra: layer {name!r} is {tuple(p.shape)} here but {tuple(info['shape'])} in {path}")
+            transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
+            shape = tuple(info["shape"][::-1] if transposed else info["shape"])
+            if tuple(p.shape) != shape:
+                raise ValueError(f"lowra: layer {name!r} is {tuple(p.shape)} here but {shape} in {path}")
             target = device or p.device
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
             tensors = [f.get_tensor(f"{name}::{i}").to(target) for i in range(TENSOR_COUNT)]
             dtype = getattr(torch, info["dtype"])
-            attach(p, PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"]))
+            attach(p, PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"]), transposed=transposed)
             release(p)
     return model

@@ -289,6 +289,34 @@ def test_gradient_checkpointing_layers_are_quantized_and_gradients_match(inner):
         assert (got[name] - want[name]).abs().max() <= 1e-5, name
 
 
+def test_a_recompile_of_checkpointed_layers_fuses_their_lora_branches_again(monkeypatch):
+    # Another sequence length recompiles; the checkpoint bodies then read the released weights' packed ops.
+    import lowra_compile.backend as backend
+
+    graphs = []
+    inner = backend._compile_inner
+    monkeypatch.setattr(backend, "_compile_inner", lambda gm, inputs, name: graphs.append(gm) or inner(gm, inputs, name))
+    model = tiny_peft_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    compiled = _compile(model)
+    compiled(**batch(16)).loss.backward()
+    first = len(graphs)
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+    data = batch(12)
+    compiled(**data).loss.backward()
+    reference(**data).loss.backward()
+    assert len(graphs) > first  # a recompile
+    bodies = [getattr(gm, n.args[0].target) for gm in graphs[first:] for n in gm.graph.nodes
+              if n.target is torch.ops.higher_order.tag_activation_checkpoint]
+    ops = [n for body in bodies for n in body.graph.nodes if n.target is torch.ops.lowra.lora_linear.default]
+    assert len(ops) == 14 and all(n.args[5] is not None for n in ops)  # LoRA inside the op, not beside it
+    got, want = _lora_grads(model), _lora_grads(reference)
+    for name in got:
+        assert (got[name] - want[name]).abs().max() <= 1e-5, name
+
+
 def test_multiple_active_adapters_fuse_the_first_and_warn():
     from peft import LoraConfig
 

@@ -41,6 +41,8 @@ ARCHITECTURES = {
                           "dropout": 0.0}, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
     "falcon": ("FalconConfig", {"hidden_size": 64, "num_attention_heads": 4},  # x @ W.T, not F.linear
                ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "gpt2": ("GPT2Config", {"hidden_size": 64, "num_attention_heads": 4, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                            "resid_pdrop": 0.0}, ["c_attn", "c_proj", "c_fc"]),  # Conv1D: addmm on (in, out)
     "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
 }
@@ -58,7 +60,11 @@ def tiny_peft_model(architecture: str, seed: int = 0):
     )
     torch.manual_seed(seed)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
-    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config), lora)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    # GPT2LMHeadModel's name maps to no loss type: its first loss logs a warning, and that breaks the graph
+    # before the loss (what a user of GPT-2 sets too: README)
+    base.loss_type = "ForCausalLM"
+    model = get_peft_model(base, lora)
     model.train()
     return model
 

@@ -4,7 +4,8 @@ A site is one frozen linear, in one of two forms, optionally followed by a LoRA 
 
     before (first compile)                          before (recompile, weight already packed)
     %y  = linear(%x, %W_frozen, %b)                 %y = lowra.lora_linear(%x, %x, [%p0..%p10], 64, %b,
-                                                                           None, None, 0.0)
+    (or %y = linear(%x, t(%W_frozen), %b) for a                            None, None, 0.0)
+     weight stored (in, out): a transposed site)
     then, optionally, the LoRA branch:
     %xl = dropout(%x, p, True, False)     # absent when lora_dropout=0; x_lora may be any node
     %h  = linear(%xl, %A, None)
@@ -14,9 +15,10 @@ A site is one frozen linear, in one of two forms, optionally followed by a LoRA 
 
 `match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call.
 A weight is only a site when every use of it in the graph is such a linear; anything else (DoRA's norm of
-W, a tied embedding) leaves the layer dense, with one warning that names it. Frozen weights that reach a
-matrix product another way (GPT-2's Conv1D: `addmm(b, x, W)` on an (in, out) weight) stay dense too, with
-one warning per graph that names them; `x @ W.T` is made a linear beforehand (`linear_forms`).
+W, a tied embedding) leaves the layer dense, with one warning that names it. Products that compute a
+linear layer another way (`x @ W.T`, `x @ W`, GPT-2's Conv1D `addmm(b, x, W)`) are made linears
+beforehand (`linear_forms`); frozen weights that still reach a matrix product (a batched or scaled one,
+einsum) stay dense, with one warning per graph that names them.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class LinearSite:
     lora: LoraBranch | None
     shape: tuple[int, int]
     scope: fx.Node | None = None  # the checkpoint call whose body holds the site (None: the top-level graph)
+    transposed: bool = False  # the weight is stored (in, out) and read as linear(x, t(W)): GPT-2's Conv1D
 
     @property
     def output(self) -> fx.Node:
@@ -81,7 +84,7 @@ def _is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.linear
 
 
-def _is_lowra(node: fx.Node) -> bool:
+def is_lowra_op(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (
         torch.ops.lowra.lora_linear.default,
         torch.ops.lowra.lora_linear,
@@ -203,6 +206,9 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                     other_products[placeholder_name(outer[w])] = _op_name(node)
         if _is_linear(node):
             x, w, bias = _linear_args(node)
+            transposed = _is_transpose(w) and w.args[0] in outer
+            if transposed:
+                w = w.args[0]
             value = example_value(w) if isinstance(w, fx.Node) else None
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
@@ -214,7 +220,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                     f"lowra: layer {name!r} has {value.dtype} weights; only real floating-point weights can be "
                     f"quantized. Convert the model to float32/bfloat16 or skip the layer with options={{'skip': ({name!r},)}}"
                 )
-            reason = _unsupported(w)
+            reason = _unsupported(w, transposed)
             if reason:
                 warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=3)
                 continue
@@ -225,12 +231,13 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                     "low-bit op, the others run as separate ops",
                     stacklevel=3,
                 )
-            sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, tuple(value.shape), scope))
-        elif _is_lowra(node) and node.args[5] is None and scope is None:
+            shape = tuple(value.shape[::-1] if transposed else value.shape)
+            sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, shape, scope, transposed))
+        elif is_lowra_op(node) and node.args[5] is None:
             x, _, packed, group_size, bias = node.args[:5]
             shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
-            name = placeholder_name(packed[0]).removesuffix("._lowra_packed[0]")
-            sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape))
+            name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
+            sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape, scope))
     _warn_other_products(other_products, skip)
     return sites
 
@@ -273,9 +280,9 @@ def _warn_other_products(other_products: dict[str, str], skip) -> None:
         ops = ", ".join(sorted({other_products[n] for n in names}))
         listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(
-            f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear "
-            "(as in GPT-2's Conv1D); lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute "
-            "x @ W.T, so these keep their full size.",
+            f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear; "
+            "lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute x @ W.T, x @ W or "
+            "addmm(b, x, W) (GPT-2's Conv1D), so these keep their full size.",
             stacklevel=4,
         )
 
@@ -287,8 +294,17 @@ def _module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def _unsupported(w: fx.Node) -> str | None:
-    others = [u for u in w.users if not (_is_linear(u) and u.args[1] is w)]
+def _is_transpose(node) -> bool:
+    """`torch.t(W)`, as `linear_forms` writes an (in, out) weight's linear."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.t
+
+
+def _unsupported(w: fx.Node, transposed: bool) -> str | None:
+    """Why weight `w` cannot be packed, or None when every read of it is a linear's weight (of `t(w)` when
+    `transposed`)."""
+    weights = [t for t in w.users if _is_transpose(t)] if transposed else [w]
+    others = [u for u in w.users if u not in weights] if transposed else []
+    others += [u for n in weights for u in n.users if not (_is_linear(u) and u.args[1] is n)]
     if any(u.target is F.embedding for u in others):
         return "it is tied to an embedding table (F.embedding needs the dense rows)"
     if others:

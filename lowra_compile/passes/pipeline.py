@@ -85,6 +85,11 @@ def _hint_more_calibration(stats: list[SiteStats | None]) -> None:
         )
 
 
+def site_matrix(site: LinearSite, weight: torch.Tensor) -> torch.Tensor:
+    """The site's weight as the (out, in) matrix the format packs (a copy for a weight stored (in, out))."""
+    return weight.detach().t().contiguous() if site.transposed else weight.detach()
+
+
 def device_clock(device: torch.device) -> float:
     """Seconds so far, after the device's queued work: CUDA kernels run asynchronously."""
     if device.type == "cuda":
@@ -134,7 +139,7 @@ def quantize_sites(
         x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
         factor = factors(i, weight.device)
         lq = quantize_layer_cached(
-            config.candidates_dir, weight.detach(), choices, config.group_size, config.codebook, x2,
+            config.candidates_dir, site_matrix(site, weight), choices, config.group_size, config.codebook, x2,
             config.lloyd_iters, factor, config.scales == "fitted",
         )
         err = lq.error
@@ -152,9 +157,10 @@ def quantize_sites(
         row["plan"] = plan_share
     for j, i in enumerate(tqdm(new, desc="lowra: pack", disable=not config.progress, unit="layer")):
         site, weight = sites[i], example_inputs[sites[i].weight_index]
+        matrix = site_matrix(site, weight)
         start = device_clock(weight.device)
         factor = factors(i, weight.device)
-        packed = assemble(layers[j], weight.detach(), bits[j], factor, config.refit_rounds)
+        packed = assemble(layers[j], matrix, bits[j], factor, config.refit_rounds)
         seconds[j]["pack"] = device_clock(weight.device) - start
         start = device_clock(weight.device)
         if site.lora is not None and config.loftq_iters > 0:
@@ -163,13 +169,13 @@ def quantize_sites(
                 s = _scaling_value(site.lora.scaling, values)
                 x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
                 packed, a, b = loftq_init(
-                    weight.detach(), packed, bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
+                    matrix, packed, bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
                     config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds, config.scales == "fitted",
                 )
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
         seconds[j]["loftq"] = device_clock(weight.device) - start
-        attach(weight, packed.to(weight.device), seconds[j])
+        attach(weight, packed.to(weight.device), seconds[j], site.transposed)
         layers[j] = None  # free the candidate codes of every width as we go
     if replicated():
         adapters = [values[sites[i].lora.lora_a] for i in new if sites[i].lora is not None]

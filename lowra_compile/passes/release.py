@@ -4,8 +4,9 @@
     after:  W  ReleasedWeight [N, K], storage resized to 0; W._lowra_packed = (perm, absmax, ..., codebook_4)
 
 The Parameter object stays (same id, shape, dtype, requires_grad), so Dynamo's guards still hold and no
-recompile follows. Its class becomes `ReleasedWeight`, whose `__torch_function__` sends `F.linear` to the
-packed op and dequantizes for anything else, so eager calls of the model, `state_dict()` and `torch.save`
+recompile follows. Its class becomes `ReleasedWeight`, whose `__torch_function__` sends `F.linear` (and,
+for a weight stored (in, out) like GPT-2's Conv1D, `addmm(b, x, W)` and `x @ W`) to the packed op and
+dequantizes for anything else, so eager calls of the model, `state_dict()` and `torch.save`
 keep working. On a recompile Dynamo inlines that `__torch_function__`, so the new graph holds the packed
 op directly. `materialize` undoes it all.
 
@@ -58,8 +59,10 @@ def packed_weight(p: Tensor) -> PackedWeight | None:
 
 
 def dequantized(p: Tensor) -> Tensor:
+    """The dense weight, in `p`'s shape: the packed (out, in) matrix, transposed for a weight stored (in, out)."""
     pw = p._lowra_weight
-    return torch.ops.lowra.dequant(list(p._lowra_packed), pw.shape[1], pw.group_size, pw.dtype)
+    w = torch.ops.lowra.dequant(list(p._lowra_packed), pw.shape[1], pw.group_size, pw.dtype)
+    return w.t() if p._lowra_transposed else w
 
 
 class ReleasedWeight(torch.nn.Parameter):
@@ -69,9 +72,9 @@ class ReleasedWeight(torch.nn.Parameter):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
-            if func is F.linear and isinstance(args[1], ReleasedWeight) and not isinstance(args[0], ReleasedWeight):
-                x, w = args[0], args[1]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            linear = _linear_call(func, args, kwargs)
+            if linear is not None:
+                x, w, bias = linear
                 return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
             if func in _METADATA:
                 return func(*args, **kwargs)
@@ -100,7 +103,27 @@ class ReleasedWeight(torch.nn.Parameter):
 
     def __repr__(self) -> str:
         pw = self._lowra_weight
-        return f"ReleasedWeight(shape={tuple(pw.shape)}, code_bits={pw.code_bits():.2f}, packed)"
+        packed = "packed transposed" if self._lowra_transposed else "packed"
+        return f"ReleasedWeight(shape={tuple(self.shape)}, code_bits={pw.code_bits():.2f}, {packed})"
+
+
+def _linear_call(func, args: tuple, kwargs: dict) -> tuple | None:
+    """(x, weight, bias) when the call computes a linear layer on a released weight, as the packed op can:
+    F.linear(x, W, b) of a weight stored (out, in), or addmm(b, x, W) / x @ W of one stored (in, out)."""
+    if func is F.linear and len(args) >= 2:
+        x, w, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+        transposed = False
+    elif func in (torch.addmm, Tensor.addmm) and len(args) == 3 and not kwargs:
+        bias, x, w = args
+        transposed = True
+    elif func in (torch.matmul, Tensor.matmul, Tensor.__matmul__) and len(args) == 2 and not kwargs:
+        (x, w), bias = args, None
+        transposed = True
+    else:
+        return None
+    if not isinstance(w, ReleasedWeight) or isinstance(x, ReleasedWeight) or w._lowra_transposed != transposed:
+        return None
+    return x, w, bias
 
 
 def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> "ReleasedWeight":
@@ -130,13 +153,15 @@ def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "Release
     return p
 
 
-def attach(p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None) -> None:
+def attach(p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None, transposed: bool = False) -> None:
     """Cache the packed form on the parameter, so recompiles never quantize again; `seconds`: the time
-    spent quantizing it, per stage (none when it was loaded from a checkpoint)."""
+    spent quantizing it, per stage (none when it was loaded from a checkpoint); `transposed`: `p` is stored
+    (in, out) and `packed` holds its transpose (GPT-2's Conv1D)."""
     p._lowra_weight = packed
     p._lowra_packed = tuple(packed.tensors())
     p._lowra_group_size = packed.group_size
     p._lowra_seconds = dict(seconds or {})
+    p._lowra_transposed = transposed
 
 
 def release(p: Tensor) -> None:
@@ -158,5 +183,5 @@ def materialize_weight(p: Tensor) -> None:
         with torch.no_grad():
             p.untyped_storage().resize_(dense.numel() * dense.element_size())
             p.copy_(dense)
-    for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size", "_lowra_seconds"):
+    for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size", "_lowra_seconds", "_lowra_transposed"):
         delattr(p, attr)

@@ -87,7 +87,9 @@ def rewrite(
     for i, site in enumerate(sites):
         nodes = env  # original node -> node of the graph being changed
         if site.packed is not None:
-            packed_nodes = [env[p] for p in site.packed]
+            if site.scope is not None:
+                _, nodes = _body_copy(new_gm, env[site.scope], bodies)
+            packed_nodes = [nodes[p] for p in site.packed]
         elif i in packed:
             packed_nodes = _add_placeholders(graph, packed[i], f"lowra_packed_{i}", fake_mode)
             extra += packed[i]
@@ -114,8 +116,9 @@ def rewrite(
             fused = old_out.graph.call_function(torch.ops.lowra.lora_linear.default, args)
         fused.meta = dict(old_out.meta)
         old_out.replace_all_uses_with(fused)
-        for node in reversed((nodes[site.base], *(nodes[n] for n in (lora.nodes if lora else ())))):
-            if not node.users:
+        transpose = nodes[site.base].args[1] if site.transposed else None  # t(W) of an (in, out) weight
+        for node in reversed((transpose, nodes[site.base], *(nodes[n] for n in (lora.nodes if lora else ())))):
+            if node is not None and not node.users:
                 node.graph.erase_node(node)
     # Placeholders must keep their relative order: the appended ones come after Dynamo's.
     for body, _ in bodies.values():

@@ -36,3 +36,31 @@ def test_products_with_a_transposed_frozen_weight_become_linears_in_a_copy():
 def test_a_graph_without_such_products_is_returned_as_it_is():
     gm, _ = capture_graph(torch.nn.Linear(8, 8).requires_grad_(False), torch.randn(2, 8))
     assert linear_forms(gm) is gm
+
+
+class _InOut(torch.nn.Module):
+    """GPT-2's Conv1D (flatten, addmm on an (in, out) weight, unflatten) and a product x @ W, W (in, out)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.conv1d = Conv1D(24, 16)  # weight (16, 24)
+        self.in_out = torch.nn.Parameter(torch.randn(24, 8))
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.conv1d(x) @ self.in_out
+
+
+def test_products_with_an_in_out_weight_become_linears_of_its_transpose():
+    x = torch.randn(2, 3, 16)
+    gm, inputs = capture_graph(_InOut(), x)
+    new = linear_forms(gm)
+    linears = [n for n in new.graph.nodes if n.target is F.linear]
+    assert len(linears) == 2 and all(n.args[1].target is torch.t for n in linears)
+    assert not any(n.target in (torch.addmm, "view") for n in new.graph.nodes)  # Conv1D's flattening is gone
+    assert linears[0].args[0].op == "placeholder"  # the 3-D input itself
+    sites = match_sites(new)
+    assert [(s.name, s.shape, s.transposed) for s in sites] == [("conv1d.weight", (24, 16), True), ("in_out", (8, 24), True)]
+    torch.testing.assert_close(new(*inputs), gm(*inputs))

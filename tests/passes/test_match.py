@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowra_compile.passes.linear_forms import linear_forms
 from lowra_compile.passes.match import match_sites
 
 from ..tiny_models import batch, capture_graph, tiny_llama, tiny_peft_llama
@@ -55,37 +56,37 @@ def test_scaling_as_symfloat_under_dynamic_shapes():
 
 
 class _OtherProducts(torch.nn.Module):
-    """A linear layer, GPT-2's Conv1D (addmm on an (in, out) weight) and a product with an (in, out) weight."""
+    """A linear layer, and frozen weights read by products that `linear_forms` does not make linears: one
+    on the left of a product, one in an einsum."""
 
     def __init__(self):
         super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
         self.linear = torch.nn.Linear(32, 32)
-        self.conv1d = Conv1D(32, 32)
+        self.left = torch.nn.Parameter(torch.randn(32, 32))
         self.in_out = torch.nn.Parameter(torch.randn(32, 32))
         self.requires_grad_(False)
 
     def forward(self, x):
-        return self.linear(self.conv1d(x)) @ self.in_out
+        h = (self.left @ self.linear(x).transpose(-1, -2)).transpose(-1, -2)
+        return torch.einsum("btk,kn->btn", h, self.in_out)
 
 
 def test_weights_read_by_other_matrix_products_are_named_in_one_warning():
     gm, _ = capture_graph(_OtherProducts(), torch.randn(2, 4, 32))
     with pytest.warns(UserWarning) as caught:
-        sites = match_sites(gm)
+        sites = match_sites(linear_forms(gm))
     assert [s.name for s in sites] == ["linear.weight"]
     [warning] = [w for w in caught if "stay dense" in str(w.message)]
     message = str(warning.message)
-    assert "2 frozen weight(s)" in message and "'conv1d.weight'" in message and "'in_out'" in message
-    assert "addmm" in message and "matmul" in message
+    assert "2 frozen weight(s)" in message and "'left'" in message and "'in_out'" in message
+    assert "einsum" in message and "matmul" in message
 
 
 def test_skipped_weights_read_by_other_matrix_products_do_not_warn():
     gm, _ = capture_graph(_OtherProducts(), torch.randn(2, 4, 32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert [s.name for s in match_sites(gm, skip=("conv1d", "in_out"))] == ["linear.weight"]
+        assert [s.name for s in match_sites(linear_forms(gm), skip=("left", "in_out"))] == ["linear.weight"]
 
 
 def test_a_module_passed_as_an_argument_keeps_its_parameter_names():
