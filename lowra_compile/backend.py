@@ -14,6 +14,7 @@ This module must not register the backend itself: the `torch_dynamo_backends` en
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -28,14 +29,35 @@ from .passes.release import packed_weight, release
 from .passes.rewrite import rewrite
 
 
-def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str) -> Callable:
+def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_options: dict | None = None) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, inputs)
+    return compile_fx(gm, inputs, config_patches=inductor_options or None)
+
+
+def mode_options(mode: str | None, inner: str) -> dict:
+    """Inductor's options for torch.compile's `mode`, less CUDA graphs, with a warning for what is dropped.
+
+    CUDA graphs ("reduce-overhead", "max-autotune") are not applied: they were never run with the packed ops
+    (no GPU test so far), so lowra does not switch them on rather than risk a failure mid-training."""
+    if not mode or mode == "default":
+        return {}
+    options = dict(torch._inductor.list_mode_options(mode))  # raises on an unknown mode
+    if options.pop("triton.cudagraphs", False):
+        rest = "the mode's other options are applied" if options else "nothing else changes"
+        warnings.warn(
+            f"lowra: mode={mode!r} asks for CUDA graphs, which the lowra backend does not apply (not yet tested "
+            f"with its packed ops); {rest}",
+            stacklevel=3,
+        )
+    if options and inner != "inductor":
+        warnings.warn(f"lowra: mode={mode!r} only applies to options={{'inner': 'inductor'}}; inner is {inner!r}", stacklevel=3)
+        return {}
+    return options
 
 
 def _shares_storage(weight: torch.Tensor, others: list) -> bool:
@@ -50,11 +72,12 @@ def _shares_storage(weight: torch.Tensor, others: list) -> bool:
 def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
+    inductor_options = mode_options(mode, config.inner)
     codegen.set_kernel_mode(config.kernels)
     gm = linear_forms(gm)
     sites = match_sites(gm, config.skip)
     if not sites:
-        return _compile_inner(gm, example_inputs, config.inner)
+        return _compile_inner(gm, example_inputs, config.inner, inductor_options)
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
@@ -65,7 +88,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     fake_mode = torch._guards.detect_fake_mode()
     new_gm, extra = rewrite(gm, sites, packed, group_size, fake_mode)
     fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in extra] if fake_mode else extra
-    compiled = _compile_inner(new_gm, [*example_inputs, *fakes], config.inner)
+    compiled = _compile_inner(new_gm, [*example_inputs, *fakes], config.inner, inductor_options)
     for weight in weights.values():
         if not _shares_storage(weight, example_inputs):
             release(weight)

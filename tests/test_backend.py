@@ -295,7 +295,7 @@ def test_a_recompile_of_checkpointed_layers_fuses_their_lora_branches_again(monk
 
     graphs = []
     inner = backend._compile_inner
-    monkeypatch.setattr(backend, "_compile_inner", lambda gm, inputs, name: graphs.append(gm) or inner(gm, inputs, name))
+    monkeypatch.setattr(backend, "_compile_inner", lambda gm, *args: graphs.append(gm) or inner(gm, *args))
     model = tiny_peft_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
@@ -551,3 +551,35 @@ def test_a_packed_base_loads_straight_onto_the_gpu_of_a_model_built_on_the_cpu(t
     with torch.no_grad():
         got = _compile(fresh)(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in data.items()}).logits
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mode, want, warns",
+    [
+        ("max-autotune-no-cudagraphs", {"max_autotune": True, "coordinate_descent_tuning": True}, None),
+        ("max-autotune", {"max_autotune": True, "coordinate_descent_tuning": True}, "CUDA graphs"),
+        ("reduce-overhead", None, "CUDA graphs"),
+    ],
+)
+def test_torch_compile_s_mode_reaches_inductor_without_cuda_graphs(mode, want, warns, monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    patches = []
+    compile_fx = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx",
+                        lambda gm, inputs, config_patches=None: patches.append(config_patches) or compile_fx(gm, inputs))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).requires_grad_(False)
+    compiled = torch.compile(model, backend="lowra", mode=mode)
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = compiled(x)
+    assert patches == [want]
+    assert any(warns in str(w.message) for w in caught) if warns else not any("mode=" in str(w.message) for w in caught)
+    assert isinstance(model[0].weight, ReleasedWeight)
+    torch.testing.assert_close(y, model(x))  # the dequantized model, eagerly
+
+
+def test_an_unknown_mode_raises():
+    with pytest.raises(RuntimeError, match="Unrecognized mode"):
+        torch.compile(torch.nn.Linear(8, 8).requires_grad_(False), backend="lowra", mode="fastest")(torch.randn(2, 8))
