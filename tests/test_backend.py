@@ -429,6 +429,13 @@ def test_quantize_ahead_names_the_calibration_batch_that_does_not_match(other, e
         lowra_compile.quantize_(model, [])
 
 
+def test_peft_s_own_merge_raises_naming_lowra_merge():
+    model = tiny_peft_llama()
+    _compile(model)(**batch(8))
+    with pytest.raises(RuntimeError, match=r"lowra_compile.merge\(model\)"):
+        model.merge_and_unload()
+
+
 def test_merge_folds_adapters_into_the_dequantized_base():
     model = tiny_peft_llama()
     compiled = _compile(model)
