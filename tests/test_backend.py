@@ -522,7 +522,7 @@ def test_a_small_calibration_batch_gets_a_hint_and_enough_batches_do_not():
     assert _calibration_hints(tiny_peft_llama(), [batch(256, size=8, seed=s) for s in range(2)]) == []  # 4,096 tokens
 
 
-def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_elsewhere_raises(monkeypatch):
+def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_a_cast_moves_only_the_packed_form(monkeypatch):
     model = lowra_compile.quantize_(tiny_peft_llama(), batch(16), {"progress": False})
     with torch.no_grad():
         expected = model(**batch(16)).logits
@@ -530,12 +530,62 @@ def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_elsewhere_rai
     monkeypatch.setattr(torch.ops.lowra, "dequant", lambda *a: dequantized.append(a) or torch.zeros(0))
     model.to("cpu").to(torch.float32).float()
     assert dequantized == [] and sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+    weight = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
+    packed = weight._lowra_packed
+    model.double()
+    assert dequantized == []  # nothing dense is built: only the packed form's dtype changes
+    released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
+    assert len(released) == 14 and all(p.dtype == torch.float64 and p._lowra_weight.dtype == torch.float64 for p in released)
+    assert weight.untyped_storage().nbytes() == 0 and all(a is b for a, b in zip(weight._lowra_packed, packed))
     monkeypatch.undo()
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch(16)).logits, expected, rtol=0, atol=0)
-    for move in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.to("meta")):
-        with pytest.raises(RuntimeError, match=r"quantized frozen weight of shape .* cannot become"):
-            move(model)
+        torch.testing.assert_close(model(**batch(16)).logits.float(), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"quantized frozen weight of shape .* cannot become torch.int8"):
+        weight.to(torch.int8)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_a_compiled_model_cast_after_quantizing_trains_as_the_cast_dequantized_model(architecture):
+    from .tiny_models import tiny_peft_model
+
+    model = tiny_peft_llama() if architecture == "llama" else tiny_peft_model(architecture)
+    compiled = _compile(model)
+    data = batch(16)
+    compiled(**data).loss.backward()  # quantizes in float32
+    model.zero_grad(set_to_none=True)
+    model.to(torch.bfloat16)
+    reference = copy.deepcopy(model)  # dequantized in bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    loss = compiled(**data).loss  # recompiles for the new dtype
+    loss.backward()
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    want = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(grad, want[name], atol=1e-3, rtol=1e-2, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_quantized_on_the_gpu_moves_to_the_cpu_and_back():
+    model = tiny_peft_llama().cuda()
+    compiled = _compile(model)
+    data = batch(16)
+    on_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in data.items()}
+    compiled(**on_gpu).loss.backward()
+    with torch.no_grad():
+        want = compiled(**on_gpu).logits.cpu()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model.cpu()
+    released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
+    assert len(released) == 14 and all(not p.is_cuda and not any(t.is_cuda for t in p._lowra_packed) for p in released)
+    assert torch.cuda.memory_allocated() < before
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**data).logits, want, atol=1e-4, rtol=1e-4)  # recompiled on the CPU
+    model.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**on_gpu).logits.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -15,8 +15,11 @@ holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `sa
 whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
 one layer's at a time. `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
 values (a checkpoint of this model); any other values raise instead of being dropped. And `to()`, `cuda()`,
-`half()` and the like (what `model.to(...)` calls) return the weight itself when nothing changes and raise
-for another device or dtype: the packed form stays where it was quantized.
+`half()` and the like (what `model.to(...)` calls) return the weight itself when nothing changes, and
+otherwise a released weight of the new device and dtype holding the packed form moved there, which the
+`.data =` of `Module._apply` makes the weight's own: a move copies only the packed tensors, and a cast
+only changes what dequantization returns. The Parameter stays the same object; Dynamo's guards see its
+new device or dtype and recompile.
 """
 
 from __future__ import annotations
@@ -80,9 +83,11 @@ class ReleasedWeight(torch.nn.Parameter):
                 return func(*args, **kwargs)
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
                 return dequantized(args[0]).cpu()
+            if func == Tensor.data.__set__ and isinstance(args[0], ReleasedWeight) and isinstance(args[1], ReleasedWeight):
+                _adopt(args[0], args[1])  # Module._apply after a move or cast (`_converted`), or `p.data = p`
+                return None
             if func in (Tensor.copy_, Tensor.data.__set__) and isinstance(args[0], ReleasedWeight):
-                if args[1] is not args[0]:  # Module._apply sets `p.data = p` after a `.to()` that changed nothing
-                    _copy_own_values(args[0], args[1])
+                _copy_own_values(args[0], args[1])
                 return args[0] if func is Tensor.copy_ else None
             if func in _CONVERSIONS and isinstance(args[0], ReleasedWeight):
                 return _converted(func, args[0], args[1:], kwargs)
@@ -144,15 +149,33 @@ def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> "ReleasedWeight":
 
 def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "ReleasedWeight":
     """`p.to(...)` and the like for a packed weight: `p` itself when nothing changes (as for any tensor; no
-    dequantization, so `model.to(its own device)` costs nothing), an error for another device or dtype."""
+    dequantization, so `model.to(its own device)` costs nothing), otherwise a released weight of the target
+    device and dtype whose packed form is `p`'s, moved there. The packed tensors do not depend on the dense
+    dtype, which only sets what dequantization returns; only they move, never a dense weight."""
     target = func(torch.empty(0, dtype=p.dtype, device=p.device), *args, **kwargs)
-    if (target.device, target.dtype) != (p.device, p.dtype):
+    if (target.device, target.dtype) == (p.device, p.dtype):
+        return p
+    if not target.dtype.is_floating_point:
         raise RuntimeError(
-            f"lowra: a quantized frozen weight of shape {tuple(p.shape)} ({p.dtype} on {p.device}) cannot become "
-            f"{target.dtype} on {target.device}: its dense storage is freed. Compile (or load_quantized) the model "
-            "on the device and in the dtype it trains in, or lowra_compile.materialize(model) first."
+            f"lowra: a quantized frozen weight of shape {tuple(p.shape)} cannot become {target.dtype}: it "
+            "dequantizes to real floating point only"
         )
-    return p
+    pw = p._lowra_weight
+    # one layer's worth, uninitialised, freed at once by `release`: the tensor only needs p's shape and stride
+    dense = torch.empty_strided(p.shape, p.stride(), dtype=target.dtype, device=target.device)
+    moved = torch.nn.Parameter(dense, requires_grad=False)
+    packed = PackedWeight.from_tensors([t.to(target.device) for t in pw.tensors()], pw.shape, target.dtype, pw.group_size)
+    attach(moved, packed, p._lowra_seconds, p._lowra_transposed)
+    release(moved)
+    return moved
+
+
+def _adopt(p: "ReleasedWeight", source: "ReleasedWeight") -> None:
+    """`p.data = source` for released weights: `p` takes `source`'s device, dtype and packed form."""
+    if source is p:
+        return
+    Tensor.data.__set__(p, source)
+    attach(p, source._lowra_weight, source._lowra_seconds, source._lowra_transposed)
 
 
 def attach(p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None, transposed: bool = False) -> None:
