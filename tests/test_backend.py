@@ -544,6 +544,13 @@ def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_a_cast_moves_
         weight.to(torch.int8)
 
 
+def _forget_graphs_before_torch_2_13():
+    # Dynamo before 2.13 skips the guards of parameters whose module dicts did not change, so it runs the old
+    # graphs after an in-place `model.to(...)`, for any model (README): there the user, like this test, resets.
+    if torch.__version__ < "2.13":
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_a_compiled_model_cast_after_quantizing_trains_as_the_cast_dequantized_model(architecture):
     from .tiny_models import tiny_peft_model
@@ -554,6 +561,7 @@ def test_a_compiled_model_cast_after_quantizing_trains_as_the_cast_dequantized_m
     compiled(**data).loss.backward()  # quantizes in float32
     model.zero_grad(set_to_none=True)
     model.to(torch.bfloat16)
+    _forget_graphs_before_torch_2_13()
     reference = copy.deepcopy(model)  # dequantized in bfloat16
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     loss = compiled(**data).loss  # recompiles for the new dtype
@@ -578,12 +586,14 @@ def test_a_model_quantized_on_the_gpu_moves_to_the_cpu_and_back():
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     model.cpu()
+    _forget_graphs_before_torch_2_13()
     released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
     assert len(released) == 14 and all(not p.is_cuda and not any(t.is_cuda for t in p._lowra_packed) for p in released)
     assert torch.cuda.memory_allocated() < before
     with torch.no_grad():
         torch.testing.assert_close(compiled(**data).logits, want, atol=1e-4, rtol=1e-4)  # recompiled on the CPU
     model.cuda()
+    _forget_graphs_before_torch_2_13()
     with torch.no_grad():
         torch.testing.assert_close(compiled(**on_gpu).logits.cpu(), want, atol=1e-4, rtol=1e-4)
 
