@@ -72,7 +72,7 @@ def _shares_storage(weight: torch.Tensor, others: list) -> bool:
 def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
-    inductor_options = mode_options(mode, config.inner)
+    inductor_options = mode_options(mode or config.mode, config.inner)
     codegen.set_kernel_mode(config.kernels)
     gm = linear_forms(gm)
     sites = match_sites(gm, config.skip)

@@ -18,6 +18,7 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 CALIBRATION = ("fisher", "activation", "off")
 ROUNDING = ("auto", "nearest", "gptq")
 SCALES = ("absmax", "fitted")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class LowRAConfig:
     skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").
     kernels:      "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
     inner:        compiler run on the rewritten graph.
+    mode:         torch.compile's `mode` for that compiler (Inductor only), given here so that it goes with
+                  the other options: torch.compile takes `mode` or `options`, not both. CUDA graphs stay
+                  off (backend.mode_options).
     min_bits / max_bits: per-channel floor and ceiling applied on top of bit_choices.
     progress:     show progress bars during quantization.
     candidates_dir: a directory where each layer's candidates (codebooks, scales and errors at every width)
@@ -66,6 +70,7 @@ class LowRAConfig:
     skip: tuple[str, ...] = ("lm_head",)
     kernels: str = "auto"
     inner: str = "inductor"
+    mode: str | None = None
     min_bits: int = 1
     max_bits: int = 4
     progress: bool = True
@@ -99,6 +104,8 @@ class LowRAConfig:
         _check_choice("scales", self.scales, SCALES)
         _check_choice("kernels", self.kernels, KERNELS)
         _check_choice("inner", self.inner, INNER_COMPILERS)
+        if self.mode is not None:
+            _check_choice("mode", self.mode, MODES)
         _check_choice("calibrate", self.calibrate, CALIBRATION)
         _check_choice("rounding", self.rounding, ROUNDING)
         if self.rounding == "auto":

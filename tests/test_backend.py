@@ -647,6 +647,22 @@ def test_torch_compile_s_mode_reaches_inductor_without_cuda_graphs(mode, want, w
     torch.testing.assert_close(y, model(x))  # the dequantized model, eagerly
 
 
+def test_mode_as_an_option_goes_with_the_other_options(monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    patches = []
+    compile_fx = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx",
+                        lambda gm, inputs, config_patches=None: patches.append(config_patches) or compile_fx(gm, inputs))
+    model = torch.nn.Linear(64, 64).requires_grad_(False)
+    options = {"bits": 3.0, "progress": False, "mode": "max-autotune-no-cudagraphs"}
+    torch.compile(model, backend="lowra", options=options)(torch.randn(4, 64))
+    assert patches == [{"max_autotune": True, "coordinate_descent_tuning": True}]
+    assert model.weight._lowra_weight.code_bits() == 3.0
+    with pytest.raises(ValueError, match=r"mode='fastest' is not one of"):
+        lowra_compile.LowRAConfig(mode="fastest")
+
+
 def test_an_unknown_mode_raises():
     with pytest.raises(RuntimeError, match="Unrecognized mode"):
         torch.compile(torch.nn.Linear(8, 8).requires_grad_(False), backend="lowra", mode="fastest")(torch.randn(2, 8))
