@@ -78,32 +78,25 @@ _RESHAPE_METHODS = ("view", "reshape")
 
 
 def _linear_form(node: fx.Node) -> tuple | None:
-    """(target, args) of the linear that the product `node` computes, or None. Args may hold `_Transposed(W)`, the
-    transpose of an (in, out) weight, which `_rewrite` inserts as a node."""
+    """(target, args, in_out) of the linear that the product `node` computes, or None; `in_out`: args[1] is
+    a weight stored (in, out), which `_rewrite` transposes with a new node."""
     if node.op not in ("call_function", "call_method") or node.kwargs:
         return None
     if node.target in _ADDMMS and len(node.args) == 3:
         bias, x, w = node.args  # Conv1D: addmm(b, x, W), W (in, out)
-        return (F.linear, (x, _Transposed(w), bias)) if _frozen_weight(w) and isinstance(bias, fx.Node) else None
+        return (F.linear, (x, w, bias), True) if _frozen_weight(w) and isinstance(bias, fx.Node) else None
     if node.target not in _PRODUCTS or len(node.args) != 2:
         return None
     x, w = node.args
     if _frozen_weight(w):  # x @ W, W (in, out)
-        return F.linear, (x, _Transposed(w), None)
+        return F.linear, (x, w, None), True
     w = _transposed(w)
     if _frozen_weight(w):
-        return F.linear, (x, w, None)
+        return F.linear, (x, w, None), False
     if _is_dequant(w):
         packed, _, group_size, _ = w.args
-        return torch.ops.lowra.lora_linear.default, (x, x, packed, group_size, None, None, None, 0.0)
+        return torch.ops.lowra.lora_linear.default, (x, x, packed, group_size, None, None, None, 0.0), False
     return None
-
-
-class _Transposed(tuple):
-    """An (in, out) weight in a linear's args, to be transposed by a new node."""
-
-    def __new__(cls, w: fx.Node):
-        return super().__new__(cls, (w,))
 
 
 def _is_reshape(node) -> bool:
@@ -151,18 +144,18 @@ def _rewrite(graph: fx.Graph) -> None:
         form = _linear_form(node)
         if form is None:
             continue
-        target, args = form
-        product_args = node.args
+        target, args, in_out = form
+        operand = node.args[-1]  # W, or W.T (of a placeholder, or of the recompile's dequantization)
         with graph.inserting_before(node):
-            args = tuple(_transpose(graph, a[0]) if isinstance(a, _Transposed) else a for a in args)
+            if in_out:
+                args = (args[0], _transpose(graph, args[1]), *args[2:])
             linear = graph.call_function(target, args)
         linear.meta = dict(node.meta)
         node.replace_all_uses_with(linear)
         graph.erase_node(node)
-        transpose = product_args[-1]
-        if transpose.op != "placeholder" and not transpose.users:  # W.T, and the recompile's dequantization
-            source = transpose.args[0]
-            graph.erase_node(transpose)
+        if operand.op != "placeholder" and not operand.users:
+            source = operand.args[0]
+            graph.erase_node(operand)
             if source.op != "placeholder" and not source.users:
                 graph.erase_node(source)
     for node in list(graph.nodes):
