@@ -458,6 +458,31 @@ def test_bfloat16_model_trains():
     assert len(released) == 14 and all(p.dtype == torch.bfloat16 for p in released)
 
 
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+def test_training_under_autocast_matches_the_dequantized_model_under_autocast(inner):
+    # Trainer(bf16=True) on a float32 model: accelerate runs the forward under torch.autocast, where each
+    # linear computes in bfloat16, and so must the packed op standing in for it.
+    model = tiny_peft_llama()
+    compiled = _compile(model, inner=inner)
+    data = batch(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(**data).loss.backward()  # quantizes
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = compiled(**data), reference(**data)
+    out.loss.backward()
+    ref.loss.backward()
+    assert out.logits.dtype == ref.logits.dtype == torch.bfloat16
+    # traced without Inductor's fusions the graph computes what the eager model does, to the last bit
+    exact = inner != "inductor"
+    torch.testing.assert_close(out.loss, ref.loss, atol=0 if exact else 1e-3, rtol=0 if exact else 1e-3)
+    want = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        assert grad.dtype == torch.float32
+        assert (grad - want[name]).abs().max() <= 3e-2 * want[name].abs().max(), name
+
+
 def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
     # The way to calibrate on more tokens than one training batch: quantize_ on a big batch, then compile.
     model = tiny_peft_llama()

@@ -91,6 +91,40 @@ def _backward(ctx, grad: Tensor):
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Under torch.autocast, F.linear runs in the autocast dtype, and so must lora_linear, which stands in for
+# it: the floating inputs a linear's autocast would cast (x, bias, the adapters; not float64) are cast, the
+# weight dequantizes to that dtype, and the output comes out in it. The packed tensors are not inputs a
+# linear has: their levels and scales stay exact. Without this rule the op had no autocast kernel: traced,
+# it ran in float32 where the dense model ran in bfloat16 (twice the activation memory, float32 GEMMs),
+# and its reference implementation cast inside while its fake said float32.
+_autocast_library = torch.library.Library("lowra", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def autocast(x, x_lora, packed, group_size, bias, lora_a, lora_b, scaling):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+            return t.to(dtype) if eligible else t
+
+        cast_x = cast(x)
+        cast_x_lora = cast_x if x_lora is x else cast(x_lora)  # keeps the no-dropout case one tensor
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.lowra.lora_linear.default(
+                cast_x, cast_x_lora, packed, group_size, cast(bias), cast(lora_a), cast(lora_b), scaling
+            )
+
+    _autocast_library.impl("lora_linear", lambda _keyset, *args: autocast(*args), key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
 gptq_block = custom_op("lowra::gptq_block", reference.gptq_block, mutates_args=())
 
 

@@ -58,3 +58,41 @@ def test_no_gradient_for_frozen_input():
     y = torch.ops.lowra.lora_linear(x, x, packed, 32, None, a, bb, 1.0)
     y.sum().backward()
     assert x.grad is None and a.grad is not None and bb.grad is not None
+
+
+def _autocast_dense(x, packed, b, a, bb, scaling):
+    """What the dense layer and its PEFT branch compute under autocast: each F.linear casts its inputs."""
+    w = torch.ops.lowra.dequant(packed, K, 32, torch.float32)
+    return F.linear(x, w, b) + scaling * F.linear(F.linear(x, a), bb)
+
+
+def test_lora_linear_under_autocast_runs_in_the_autocast_dtype_as_the_dense_layer():
+    x, _, packed, b, a, bb = _inputs(torch.float32, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # the op first: casts made inside it, where autograd is off, would enter autocast's cache of cast
+        # parameters without gradients, and the dense layer after it would read those
+        y = torch.ops.lowra.lora_linear(x, x, packed, 32, b, a, bb, 0.5)
+        ref = _autocast_dense(x, packed, b, a, bb, 0.5)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    leaves = (x, b, a, bb)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g)
+    for u, v in zip(got, want):
+        assert u.dtype == v.dtype == torch.float32  # back to each leaf's dtype, through the casts
+        torch.testing.assert_close(u, v, atol=2e-2, rtol=2e-2)
+
+
+def test_lora_linear_under_autocast_traces_to_the_dtype_it_runs_in():
+    # Traced (fake tensors, as aot_autograd and Inductor see it), the op must give what it computes for real.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, _, packed, b, a, bb = _inputs(torch.float32, True, True)
+    with FakeTensorMode() as mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        fake = [mode.from_tensor(t) for t in (x, b, a, bb)]
+        y = torch.ops.lowra.lora_linear(fake[0], fake[0], [mode.from_tensor(t) for t in packed], 32, *fake[1:], 0.5)
+    assert y.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.lowra.lora_linear(x.double(), x.double(), packed, 32, None, None, None, 1.0)
+    assert y.dtype == torch.float64  # autocast leaves float64 alone, as it does for F.linear
