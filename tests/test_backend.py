@@ -483,6 +483,30 @@ def test_training_under_autocast_matches_the_dequantized_model_under_autocast(in
         assert (grad - want[name]).abs().max() <= 3e-2 * want[name].abs().max(), name
 
 
+def test_a_compiled_step_with_compiled_autograd_matches_the_eager_model():
+    # A step function compiled with its loss.backward(), under compiled autograd: with inner "eager" the
+    # backward graph holds the packed op's own backward, whose merged x / x_lora gradient used to be None.
+    model = tiny_peft_llama()
+    data = batch(16)
+    _compile(model)(**data).loss.backward()  # quantizes
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+
+    def step():
+        loss = model(**data).loss
+        loss.backward()
+        return loss
+
+    with torch._dynamo.config.patch(compiled_autograd=True):  # read by torch.compile, not by the call
+        loss = torch.compile(step, backend="lowra", options=QUIET)()
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    want = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
     # The way to calibrate on more tokens than one training batch: quantize_ on a big batch, then compile.
     model = tiny_peft_llama()

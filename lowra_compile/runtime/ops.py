@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._dynamo import compiled_autograd
 from torch.library import custom_op
 
 from . import reference
@@ -63,6 +64,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.merge_dx = has_lora and x_lora is x  # no dropout: both gradients flow into the same tensor
 
 
+def _merged_away(x_lora: Tensor) -> Tensor | None:
+    """The gradient of x_lora when dx already holds it (x_lora is x): None, which autograd skips. Compiled
+    autograd instead adds the two gradients of the one tensor and fails on None (torch 2.11 and 2.13), so
+    there it is a zero tensor."""
+    return torch.zeros_like(x_lora) if compiled_autograd.in_compiled_autograd_region else None
+
+
 def _backward(ctx, grad: Tensor):
     x_lora, lora_a, lora_b, *packed = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
@@ -78,7 +86,7 @@ def _backward(ctx, grad: Tensor):
         return (dx.to(ctx.x_dtype) if need_dx else None), None, no_packed_grad, None, dbias, None, None, None
     return (
         dx.to(ctx.x_dtype) if need_dx else None,
-        dx_lora if ctx.needs_input_grad[1] and not merge_dx else None,
+        _merged_away(x_lora) if merge_dx else (dx_lora if ctx.needs_input_grad[1] else None),
         no_packed_grad,
         None,
         dbias,
