@@ -69,6 +69,35 @@ def _shares_storage(weight: torch.Tensor, others: list) -> bool:
     )
 
 
+def _fsdp_module() -> str | None:
+    """The class of the FSDP-sharded module whose forward Dynamo is compiling, or None.
+
+    FSDP's hooks break the graph at every module it shards, so each graph is the forward of one (its
+    `self`), run on dense weights FSDP gathered for this call and frees after it. Read from the frame
+    Dynamo is translating, which its backend API does not hand over."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        scope = InstructionTranslator.current_tx().output.local_scope
+    except (ImportError, AttributeError, AssertionError):  # no torch.distributed, or no frame (a direct call)
+        return None
+    owner = scope.get("self")
+    return type(owner).__name__ if isinstance(owner, (FSDPModule, FullyShardedDataParallel)) else None
+
+
+def _refuse_fsdp(sites: list) -> None:
+    owner = _fsdp_module()
+    if owner:
+        raise ValueError(
+            f"lowra: layer {sites[0].name!r} belongs to {owner}, which FSDP shards. lowra cannot quantize "
+            "FSDP-sharded weights: FSDP gathers them dense for every forward, so a packed copy would save "
+            "nothing, and the shards, the state_dict and the report would stay dense. A 1-4 bit base fits "
+            "where a sharded dense one was needed: train without FSDP, the whole model on each GPU under "
+            "DistributedDataParallel (torch.compile(DDP(model), backend=\"lowra\"); README)."
+        )
+
+
 def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
@@ -78,6 +107,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     sites = match_sites(gm, config.skip)
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
+    _refuse_fsdp(sites)
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:

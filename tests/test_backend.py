@@ -507,6 +507,22 @@ def test_a_compiled_step_with_compiled_autograd_matches_the_eager_model():
         torch.testing.assert_close(grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_fsdp_sharded_layers_raise_naming_the_module_and_what_to_use(tmp_path):
+    # FSDP gathers a sharded layer's dense weights for each forward: packing them would save nothing (and
+    # before this check, it did so silently: a packed copy inside the graph, dense shards and an empty report)
+    dist = pytest.importorskip("torch.distributed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_peft_llama()
+        for layer in model.base_model.model.model.layers:
+            fsdp.fully_shard(layer)
+        with pytest.raises(Exception, match="FSDPLlamaDecoderLayer, which FSDP shards.*DistributedDataParallel"):
+            _compile(model)(**batch(16))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
     # The way to calibrate on more tokens than one training batch: quantize_ on a big batch, then compile.
     model = tiny_peft_llama()
