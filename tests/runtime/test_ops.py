@@ -66,15 +66,22 @@ def _autocast_dense(x, packed, b, a, bb, scaling):
     return F.linear(x, w, b) + scaling * F.linear(F.linear(x, a), bb)
 
 
-def test_lora_linear_under_autocast_runs_in_the_autocast_dtype_as_the_dense_layer():
-    x, _, packed, b, a, bb = _inputs(torch.float32, True, True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_lora_linear_under_autocast_runs_in_the_autocast_dtype_as_the_dense_layer(device):
+    x, _, packed, b, a, bb = (
+        [u.to(device) for u in t] if isinstance(t, list) else t.detach().to(device).requires_grad_()
+        for t in _inputs(torch.float32, True, True)
+    )
+    with torch.autocast(device, dtype=torch.bfloat16):
         # the op first: casts made inside it, where autograd is off, would enter autocast's cache of cast
         # parameters without gradients, and the dense layer after it would read those
         y = torch.ops.lowra.lora_linear(x, x, packed, 32, b, a, bb, 0.5)
         ref = _autocast_dense(x, packed, b, a, bb, 0.5)
     assert y.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    exact = device == "cpu"  # the same reference ops; on CUDA the Triton kernels sum in another order
+    torch.testing.assert_close(y, ref, atol=0 if exact else 6e-2, rtol=0 if exact else 2e-2)
     leaves = (x, b, a, bb)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, g)
