@@ -21,11 +21,11 @@ import torch
 from torch import fx
 
 from . import codegen
-from .config import LowRAConfig
+from .config import QUANTIZING, LowRAConfig
 from .passes.linear_forms import linear_forms
-from .passes.match import match_sites
-from .passes.pipeline import quantize_sites
-from .passes.release import packed_weight, release
+from .passes.match import LinearSite, match_sites
+from .passes.pipeline import placeholder_values, quantize_sites
+from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
 
 
@@ -98,6 +98,36 @@ def _refuse_fsdp(sites: list) -> None:
         )
 
 
+def _warn_kept_quantization(gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, options, config) -> None:
+    """A layer packed earlier keeps its quantization whatever a later compile asks (its dense weights are
+    gone). When this compile names quantizing options other than a packed layer's, say so: the run would
+    otherwise train on another base than the one asked for. Options left at their defaults ask nothing
+    (`quantize_` with options, then a plain compile, is the usual way)."""
+    asked = QUANTIZING if isinstance(options, LowRAConfig) else [k for k in options or {} if k in QUANTIZING]
+    if not asked:
+        return
+    wanted, values = config.quantizing(), placeholder_values(gm, example_inputs)
+    names, made_with = [], {}
+    for site in sites:
+        weight = example_inputs[site.weight_index] if site.packed is None else None
+        if weight is not None and packed_weight(weight) is None:
+            continue  # quantized now, with these options
+        made = quantized_with(weight._lowra_packed[0] if weight is not None else values.get(site.packed[0]))
+        differ = {k: made[k] for k in asked if made and k in made and made[k] != wanted[k]}
+        if differ:
+            names.append(site.name)
+            made_with.update(differ)
+    if names:
+        was = ", ".join(f"{k}={v!r}" for k, v in made_with.items())
+        now = ", ".join(f"{k}={wanted[k]!r}" for k in made_with)
+        warnings.warn(
+            f"lowra: {len(names)} layer(s) (e.g. {names[0]!r}) were quantized earlier with {was}; this compile's "
+            f"{now} does not apply to them: a packed layer keeps its quantization (its dense weights are gone). "
+            "To quantize with other options, load the model again (e.g. from_pretrained) and compile that.",
+            stacklevel=2,
+        )
+
+
 def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
@@ -108,6 +138,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
     _refuse_fsdp(sites)
+    _warn_kept_quantization(gm, sites, example_inputs, options, config)
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:

@@ -7,8 +7,8 @@
     torch.compile(model, backend="lowra")                               # finds them: no re-quantization
 
 One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
-"lowra" holds shape, dtype, group size and orientation per parameter (`transposed`: stored (in, out), the
-packed matrix being its transpose, as GPT-2's Conv1D weights are).
+"lowra" holds shape, dtype, group size, orientation (`transposed`: stored (in, out), the packed matrix
+being its transpose, as GPT-2's Conv1D weights are) and the quantizing options (`options`) per parameter.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .passes.release import attach, packed_weight, release
+from .passes.release import attach, packed_weight, quantized_with, release
 from .runtime.format import TENSOR_COUNT, PackedWeight
 
 
@@ -36,7 +36,7 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
             tensors[f"{name}::{i}"] = t.detach().contiguous().cpu()
         meta[name] = {
             "shape": list(pw.shape), "dtype": str(pw.dtype).removeprefix("torch."), "group_size": pw.group_size,
-            "transposed": p._lowra_transposed,
+            "transposed": p._lowra_transposed, "options": quantized_with(p._lowra_packed[0]),
         }
     if not meta:
         raise ValueError("lowra: the model has no packed weights; run one compiled step (or quantize_) first")
@@ -70,6 +70,7 @@ def load_quantized(
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
             tensors = [f.get_tensor(f"{name}::{i}").to(target) for i in range(TENSOR_COUNT)]
             dtype = getattr(torch, info["dtype"])
-            attach(p, PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"]), transposed=transposed)
+            packed = PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"])
+            attach(p, packed, transposed=transposed, options=info.get("options"))  # older files: unknown
             release(p)
     return model

@@ -18,6 +18,12 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 CALIBRATION = ("fisher", "activation", "off")
 ROUNDING = ("auto", "nearest", "gptq")
 SCALES = ("absmax", "fitted")
+# The options that make a packed base what it is; the others (kernels, inner, mode, progress, skip,
+# candidates_dir) only change how it is run or which layers are new.
+QUANTIZING = (
+    "bits", "bit_choices", "group_size", "codebook", "scales", "calibrate", "rounding", "refit_rounds",
+    "loftq_iters", "lloyd_iters", "min_bits", "max_bits",
+)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -139,6 +145,10 @@ class LowRAConfig:
 
     def replace(self, **changes: Any) -> "LowRAConfig":
         return dataclasses.replace(self, **changes)
+
+    def quantizing(self) -> dict[str, Any]:
+        """The options that decide a packed base (QUANTIZING), as JSON values: each packed weight keeps them."""
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in QUANTIZING}
 
 
 def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:

@@ -27,7 +27,7 @@ from .release import attach
 from .replicas import average_statistics, first_rank_plan, replicated, share_first_rank
 
 
-def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:
+def placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:
     """The value of every placeholder: the top-level ones, and those of checkpoint bodies fed by them."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
@@ -123,7 +123,7 @@ def quantize_sites(
     pack and LoftQ time, and an equal share of the calibration and the plan, which are whole-model."""
     device = example_inputs[sites[new[0]].weight_index].device
     start = device_clock(device)
-    values = _placeholder_values(gm, example_inputs)
+    values = placeholder_values(gm, example_inputs)
     stats = _statistics(gm, sites, new, example_inputs, config)
     if replicated():
         stats = average_statistics(stats)
@@ -175,7 +175,7 @@ def quantize_sites(
                 lora_a.copy_(a.to(lora_a.dtype))
                 lora_b.copy_(b.to(lora_b.dtype))
         seconds[j]["loftq"] = device_clock(weight.device) - start
-        attach(weight, packed.to(weight.device), seconds[j], site.transposed)
+        attach(weight, packed.to(weight.device), seconds[j], site.transposed, config.quantizing())
         layers[j] = None  # free the candidate codes of every width as we go
     if replicated():
         adapters = [values[sites[i].lora.lora_a] for i in new if sites[i].lora is not None]

@@ -165,7 +165,7 @@ def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "Release
     dense = torch.empty_strided(p.shape, p.stride(), dtype=target.dtype, device=target.device)
     moved = torch.nn.Parameter(dense, requires_grad=False)
     packed = PackedWeight.from_tensors([t.to(target.device) for t in pw.tensors()], pw.shape, target.dtype, pw.group_size)
-    attach(moved, packed, p._lowra_seconds, p._lowra_transposed)
+    attach(moved, packed, p._lowra_seconds, p._lowra_transposed, quantized_with(p._lowra_packed[0]))
     release(moved)
     return moved
 
@@ -175,18 +175,29 @@ def _adopt(p: "ReleasedWeight", source: "ReleasedWeight") -> None:
     if source is p:
         return
     Tensor.data.__set__(p, source)
-    attach(p, source._lowra_weight, source._lowra_seconds, source._lowra_transposed)
+    attach(p, source._lowra_weight, source._lowra_seconds, source._lowra_transposed, quantized_with(source._lowra_packed[0]))
 
 
-def attach(p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None, transposed: bool = False) -> None:
+def attach(
+    p: Tensor, packed: PackedWeight, seconds: dict[str, float] | None = None, transposed: bool = False,
+    options: dict | None = None,
+) -> None:
     """Cache the packed form on the parameter, so recompiles never quantize again; `seconds`: the time
     spent quantizing it, per stage (none when it was loaded from a checkpoint); `transposed`: `p` is stored
-    (in, out) and `packed` holds its transpose (GPT-2's Conv1D)."""
+    (in, out) and `packed` holds its transpose (GPT-2's Conv1D); `options`: the quantizing options it was
+    made with (`LowRAConfig.quantizing()`; None: unknown, a checkpoint written before they were kept)."""
     p._lowra_weight = packed
     p._lowra_packed = tuple(packed.tensors())
+    # on the first packed tensor, not the parameter: a recompiled graph holds only the packed tensors
+    p._lowra_packed[0]._lowra_options = options
     p._lowra_group_size = packed.group_size
     p._lowra_seconds = dict(seconds or {})
     p._lowra_transposed = transposed
+
+
+def quantized_with(packed: Tensor) -> dict | None:
+    """The quantizing options of a packed weight, given its first packed tensor (None: unknown)."""
+    return getattr(packed, "_lowra_options", None)
 
 
 def release(p: Tensor) -> None:
