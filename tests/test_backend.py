@@ -612,7 +612,9 @@ def _calibration_hints(model, batches) -> list[str]:
 
 def test_a_small_calibration_batch_gets_a_hint_and_enough_batches_do_not():
     [hint] = _calibration_hints(tiny_peft_llama(), batch(16))
-    assert "calibrating on 32 tokens" in hint and "quantize_(model, [batch, ...]" in hint
+    assert "calibrating on 32 tokens (the first batch)" in hint and "quantize_(model, [batch, ...]" in hint
+    [hint] = _calibration_hints(tiny_peft_llama(), [batch(16, seed=s) for s in range(3)])
+    assert "calibrating on 96 tokens (3 batches)" in hint and "give lowra_compile.quantize_ more batches" in hint
     assert _calibration_hints(tiny_peft_llama(), [batch(256, size=8, seed=s) for s in range(2)]) == []  # 4,096 tokens
 
 

@@ -46,12 +46,12 @@ def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> f
     raise ValueError(f"lowra: cannot read the LoRA scaling from graph node {scaling.format_node()}")
 
 
-def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:
+def _statistics(gm, sites, new, example_inputs, others: list[list], config: LowRAConfig) -> list[SiteStats | None]:
     if config.calibrate == "off":
         return [None] * len(sites)
     stats = calibrate(
         gm, sites, example_inputs, use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq",
-        more_inputs=more_inputs(example_inputs),
+        more_inputs=others,
     )
     if config.calibrate == "fisher":
         missing = [sites[i].name for i in new if stats[i].g2 is None]
@@ -74,13 +74,17 @@ def _statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[Sit
 ENOUGH_CALIBRATION_TOKENS = 4096
 
 
-def _hint_more_calibration(stats: list[SiteStats | None]) -> None:
+def _hint_more_calibration(stats: list[SiteStats | None], batches: int) -> None:
     tokens = max((s.tokens for s in stats if s is not None), default=0)
     if 0 < tokens < ENOUGH_CALIBRATION_TOKENS:
+        given, fix = (
+            ("the first batch", "quantize ahead on several batches with lowra_compile.quantize_(model, [batch, ...], "
+             "options) before the first step") if batches == 1 else
+            (f"{batches} batches", "give lowra_compile.quantize_ more batches")
+        )
         warnings.warn(
-            f"lowra: calibrating on {tokens:,} tokens (the first batch); the plan, codebooks and rounding are "
-            f"better on {ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): quantize ahead on "
-            "several batches with lowra_compile.quantize_(model, [batch, ...], options) before the first step",
+            f"lowra: calibrating on {tokens:,} tokens ({given}); the plan, codebooks and rounding are better on "
+            f"{ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): {fix}",
             stacklevel=3,
         )
 
@@ -124,10 +128,11 @@ def quantize_sites(
     device = example_inputs[sites[new[0]].weight_index].device
     start = device_clock(device)
     values = placeholder_values(gm, example_inputs)
-    stats = _statistics(gm, sites, new, example_inputs, config)
+    others = more_inputs(example_inputs)  # quantize_'s further calibration batches
+    stats = _statistics(gm, sites, new, example_inputs, others, config)
     if replicated():
         stats = average_statistics(stats)
-    _hint_more_calibration(stats)
+    _hint_more_calibration(stats, 1 + len(others))
     factors = _HessianFactors(stats)  # None for every site unless rounding="gptq"
     choices = config.allowed_bits
     calibrate_share = (device_clock(device) - start) / len(new)
