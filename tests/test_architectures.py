@@ -85,3 +85,31 @@ def test_gpt2_s_packed_base_saves_loads_and_materializes_in_its_own_orientation(
     fresh_conv = fresh.get_base_model().transformer.h[0].mlp.c_fc.base_layer
     assert type(fresh_conv.weight) is torch.nn.Parameter
     torch.testing.assert_close(fresh_conv.weight, dense)
+
+
+def test_a_mixture_of_experts_keeps_its_stacked_experts_dense_and_says_so():
+    # transformers runs Mixtral's experts, stacked in one [experts, out, in] tensor per layer, with a grouped
+    # product: no F.linear to pack. The attention is packed; the experts, most of the weights, warn.
+    import warnings
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from .tiny_models import VOCAB
+
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    if not any(p.dim() == 3 for p in base.parameters()):
+        pytest.skip("this transformers keeps one nn.Linear per expert (those are packed like any other)")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})(**batch(16)).loss.backward()
+    [message] = [str(w.message) for w in caught if "stay dense" in str(w.message)]
+    assert "4 frozen weight(s)" in message and "experts.gate_up_proj" in message and "mixture of experts" in message
+    packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
+    assert len(packed) == 10 and not any("experts" in n for n in packed)  # 4 attention linears + router, x 2

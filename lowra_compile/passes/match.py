@@ -18,7 +18,8 @@ A weight is only a site when every use of it in the graph is such a linear; anyt
 W, a tied embedding) leaves the layer dense, with one warning that names it. Products that compute a
 linear layer another way (`x @ W.T`, `x @ W`, GPT-2's Conv1D `addmm(b, x, W)`) are made linears
 beforehand (`linear_forms`); frozen weights that still reach a matrix product (a batched or scaled one,
-einsum) stay dense, with one warning per graph that names them.
+einsum, the grouped product of a mixture of experts stacked in one 3-D tensor) stay dense, with one
+warning per graph that names them.
 """
 
 from __future__ import annotations
@@ -200,9 +201,9 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
     sites: list[LinearSite] = []
     other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
     for node in graph.nodes:
-        if is_matmul(node):
+        if is_matmul(node) or _is_grouped_mm(node):
             for w in filter(None, map(_viewed_placeholder, node.all_input_nodes)):
-                if w in outer and is_frozen_matrix(example_value(w)):
+                if w in outer and (is_frozen_matrix(value := example_value(w)) or _is_frozen_experts(value)):
                     other_products[placeholder_name(outer[w])] = _op_name(node)
         if _is_linear(node):
             x, w, bias = _linear_args(node)
@@ -248,6 +249,16 @@ def is_matmul(node: fx.Node) -> bool:
     )
 
 
+def _is_grouped_mm(node: fx.Node) -> bool:
+    """A grouped matrix product (torch._grouped_mm, or transformers' fallback op for it): how transformers
+    runs a mixture of experts whose weights are stacked in one [experts, out, in] tensor."""
+    return node.op == "call_function" and "grouped_mm" in str(node.target)
+
+
+def _is_frozen_experts(value) -> bool:
+    return isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 3 and value.dtype.is_floating_point
+
+
 def _op_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
@@ -282,7 +293,9 @@ def _warn_other_products(other_products: dict[str, str], skip) -> None:
         warnings.warn(
             f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear; "
             "lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute x @ W.T, x @ W or "
-            "addmm(b, x, W) (GPT-2's Conv1D), so these keep their full size.",
+            "addmm(b, x, W) (GPT-2's Conv1D), so these keep their full size"
+            + (". Grouped products run a mixture of experts stacked in one tensor: lowra has no grouped "
+               "low-bit op yet, so the experts, most of such a model's weights, stay dense." if "grouped_mm" in ops else "."),
             stacklevel=4,
         )
 
