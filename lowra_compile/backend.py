@@ -15,6 +15,7 @@ This module must not register the backend itself: the `torch_dynamo_backends` en
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -86,7 +87,7 @@ def _fsdp_module() -> str | None:
     return type(owner).__name__ if isinstance(owner, (FSDPModule, FullyShardedDataParallel)) else None
 
 
-def _refuse_fsdp(sites: list) -> None:
+def _refuse_fsdp(sites: list[LinearSite]) -> None:
     owner = _fsdp_module()
     if owner:
         raise ValueError(
@@ -98,7 +99,10 @@ def _refuse_fsdp(sites: list) -> None:
         )
 
 
-def _warn_kept_quantization(gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, options, config) -> None:
+def _warn_kept_quantization(
+    gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, options: Mapping | LowRAConfig | None,
+    config: LowRAConfig,
+) -> None:
     """A layer packed earlier keeps its quantization whatever a later compile asks (its dense weights are
     gone). When this compile names quantizing options other than a packed layer's, say so: the run would
     otherwise train on another base than the one asked for. Options left at their defaults ask nothing
