@@ -2,13 +2,14 @@
 with the gradients of the same model on the dequantized weights."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 
 from lowra_compile.passes.release import ReleasedWeight
 
-from .tiny_models import ARCHITECTURES, batch, tiny_peft_model
+from .tiny_models import ARCHITECTURES, VOCAB, batch, tiny_peft_model
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
@@ -90,12 +91,8 @@ def test_gpt2_s_packed_base_saves_loads_and_materializes_in_its_own_orientation(
 def test_a_mixture_of_experts_keeps_its_stacked_experts_dense_and_says_so():
     # transformers runs Mixtral's experts, stacked in one [experts, out, in] tensor per layer, with a grouped
     # product: no F.linear to pack. The attention is packed; the experts, most of the weights, warn.
-    import warnings
-
     import transformers
     from peft import LoraConfig, get_peft_model
-
-    from .tiny_models import VOCAB
 
     config = transformers.MixtralConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

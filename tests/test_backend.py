@@ -375,7 +375,7 @@ def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch
     torch.testing.assert_close(got, want)
 
 
-def _lowra_warnings(fn) -> list[str]:
+def _kept_quantization_warnings(fn) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fn()
@@ -388,18 +388,18 @@ def test_a_compile_asking_other_quantizing_options_of_a_packed_model_warns(tmp_p
     model = tiny_peft_llama()
     data = batch(8)
     lowra_compile.quantize_(model, data, {"bits": 1.5, "progress": False})
-    assert not _lowra_warnings(lambda: _compile(model)(**data))
+    assert not _kept_quantization_warnings(lambda: _compile(model)(**data))
     torch._dynamo.reset()
-    assert not _lowra_warnings(lambda: _compile(model, bits=1.5, group_size=64)(**data))
+    assert not _kept_quantization_warnings(lambda: _compile(model, bits=1.5, group_size=64)(**data))
     torch._dynamo.reset()
-    (message,) = _lowra_warnings(lambda: _compile(model, bits=3.0, group_size=32)(**data))
+    (message,) = _kept_quantization_warnings(lambda: _compile(model, bits=3.0, group_size=32)(**data))
     assert "14 layer(s)" in message and "bits=1.5, group_size=64" in message and "bits=3.0, group_size=32" in message
 
     model.to(torch.float64)  # a cast keeps them
     lowra_compile.save_quantized(model, tmp_path / "base.safetensors")  # so does a checkpoint
     fresh = lowra_compile.load_quantized(tiny_peft_llama(seed=3), tmp_path / "base.safetensors")
     torch._dynamo.reset()
-    (message,) = _lowra_warnings(lambda: _compile(fresh, bits=2.0)(**data))
+    (message,) = _kept_quantization_warnings(lambda: _compile(fresh, bits=2.0)(**data))
     assert "bits=1.5;" in message
     assert lowra_compile.report(fresh).code_bits == pytest.approx(1.5, abs=0.05)
 
