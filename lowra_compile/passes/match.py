@@ -203,7 +203,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
     for node in graph.nodes:
         if is_matmul(node) or _is_grouped_mm(node):
             for w in filter(None, map(_viewed_placeholder, node.all_input_nodes)):
-                if w in outer and (is_frozen_matrix(value := example_value(w)) or _is_frozen_experts(value)):
+                if w in outer and is_frozen_matrix(example_value(w), dims=(2, 3)):  # 3: stacked experts
                     other_products[placeholder_name(outer[w])] = _op_name(node)
         if _is_linear(node):
             x, w, bias = _linear_args(node)
@@ -255,10 +255,6 @@ def _is_grouped_mm(node: fx.Node) -> bool:
     return node.op == "call_function" and "grouped_mm" in str(node.target)
 
 
-def _is_frozen_experts(value) -> bool:
-    return isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 3 and value.dtype.is_floating_point
-
-
 def _op_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
@@ -278,9 +274,10 @@ def _viewed_placeholder(node: fx.Node) -> fx.Node | None:
         node = node.args[0]
 
 
-def is_frozen_matrix(value) -> bool:
+def is_frozen_matrix(value, dims: tuple[int, ...] = (2,)) -> bool:
+    """A frozen floating-point tensor of `dims` dimensions (a weight matrix; 3 for experts stacked in one)."""
     return (
-        isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 2
+        isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() in dims
         and value.dtype.is_floating_point
     )
 
