@@ -7,8 +7,9 @@
     torch.compile(model, backend="lowra")                               # finds them: no re-quantization
 
 One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
-"lowra" holds shape, dtype, group size, orientation (`transposed`: stored (in, out), the packed matrix
-being its transpose, as GPT-2's Conv1D weights are) and the quantizing options (`options`) per parameter.
+"lowra" holds the packed matrix's shape, dtype, group size, orientation (`transposed`: stored (in, out),
+the packed matrix being its transpose, as GPT-2's Conv1D weights are; a mixture's experts stacked (E, N, K)
+are packed as (E*N, K)) and the quantizing options (`options`) per parameter.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .passes.release import attach, packed_weight, quantized_with, release
+from .passes.release import attach, packed_shape, packed_weight, quantized_with, release
 from .runtime.format import TENSOR_COUNT, PackedWeight
 
 
@@ -61,9 +62,11 @@ def load_quantized(
             except AttributeError as err:
                 raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
             transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
-            shape = tuple(info["shape"][::-1] if transposed else info["shape"])
-            if tuple(p.shape) != shape:
-                raise ValueError(f"lowra: layer {name!r} is {tuple(p.shape)} here but {shape} in {path}")
+            if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
+                raise ValueError(
+                    f"lowra: layer {name!r} is {tuple(p.shape)} here but packed as {tuple(info['shape'])} in {path}"
+                    + (" (stored (in, out))" if transposed else "")
+                )
             target = device or p.device
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below

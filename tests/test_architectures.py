@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+import lowra_compile
+from lowra_compile import codegen
 from lowra_compile.passes.release import ReleasedWeight
 
 from .tiny_models import ARCHITECTURES, VOCAB, batch, tiny_peft_model
@@ -88,25 +90,73 @@ def test_gpt2_s_packed_base_saves_loads_and_materializes_in_its_own_orientation(
     torch.testing.assert_close(fresh_conv.weight, dense)
 
 
-def test_a_mixture_of_experts_keeps_its_stacked_experts_dense_and_says_so():
-    # transformers runs Mixtral's experts, stacked in one [experts, out, in] tensor per layer, with a grouped
-    # product: no F.linear to pack. The attention is packed; the experts, most of the weights, warn.
+def _tiny_mixtral(experts_implementation: str | None = None, intermediate_size: int = 128):
     import transformers
     from peft import LoraConfig, get_peft_model
 
     config = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        **({"experts_implementation": experts_implementation} if experts_implementation else {}),
     )
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config)
     if not any(p.dim() == 3 for p in base.parameters()):
         pytest.skip("this transformers keeps one nn.Linear per expert (those are packed like any other)")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequantized_model(tmp_path):
+    # transformers 5 stacks Mixtral's experts in one [experts, out, in] tensor per layer and runs them with a
+    # grouped product: each stack is packed as one [experts * out, in] matrix and runs lowra's grouped op.
+    model = _tiny_mixtral()
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    data = batch(16)
+    compiled(**data).loss.backward()
+    experts = {n: p for n, p in model.named_parameters() if "experts" in n}
+    assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts.values())
+    rows = {r.name: r for r in lowra_compile.report(model).layers}
+    [row] = [r for n, r in rows.items() if n.endswith("layers.0.mlp.experts.gate_up_proj")]
+    assert row.shape == (4 * 256, 64) and any(k.startswith("grouped_linear:") for k in row.kernels)
+
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)  # dense dequantized weights, transformers' own grouped product
+    loss = compiled(**data).loss
+    loss.backward()
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    # A recompile (no_grad, another shape) reads the packed experts through the grouped op too.
+    codegen.clear_log()
+    other = batch(8, seed=1)
+    with torch.no_grad():
+        logits = compiled(input_ids=other["input_ids"]).logits
+        torch.testing.assert_close(logits, reference(input_ids=other["input_ids"]).logits, atol=1e-5, rtol=1e-5)
+    assert sum(r["calls"] for r in codegen.kernel_log() if r["op"] == "grouped_linear") == 4
+
+    # Checkpoints keep the [experts, out, in] shape; the packed base loads back onto a fresh model.
+    name = next(iter(experts))
+    assert model.state_dict()[name].shape == experts[name].shape
+    lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
+    fresh = _tiny_mixtral()
+    lowra_compile.load_quantized(fresh, tmp_path / "base.safetensors")
+    assert isinstance(fresh.get_parameter(name), ReleasedWeight)
+    torch.testing.assert_close(fresh.get_parameter(name).detach(), experts[name].detach())
+    with pytest.raises(ValueError, match=r"experts.gate_up_proj' is \(4, 192, 64\) here but packed as \(1024, 64\)"):
+        lowra_compile.load_quantized(_tiny_mixtral(intermediate_size=96), tmp_path / "base.safetensors")
+
+
+def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_to_pack_them():
+    model = _tiny_mixtral("batched_mm")  # selects each token's experts by indexing the stack
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})(**batch(16)).loss.backward()
     [message] = [str(w.message) for w in caught if "stay dense" in str(w.message)]
-    assert "4 frozen weight(s)" in message and "experts.gate_up_proj" in message and "mixture of experts" in message
+    assert "4 frozen weight(s)" in message and "experts.gate_up_proj" in message
+    assert 'experts_implementation="grouped_mm"' in message
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 10 and not any("experts" in n for n in packed)  # 4 attention linears + router, x 2

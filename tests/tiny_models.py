@@ -85,3 +85,20 @@ def capture_graph(fn, *args, **kwargs):
     torch.compile(fn, backend=backend)(*args, **kwargs)
     assert len(captured) == 1, "expected one graph"
     return captured[0]
+
+
+class StackedExperts(torch.nn.Module):
+    """A mixture's experts as transformers 5 runs them: rows sorted by expert, one grouped product with the
+    frozen [E, N, K] stack (transformers' own op for it), then a loss through a trainable head."""
+
+    def __init__(self, experts: int = 4, n: int = 12, k: int = 64):
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+        torch.manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(experts, n, k) / k**0.5, requires_grad=False)
+        self.head = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x, offsets, target=None):
+        y = torch.ops.transformers.grouped_mm_fallback(x, self.weight.transpose(-2, -1), offs=offsets) * self.head
+        return ((y - target) ** 2).mean() if target is not None else y

@@ -162,6 +162,26 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
     return log.record("lora_linear_backward", choice, m, k, n, rank, _bits(packed), lambda: run(choice), grad.device, flops=flops)
 
 
+# A mixture's stacked experts: the whole stack dequantized (the dequant op's own kernel, Triton on CUDA), then
+# one torch.mm per expert's rows, as transformers' fallback does. Not yet a fused grouped kernel.
+_PER_EXPERT = Choice("dequant+mm per expert")
+
+
+def grouped_linear_impl(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int) -> Tensor:
+    m, k, n = x.shape[0], x.shape[-1], packed[0].shape[0]
+    return log.record("grouped_linear", _PER_EXPERT, m, k, n, 0, _bits(packed),
+                      lambda: reference.grouped_linear(x, offsets, packed, group_size, experts), x.device,
+                      flops=2 * m * k * n // experts)
+
+
+def grouped_linear_backward_impl(grad: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int,
+                                 k: int) -> Tensor:
+    m, n = grad.shape[0], packed[0].shape[0]
+    return log.record("grouped_linear_backward", _PER_EXPERT, m, k, n, 0, _bits(packed),
+                      lambda: reference.grouped_linear_backward(grad, offsets, packed, group_size, experts, k),
+                      grad.device, flops=2 * m * k * n // experts)
+
+
 def gptq_block_impl(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     n, b = weight.shape  # logged as K = the block's columns, N = its rows
     if not _triton_runs(weight, weight.dtype, n) or weight.dtype != torch.float32 or b > 128 or levels.shape[1] > 16:
@@ -177,6 +197,8 @@ def register_kernels() -> None:
     if _registered:
         return
     for op, fn in (("lowra::dequant", dequant_impl), ("lowra::lora_linear", lora_linear_impl),
-                   ("lowra::lora_linear_backward", lora_linear_backward_impl), ("lowra::gptq_block", gptq_block_impl)):
+                   ("lowra::lora_linear_backward", lora_linear_backward_impl), ("lowra::gptq_block", gptq_block_impl),
+                   ("lowra::grouped_linear", grouped_linear_impl),
+                   ("lowra::grouped_linear_backward", grouped_linear_backward_impl)):
         torch.library.register_kernel(op, ("cuda", "cpu"), fn)
     _registered = True

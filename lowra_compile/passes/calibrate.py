@@ -10,6 +10,12 @@ site, over all of their tokens:
                                                                          same input share one tensor; kept in
                                                                          host memory: ~22 GB over a 7B model)
 
+For the experts of a mixture stacked in one grouped site, x2 and gram are pooled over the rows of all the
+experts (every token each expert was routed), and g2[e*N + n] sums expert e's rows over all rows, so an
+expert's rows weigh as much as the share of tokens it took. An expert no calibration token reached has
+no g2 of its own: it takes the mean of the others' (with a warning), not zero, which would plan it at the
+lowest width.
+
 Together they give the diagonal-Fisher (OBD) error estimate of DESIGN.md section 6. The gradient is
 taken with `torch.autograd.grad` against the site outputs only, so no `.grad` of any parameter changes
 and the user's first optimizer step is unaffected. Batches are run one at a time and summed into running
@@ -98,6 +104,7 @@ class _Sums:
         self.grams: dict[fx.Node, Tensor] = {}  # sum of x x^T over rows, per input node, on the CPU
         self.gram_tokens: dict[fx.Node, int] = {}  # rows summed into each of those
         self.gram_node: dict[int, fx.Node] = {}  # the input node each site reads
+        self.expert_rows: dict[int, Tensor] = {}  # rows routed to each expert, per grouped site
 
 
 def _find_loss(out) -> Tensor | None:
@@ -118,6 +125,7 @@ class _Recorder(fx.Interpreter):
         self.outputs = {s.output: i for i, s in enumerate(sites)}
         self.scopes = {s.scope for s in sites if s.scope is not None}
         self.probes: dict[int, Tensor] = {}
+        self.offsets: dict[int, Tensor] = {}  # each grouped site's offsets in this batch
         self.want_grad, self.want_gram = want_grad, want_gram
         self._gram_added: set[fx.Node] = set()  # this batch's x x^T, added once for all readers
 
@@ -129,6 +137,7 @@ class _Recorder(fx.Interpreter):
             inner = _Recorder(body, self.sites, self.sums, self.want_grad, self.want_gram)
             result = inner.run(*operands)
             self.probes.update(inner.probes)
+            self.offsets.update(inner.offsets)
             return result
         result = super().run_node(n)
         if n in self.inputs:
@@ -142,6 +151,10 @@ class _Recorder(fx.Interpreter):
                     self.sums.gram_tokens[x] = self.sums.gram_tokens.get(x, 0) + len(rows)
                     self._gram_added.add(x)
                 self.sums.gram_node[i] = x
+        if n in self.outputs and self.sites[self.outputs[n]].experts:
+            i = self.outputs[n]
+            self.offsets[i] = offsets = self.env[self.sites[i].offsets].long()
+            _add(self.sums.expert_rows, i, torch.diff(offsets, prepend=offsets.new_zeros(1)).cpu())
         if n in self.outputs and self.want_grad and isinstance(result, Tensor) and torch.is_grad_enabled():
             # Adding a zero that requires grad makes even a layer with no trainable input differentiable.
             probe = torch.zeros((), device=result.device, dtype=result.dtype, requires_grad=True)
@@ -173,7 +186,34 @@ def _record(gm, sites, sums: _Sums, inputs: list, use_loss: bool, gram: bool) ->
         grads = torch.autograd.grad(loss, [recorder.probes[k] for k in keys], allow_unused=True)
         for k, g in zip(keys, grads):
             if g is not None:
-                _add(sums.g2, k, _rows(g).pow(2).mean(0))
+                g2 = _per_expert_g2(_rows(g), recorder.offsets[k]) if k in recorder.offsets else _rows(g).pow(2).mean(0)
+                _add(sums.g2, k, g2)
+
+
+def _per_expert_g2(g: Tensor, offsets: Tensor) -> Tensor:
+    """[E*N]: each expert's sum of (dL/dy)^2 over its rows (sorted by expert, `offsets` their ends), over all
+    rows: the mean over tokens of what the expert's output error costs."""
+    expert = torch.searchsorted(offsets, torch.arange(len(g), device=g.device), right=True)
+    keep = expert < len(offsets)  # rows past the last offset belong to no expert
+    sums = g.new_zeros(len(offsets), g.shape[1]).index_add_(0, expert[keep], g[keep].pow(2))
+    return (sums / len(g)).reshape(-1)
+
+
+def _unreached_experts(sites: list[LinearSite], sums: _Sums) -> None:
+    """Give each expert that no calibration row reached the mean g2 of the other experts, and say so."""
+    for i, rows in sums.expert_rows.items():
+        unreached = rows == 0
+        if i not in sums.g2 or not unreached.any():
+            continue
+        g2 = sums.g2[i].view(len(rows), -1)
+        if not unreached.all():
+            g2[unreached] = g2[~unreached].mean(0)
+        warnings.warn(
+            f"lowra: {int(unreached.sum())} of the {len(rows)} experts of {sites[i].name!r} received no calibration "
+            "tokens; their widths are planned on the other experts' mean sensitivity. Calibrate on more tokens "
+            "(lowra_compile.quantize_ takes several batches) so that every expert is seen",
+            stacklevel=4,
+        )
 
 
 def calibrate(
@@ -190,6 +230,7 @@ def calibrate(
     for inputs in (example_inputs, *more_inputs):
         _record(gm, sites, sums, inputs, use_loss, gram)
     batches = 1 + len(more_inputs)
+    _unreached_experts(sites, sums)
     for node, total in sums.grams.items():
         total /= sums.gram_tokens[node]
     return [

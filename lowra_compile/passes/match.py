@@ -13,13 +13,25 @@ A site is one frozen linear, in one of two forms, optionally followed by a LoRA 
     %m  = mul(%z, scaling)                # scaling: python float, or a SymFloat node under dynamic=True
     %o  = add(%y, %m)
 
-`match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call.
+A mixture of experts stacked in one [E, N, K] tensor (transformers 5) is a grouped site: its E experts are
+packed as one [E*N, K] matrix, whose rows are planned like any layer's (no LoRA branch: the experts stay
+frozen)
+
+    before (first compile)                          before (recompile, weight already packed)
+    %wt = transpose(%W_experts, -2, -1)             %w  = lowra.dequant([%p0..%p10], K, 64, dtype)
+    %y  = grouped_mm(%x, %wt, offs=%offsets)        %wv = view(%w, (E, N, K));  %wt = transpose(%wv, -2, -1)
+                                                    %y  = grouped_mm(%x, %wt, offs=%offsets)
+
+(grouped_mm: torch._grouped_mm, torch.nn.functional.grouped_mm or transformers' fallback op).
+
+`match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call, or one
+`lowra.grouped_linear` call for a grouped site.
 A weight is only a site when every use of it in the graph is such a linear; anything else (DoRA's norm of
 W, a tied embedding) leaves the layer dense, with one warning that names it. Products that compute a
 linear layer another way (`x @ W.T`, `x @ W`, GPT-2's Conv1D `addmm(b, x, W)`) are made linears
 beforehand (`linear_forms`); frozen weights that still reach a matrix product (a batched or scaled one,
-einsum, the grouped product of a mixture of experts stacked in one 3-D tensor) stay dense, with one
-warning per graph that names them.
+einsum, a grouped product this module does not recognise) stay dense, with one warning per graph that
+names them.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .sources import placeholder_name
+from .sources import is_parameter, placeholder_name
 
 _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
@@ -75,6 +87,9 @@ class LinearSite:
     shape: tuple[int, int]
     scope: fx.Node | None = None  # the checkpoint call whose body holds the site (None: the top-level graph)
     transposed: bool = False  # the weight is stored (in, out) and read as linear(x, t(W)): GPT-2's Conv1D
+    experts: int = 0  # a grouped site: E experts stacked in one [E, N, K] weight, packed as [E*N, K] (shape)
+    offsets: fx.Node | None = None  # of a grouped site: each expert's cumulative end row in x
+    erased: tuple[fx.Node, ...] = ()  # of a grouped site: (dequant, view,) transpose of its weight, to drop
 
     @property
     def output(self) -> fx.Node:
@@ -200,11 +215,19 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
     """Sites of one graph; `outer` maps its placeholders to the top-level placeholders that feed them."""
     sites: list[LinearSite] = []
     other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
+    stacked: dict[fx.Node, str] = {}  # frozen 3-D weights (a mixture's experts): packed only as grouped sites
     for node in graph.nodes:
+        if _is_grouped_mm(node):
+            site = _grouped_site(node, outer, index, skip, scope)
+            if site is not None:
+                sites.append(site)
+                continue
         if is_matmul(node) or _is_grouped_mm(node):
             for w in filter(None, map(_viewed_placeholder, node.all_input_nodes)):
                 if w in outer and is_frozen_matrix(example_value(w), dims=(2, 3)):  # 3: stacked experts
                     other_products[placeholder_name(outer[w])] = _op_name(node)
+        elif node.op == "placeholder" and node in outer and is_parameter(outer[node]) and is_frozen_matrix(example_value(node), dims=(3,)):
+            stacked[node] = placeholder_name(outer[node])
         if _is_linear(node):
             x, w, bias = _linear_args(node)
             transposed = _is_transpose(w) and w.args[0] in outer
@@ -239,7 +262,12 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
             name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape, scope))
-    _warn_other_products(other_products, skip)
+    grouped = {site.weight for site in sites if site.experts}
+    for w, name in stacked.items():
+        readers = [u for u in w.users if u.target is not torch.ops.higher_order.tag_activation_checkpoint]
+        if w not in grouped and readers and name not in other_products:  # checkpointed bodies: scanned apart
+            other_products[name] = _op_name(readers[0])
+    _warn_other_products(other_products, stacked, skip)
     return sites
 
 
@@ -253,6 +281,56 @@ def _is_grouped_mm(node: fx.Node) -> bool:
     """A grouped matrix product (torch._grouped_mm, or transformers' fallback op for it): how transformers
     runs a mixture of experts whose weights are stacked in one [experts, out, in] tensor."""
     return node.op == "call_function" and "grouped_mm" in str(node.target)
+
+
+_GROUPED_KWARGS = ("offs", "bias", "out_dtype")
+
+
+def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> LinearSite | None:
+    """A grouped product of rows sorted by expert with the transpose of frozen experts stacked (E, N, K),
+    `grouped_mm(x, W.transpose(-2, -1), offs=offsets)`, or, after a recompile, of such a weight already
+    packed (read through `lowra.dequant`). None for any other grouped product (it stays dense)."""
+    if not 2 <= len(node.args) <= 5:
+        return None
+    args = list(node.args) + [node.kwargs.get(k) for k in _GROUPED_KWARGS[len(node.args) - 2:]]
+    if len(args) != 5 or any(a is not None for a in args[3:]) or set(node.kwargs) - set(_GROUPED_KWARGS):
+        return None
+    x, wt, offsets = args[:3]
+    if not (isinstance(wt, fx.Node) and isinstance(offsets, fx.Node) and _is_last_two_transpose(wt)):
+        return None
+    w = wt.args[0]
+    if len(wt.users) != 1 or len(w.users) != 1:
+        return None
+    if w in outer:
+        value = example_value(w)
+        if not is_frozen_matrix(value, dims=(3,)):
+            return None
+        name = placeholder_name(outer[w])
+        if any(s in name or s in _module_path(node) for s in skip):
+            return None
+        experts, n, k = value.shape
+        return LinearSite(name, node, x, None, w, index[outer[w]], None, None, None, (experts * n, k), scope,
+                          experts=experts, offsets=offsets, erased=(wt,))
+    dequant = w.args[0] if w.op == "call_method" and w.target == "view" else None
+    if not (isinstance(dequant, fx.Node) and _is_dequant(dequant) and len(dequant.users) == 1):
+        return None
+    packed, k, group_size = dequant.args[:3]
+    experts = example_value(w).shape[0]
+    name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
+    return LinearSite(name, node, x, None, None, None, list(packed), group_size, None, (experts * example_value(w).shape[1], k),
+                      scope, experts=experts, offsets=offsets, erased=(dequant, w, wt))
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    """`t.transpose(-2, -1)` (or (1, 2), or torch.transpose) of a 3-D tensor."""
+    is_transpose = (node.op == "call_method" and node.target == "transpose") or (
+        node.op == "call_function" and node.target is torch.transpose
+    )
+    return is_transpose and len(node.args) == 3 and {d % 3 for d in node.args[1:]} == {1, 2}
+
+
+def _is_dequant(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -282,7 +360,7 @@ def is_frozen_matrix(value, dims: tuple[int, ...] = (2,)) -> bool:
     )
 
 
-def _warn_other_products(other_products: dict[str, str], skip) -> None:
+def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, str], skip) -> None:
     names = [n for n in other_products if not any(s in n for s in skip)]
     if names:
         ops = ", ".join(sorted({other_products[n] for n in names}))
@@ -291,8 +369,10 @@ def _warn_other_products(other_products: dict[str, str], skip) -> None:
             f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear; "
             "lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute x @ W.T, x @ W or "
             "addmm(b, x, W) (GPT-2's Conv1D), so these keep their full size"
-            + (". Grouped products run a mixture of experts stacked in one tensor: lowra has no grouped "
-               "low-bit op yet, so the experts, most of such a model's weights, stay dense." if "grouped_mm" in ops else "."),
+            + (". A mixture's experts stacked in one tensor are packed when transformers runs them with a grouped "
+               "product, grouped_mm(x, W.transpose(-2, -1), offs=...): load the model with "
+               "experts_implementation=\"grouped_mm\" (its default where torch has a grouped product)."
+               if any(n in stacked.values() for n in names) else "."),
             stacklevel=4,
         )
 

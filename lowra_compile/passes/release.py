@@ -62,10 +62,21 @@ def packed_weight(p: Tensor) -> PackedWeight | None:
 
 
 def dequantized(p: Tensor) -> Tensor:
-    """The dense weight, in `p`'s shape: the packed (out, in) matrix, transposed for a weight stored (in, out)."""
+    """The dense weight, in `p`'s shape: the packed (out, in) matrix, transposed for a weight stored (in, out),
+    viewed as [E, N, K] for the experts of a mixture stacked in one tensor (packed as [E*N, K])."""
     pw = p._lowra_weight
     w = torch.ops.lowra.dequant(list(p._lowra_packed), pw.shape[1], pw.group_size, pw.dtype)
+    if p.dim() == 3:
+        return w.view(p.shape)
     return w.t() if p._lowra_transposed else w
+
+
+def packed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
+    """The (out, in) matrix a weight of `shape` is packed as: its transpose when stored (in, out), its
+    experts' rows one after another when they are stacked (E, N, K)."""
+    if len(shape) == 3:
+        return shape[0] * shape[1], shape[2]
+    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
 
 
 class ReleasedWeight(torch.nn.Parameter):

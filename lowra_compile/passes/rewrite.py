@@ -8,6 +8,11 @@
     %m  = mul(%z, 2.0)
     %o  = add(%y, %m)
 
+A grouped site (a mixture's stacked experts, `match`) becomes one `lowra.grouped_linear` call:
+
+    %wt = transpose(%W_experts, -2, -1)               %y = lowra.grouped_linear(%x, %offsets, [%p0..%p10], 64, E)
+    %y  = grouped_mm(%x, %wt, offs=%offsets)
+
 Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
 too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
 keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
@@ -65,6 +70,18 @@ def _body_copy(new_gm: fx.GraphModule, call: fx.Node, bodies: dict) -> tuple[fx.
     return bodies[call]
 
 
+def _replace(old_out: fx.Node, op, args: tuple, replaced: list[fx.Node]) -> None:
+    """Put `op(*args)` in place of `old_out`, then drop the nodes of `replaced` (in graph order) and
+    `old_out` that nothing reads any more, the last first."""
+    with old_out.graph.inserting_before(old_out):
+        fused = old_out.graph.call_function(op, args)
+    fused.meta = dict(old_out.meta)
+    old_out.replace_all_uses_with(fused)
+    for node in reversed(replaced if old_out in replaced else [*replaced, old_out]):
+        if not node.users:
+            node.graph.erase_node(node)
+
+
 def rewrite(
     gm: fx.GraphModule,
     sites: list[LinearSite],
@@ -100,6 +117,10 @@ def rewrite(
                 packed_nodes = _add_placeholders(body.graph, packed[i], f"lowra_packed_{i}", fake_mode)
         else:
             continue
+        if site.experts:
+            args = (nodes[site.x], nodes[site.offsets], packed_nodes, group_size[i], site.experts)
+            _replace(nodes[site.base], torch.ops.lowra.grouped_linear.default, args, [nodes[n] for n in site.erased])
+            continue
         lora = site.lora
         args = (
             nodes[site.x],
@@ -111,15 +132,9 @@ def rewrite(
             nodes[lora.lora_b] if lora else None,
             (nodes[lora.scaling] if isinstance(lora.scaling, fx.Node) else float(lora.scaling)) if lora else 0.0,
         )
-        old_out = nodes[site.output]
-        with old_out.graph.inserting_before(old_out):
-            fused = old_out.graph.call_function(torch.ops.lowra.lora_linear.default, args)
-        fused.meta = dict(old_out.meta)
-        old_out.replace_all_uses_with(fused)
-        transpose = nodes[site.base].args[1] if site.transposed else None  # t(W) of an (in, out) weight
-        for node in reversed((transpose, nodes[site.base], *(nodes[n] for n in (lora.nodes if lora else ())))):
-            if node is not None and not node.users:
-                node.graph.erase_node(node)
+        transpose = [nodes[site.base].args[1]] if site.transposed else []  # t(W) of an (in, out) weight
+        replaced = [*transpose, nodes[site.base], *(nodes[n] for n in (lora.nodes if lora else ()))]
+        _replace(nodes[site.output], torch.ops.lowra.lora_linear.default, args, replaced)
     # Placeholders must keep their relative order: the appended ones come after Dynamo's.
     for body, _ in bodies.values():
         body.graph.lint()

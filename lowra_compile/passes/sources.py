@@ -33,3 +33,14 @@ def placeholder_name(node: fx.Node) -> str:
     source = getattr(node, "_dynamo_source", None)
     name = source_to_fqn(source) if source is not None else ""
     return name or str(node.target)
+
+
+def is_parameter(node: fx.Node) -> bool:
+    """Whether a placeholder is a module's parameter (reached through some module's `_parameters`), not an
+    activation or a buffer."""
+    source = getattr(node, "_dynamo_source", None)
+    while source is not None:
+        if getattr(source, "member", None) == "_parameters" or getattr(source, "index", None) == "_parameters":
+            return True
+        source = getattr(source, "base", None)
+    return False

@@ -4,6 +4,8 @@
     lowra::lora_linear(x, x_lora, packed, group_size, bias?, lora_a?, lora_b?, scaling) -> y
     lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx, merge_dx)
         -> (dx, dx_lora, dA, dB)     merge_dx: x_lora is x (no dropout), so dx = dy W + dS A in one GEMM
+    lowra::grouped_linear(x, offsets, packed, group_size, experts) -> y     a mixture's stacked experts
+    lowra::grouped_linear_backward(grad, offsets, packed, group_size, experts, k) -> dx
     lowra::gptq_block(weight, scale, levels, u) -> (codes, errors)     one block of GPTQ rounding (quantizing)
 
 The default implementation (every device) is `runtime.reference`. The codegen package registers faster
@@ -131,6 +133,40 @@ def _register_autocast(device_type: str) -> None:
 
 for _device_type in ("cpu", "cuda"):
     _register_autocast(_device_type)
+
+
+grouped_linear = custom_op("lowra::grouped_linear", reference.grouped_linear, mutates_args=())
+
+
+@grouped_linear.register_fake
+def _(x, offsets, packed, group_size, experts):
+    return x.new_empty(x.shape[0], packed[0].shape[0] // experts)
+
+
+grouped_linear_backward = custom_op("lowra::grouped_linear_backward", reference.grouped_linear_backward, mutates_args=())
+
+
+@grouped_linear_backward.register_fake
+def _(grad, offsets, packed, group_size, experts, k):
+    return grad.new_empty(grad.shape[0], k)
+
+
+def _grouped_setup_context(ctx, inputs, output) -> None:
+    x, offsets, packed, group_size, experts = inputs
+    ctx.save_for_backward(offsets, *packed)
+    ctx.group_size, ctx.experts, ctx.k, ctx.x_dtype = group_size, experts, x.shape[-1], x.dtype
+
+
+def _grouped_backward(ctx, grad: Tensor):
+    offsets, *packed = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.lowra.grouped_linear_backward(grad, offsets, packed, ctx.group_size, ctx.experts, ctx.k)
+        dx = dx.to(ctx.x_dtype)
+    return dx, None, [None] * len(packed), None, None
+
+
+grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
 
 
 gptq_block = custom_op("lowra::gptq_block", reference.gptq_block, mutates_args=())

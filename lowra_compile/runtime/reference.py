@@ -5,6 +5,10 @@ implementation used on CPU and under fake tensors.
     lora_linear:       y  = x W^T + b + s * (x_lora A^T) B^T
     lora_linear_bwd:   dx = dy W ;  S = x_lora A^T ;  dS = s * dy B ;  dB = s * dy^T S ;  dA = dS^T x_lora ;
                        dx_lora = dS A
+    grouped_linear:    y[rows of expert e] = x[rows of expert e] W_e^T, W = dequantize(..).view(E, N, K): the
+                       experts of a mixture, stacked in one packed matrix (rows sorted by expert, `offsets`
+                       their cumulative ends, as transformers' grouped product takes them)
+    grouped_linear_bwd: dx[rows of expert e] = dy[rows of expert e] W_e
     gptq_block:        codes and scaled errors of one block of columns rounded with error feedback
 """
 
@@ -92,6 +96,37 @@ def lora_linear_backward(
     if merge_dx:
         return dx + dx_lora.to(dx.dtype), empty(), da, db
     return dx, dx_lora.to(x_lora.dtype), da, db
+
+
+def _per_expert(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """x[rows of expert e] @ w[e] for every expert; rows past the last offset (none in transformers' use)
+    stay zero. One host sync for the offsets, as transformers' own fallback. Like torch's grouped product,
+    it computes in the inputs' dtype, autocast or not (transformers casts x to the weight's dtype first)."""
+    out = x.new_zeros(x.shape[0], w.shape[-1])
+    start = 0
+    with torch.autocast(x.device.type, enabled=False):
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                torch.mm(x[start:end], w[e], out=out[start:end])
+            start = end
+    return out
+
+
+def grouped_linear(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int) -> Tensor:
+    """x [M, K], rows sorted by expert -> [M, N]. The dequantization goes through the `lowra::dequant` op,
+    so a device with a faster kernel for it uses that."""
+    k = x.shape[-1]
+    w = torch.ops.lowra.dequant(packed, k, group_size, x.dtype).view(experts, -1, k)
+    return _per_expert(x, w.transpose(1, 2), offsets)
+
+
+def grouped_linear_backward(
+    grad: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int, k: int
+) -> Tensor:
+    """dx [M, K] of `grouped_linear`; the frozen weight gets no gradient, and is dequantized again here
+    rather than kept from the forward (that would hold every expert dense until the backward)."""
+    w = torch.ops.lowra.dequant(packed, k, group_size, grad.dtype).view(experts, -1, k)
+    return _per_expert(grad, w, offsets)
 
 
 def gptq_block(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@ import torch
 from lowra_compile.passes.calibrate import calibrate, more_batches, more_inputs
 from lowra_compile.passes.match import match_sites
 
-from ..tiny_models import capture_graph
+from ..tiny_models import StackedExperts, capture_graph
 
 
 class TwoLayers(torch.nn.Module):
@@ -113,3 +113,22 @@ def test_a_graph_not_fed_by_the_batch_warns_and_calibrates_on_the_first_batch_on
     with more_batches({"input_ids": torch.zeros(3, 4)}, [{"input_ids": torch.ones(3, 4)}]):
         with pytest.warns(UserWarning, match="does not take the calibration batch"):
             assert more_inputs(inputs) == []
+
+
+def test_stacked_experts_get_per_expert_gradients_and_an_unreached_expert_the_others_mean():
+    model = StackedExperts()
+    counts = (3, 0, 5, 2)  # expert 1 gets no row
+    x, target = torch.randn(sum(counts), 64), torch.randn(sum(counts), 12)
+    offsets = torch.cumsum(torch.tensor(counts), 0, dtype=torch.int32)
+    gm, inputs = capture_graph(model, x, offsets, target)
+    [site] = match_sites(gm)
+    assert site.experts == 4 and site.shape == (48, 64)
+    with pytest.warns(UserWarning, match="1 of the 4 experts of 'weight' received no calibration tokens"):
+        [stats] = calibrate(gm, [site], inputs)
+
+    y = torch.ops.transformers.grouped_mm_fallback(x, model.weight.transpose(-2, -1), offs=offsets).requires_grad_()
+    (g,) = torch.autograd.grad(((y * model.head - target) ** 2).mean(), [y])
+    per_expert = torch.stack([(g[s:e] ** 2).sum(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])]) / len(g)
+    per_expert[1] = per_expert[[0, 2, 3]].mean(0)
+    torch.testing.assert_close(stats.g2, per_expert.reshape(-1))
+    torch.testing.assert_close(stats.x2, (x**2).mean(0))  # pooled over every expert's rows
