@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_run.sh tests      # the whole suite on CUDA tensors (xdist; failures streamed to failures.txt)
 #   bash benchmarks/gpu_run.sh kernels    # layer_step.py and decode.py, side by side with the baselines
 #   bash benchmarks/gpu_run.sh plan       # plan_speed 7B (nearest, gptq) and the gptq_block kernel
-#   bash benchmarks/gpu_run.sh train      # train_step.py (bf16 LoRA, bnb QLoRA, lowra 2.0 / 1.5)
+#   bash benchmarks/gpu_run.sh train      # train_step.py (bf16 LoRA, bnb QLoRA, lowra 2.0 / 1.5), Llama 7B and Mixtral
 #   bash benchmarks/gpu_run.sh stash      # keep .gpu's first GGUF half and token windows for later calls,
 #                                         # and build the grid's kernels into the compile caches
 #   bash benchmarks/gpu_run.sh accuracy [accuracy.py args]   # the accuracy grid, JOBS processes on the GPU
@@ -46,6 +46,7 @@ case "$stage" in
     ;;
   train)
     python benchmarks/train_step.py 2>&1 | tail -n 40 > "$out/train_step.txt"
+    python benchmarks/train_step.py --model mixtral 2>&1 | tail -n 20 >> "$out/train_step.txt"
     ;;
   plan)
     python benchmarks/plan_speed.py --model llama-2-7b --out "$out/plan_speed_7b.json" 2>&1 | tail -n 3 > "$out/plan_speed.txt"

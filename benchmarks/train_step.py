@@ -2,7 +2,11 @@
 
 The model is LlamaForCausalLM built from a transformers config with random bf16 weights on the GPU
 (kernel speed and memory do not depend on trained values), PEFT LoRA r=64 on all seven projections,
-one batch of 1 x 2048 tokens, gradient checkpointing, AdamW on the adapters. Variants:
+one batch of 1 x 2048 tokens, gradient checkpointing, AdamW on the adapters. With `--model mixtral`, a
+4.7B mixture of experts of Mixtral's layout (16 layers, 8 experts of 2048 -> 5632, 2 per token, stacked in
+one tensor per layer as transformers 5 keeps them) with the adapters on the attention, the experts frozen
+(lowra packs them and runs its grouped op; bitsandbytes has no grouped 4-bit product, so no NF4 row).
+Variants:
     bf16 LoRA          the PEFT model as is (eager)
     bnb QLoRA NF4      every projection replaced by bitsandbytes Linear4bit (when importable)
     lowra 2.0 / 1.5    torch.compile(model, backend="lowra", options={"bits": b})
@@ -14,6 +18,7 @@ LoftQ and compilation, the one-off cost), the peak memory and time of saving the
     python benchmarks/train_step.py                          # every variant (GPU)
     python benchmarks/train_step.py --variants "lowra 2.0"   # a subset
     python benchmarks/train_step.py --quick                  # tiny model on CPU, smoke test
+    python benchmarks/train_step.py --model mixtral          # the mixture of experts (--quick: a tiny one)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 import torch
 
 import lowra_compile
+from lowra_compile.passes.release import packed_weight
 from bench_utils import bnb_available, device_and_dtype, environment, parser, write_json
 
 VARIANTS = ["bf16 LoRA", "bnb QLoRA NF4", "lowra 2.0", "lowra 1.5"]
@@ -36,18 +42,28 @@ LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+MIXTRAL_SMALL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096,
+                     num_local_experts=8, num_experts_per_tok=2)
+EXPERTS = dict(num_local_experts=4, num_experts_per_tok=2)
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def build_model(quick: bool, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(quick: bool, device: torch.device, dtype: torch.dtype, mixtral: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**(TINY if quick else LLAMA_7B), tie_word_embeddings=False)
+    if mixtral:
+        config = MixtralConfig(**({**TINY, **EXPERTS} if quick else MIXTRAL_SMALL), tie_word_embeddings=False)
+        model_class = MixtralForCausalLM
+    else:
+        config = LlamaConfig(**(TINY if quick else LLAMA_7B), tie_word_embeddings=False)
+        model_class = LlamaForCausalLM
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in bf16 directly: a 7B model in fp32 would not fit beside it
     try:
         with torch.device(device):
-            return LlamaForCausalLM(config)
+            return model_class(config)
     finally:
         torch.set_default_dtype(default)
 
@@ -67,19 +83,26 @@ def to_nf4(model, dtype: torch.dtype) -> None:
     torch.cuda.empty_cache()
 
 
-def run_variant(variant: str, quick: bool, inner: str | None) -> dict:
+def _resident_bytes(p: torch.Tensor) -> int:
+    """Bytes a parameter holds: its packed form once lowra released it, else its own storage."""
+    packed = packed_weight(p)
+    return packed.nbytes() if packed is not None else p.untyped_storage().nbytes()
+
+
+def run_variant(variant: str, quick: bool, inner: str | None, mixtral: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
 
     device, dtype = device_and_dtype(quick)
     cuda = device.type == "cuda"
-    model = build_model(quick, device, dtype)
+    model = build_model(quick, device, dtype, mixtral)
     if variant == "bnb QLoRA NF4":
         to_nf4(model, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers adds an input-requires-grad hook; non-reentrant checkpointing does not need it, and
     # under torch.compile it breaks the graph before the first layer (the lowra plan would lose E[g^2]).
     model.disable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4 if quick else 64, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    targets = ATTENTION if mixtral else TARGETS
+    model = get_peft_model(model, LoraConfig(r=4 if quick else 64, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -110,7 +133,8 @@ def run_variant(variant: str, quick: bool, inner: str | None) -> dict:
     out = {"variant": variant, "step_s": statistics.median(times), "first_step_s": first,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "first_step_peak_gib": first_peak / 2**30 if cuda else None,
-           "trainable_params": sum(p.numel() for p in params), "tokens": length}
+           "trainable_params": sum(p.numel() for p in params), "tokens": length,
+           "frozen_gib": sum(_resident_bytes(p) for p in model.parameters() if not p.requires_grad) / 2**30}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -128,26 +152,29 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS}")
     p.add_argument("--inner", help="the lowra backend's inner compiler (default: its own default)")
+    p.add_argument("--model", choices=["llama-2-7b", "mixtral"], default="llama-2-7b")
     p.add_argument("--variant", help="run one variant in this process and print its result (used internally)")
     args = p.parse_args(argv)
+    mixtral = args.model == "mixtral"
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.variant, args.quick, args.inner)), flush=True)
+        print("RESULT " + json.dumps(run_variant(args.variant, args.quick, args.inner, mixtral)), flush=True)
         return
     device, _ = device_and_dtype(args.quick)
-    variants = args.variants or [v for v in VARIANTS if v != "bnb QLoRA NF4" or bnb_available()]
+    variants = args.variants or [v for v in VARIANTS if v != "bnb QLoRA NF4" or (bnb_available() and not mixtral)]
     if args.quick:
         variants = [v for v in variants if v in ("bf16 LoRA", "lowra 2.0")]
     rows = []
     for variant in variants:
-        cmd = [sys.executable, __file__, "--variant", variant] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model] + (["--quick"] if args.quick else [])
         cmd += ["--inner", args.inner or "aot_eager"] if args.quick else (["--inner", args.inner] if args.inner else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-    name = "train_step" + "".join("_" + v.replace(" ", "-") for v in args.variants or [])
-    write_json(name, {"benchmark": "train_step", "env": environment(device), "quick": args.quick, "rows": rows}, args.out)
+    name = "train_step" + ("_mixtral" if mixtral else "") + "".join("_" + v.replace(" ", "-") for v in args.variants or [])
+    write_json(name, {"benchmark": "train_step", "model": args.model, "env": environment(device), "quick": args.quick,
+                      "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

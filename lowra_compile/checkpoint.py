@@ -65,7 +65,7 @@ def load_quantized(
             if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
                 raise ValueError(
                     f"lowra: layer {name!r} is {tuple(p.shape)} here but packed as {tuple(info['shape'])} in {path}"
-                    + (" (stored (in, out))" if transposed else "")
+                    + (" (stored transposed)" if transposed else "")
                 )
             target = device or p.device
             if target != p.device:

@@ -90,12 +90,14 @@ def test_gpt2_s_packed_base_saves_loads_and_materializes_in_its_own_orientation(
     torch.testing.assert_close(fresh_conv.weight, dense)
 
 
-def _tiny_mixtral(experts_implementation: str | None = None, intermediate_size: int = 128):
+def _tiny_moe(family: str = "mixtral", experts_implementation: str | None = None, intermediate_size: int = 128,
+              **lora):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    config = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+    config_class = {"mixtral": transformers.MixtralConfig, "gpt_oss": transformers.GptOssConfig}[family]
+    config = config_class(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, head_dim=16,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
         **({"experts_implementation": experts_implementation} if experts_implementation else {}),
     )
@@ -103,17 +105,20 @@ def _tiny_mixtral(experts_implementation: str | None = None, intermediate_size: 
     base = transformers.AutoModelForCausalLM.from_config(config)
     if not any(p.dim() == 3 for p in base.parameters()):
         pytest.skip("this transformers keeps one nn.Linear per expert (those are packed like any other)")
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **lora}
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **lora))
 
 
-def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequantized_model(tmp_path):
-    # transformers 5 stacks Mixtral's experts in one [experts, out, in] tensor per layer and runs them with a
-    # grouped product: each stack is packed as one [experts * out, in] matrix and runs lowra's grouped op.
-    model = _tiny_mixtral()
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequantized_model(family, tmp_path):
+    # transformers 5 stacks a layer's experts in one tensor, [experts, out, in] (Mixtral) or [experts, in, out]
+    # (gpt-oss), and runs them with a grouped product: each stack is packed as one [experts * out, in] matrix
+    # and runs lowra's grouped op.
+    model = _tiny_moe(family)
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     data = batch(16)
     compiled(**data).loss.backward()
-    experts = {n: p for n, p in model.named_parameters() if "experts" in n}
+    experts = {n: p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3}  # not biases
     assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts.values())
     rows = {r.name: r for r in lowra_compile.report(model).layers}
     [row] = [r for n, r in rows.items() if n.endswith("layers.0.mlp.experts.gate_up_proj")]
@@ -142,16 +147,18 @@ def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequan
     name = next(iter(experts))
     assert model.state_dict()[name].shape == experts[name].shape
     lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
-    fresh = _tiny_mixtral()
+    fresh = _tiny_moe(family)
     lowra_compile.load_quantized(fresh, tmp_path / "base.safetensors")
     assert isinstance(fresh.get_parameter(name), ReleasedWeight)
     torch.testing.assert_close(fresh.get_parameter(name).detach(), experts[name].detach())
-    with pytest.raises(ValueError, match=r"experts.gate_up_proj' is \(4, 192, 64\) here but packed as \(1024, 64\)"):
-        lowra_compile.load_quantized(_tiny_mixtral(intermediate_size=96), tmp_path / "base.safetensors")
+    smaller = _tiny_moe(family, intermediate_size=96)
+    here = tuple(smaller.get_parameter(row.name).shape)
+    with pytest.raises(ValueError, match=rf"experts.gate_up_proj' is \({', '.join(map(str, here))}\) here but packed as \(1024, 64\)"):
+        lowra_compile.load_quantized(smaller, tmp_path / "base.safetensors")
 
 
 def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_to_pack_them():
-    model = _tiny_mixtral("batched_mm")  # selects each token's experts by indexing the stack
+    model = _tiny_moe("mixtral", "batched_mm")  # selects each token's experts by indexing the stack
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})(**batch(16)).loss.backward()
@@ -160,3 +167,12 @@ def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_t
     assert 'experts_implementation="grouped_mm"' in message
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 10 and not any("experts" in n for n in packed)  # 4 attention linears + router, x 2
+
+def test_lora_on_the_experts_themselves_keeps_them_dense_and_says_where_to_put_the_adapters():
+    model = _tiny_moe(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})(**batch(16)).loss.backward()
+    dense = [str(w.message) for w in caught if "stay dense" in str(w.message)]
+    assert any("gate_up_proj" in m and "target_parameters" in m and "target_modules" in m for m in dense), dense
+    assert not any("gate_up_proj" in n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight))

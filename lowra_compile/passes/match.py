@@ -20,7 +20,8 @@ frozen)
     before (first compile)                          before (recompile, weight already packed)
     %wt = transpose(%W_experts, -2, -1)             %w  = lowra.dequant([%p0..%p10], K, 64, dtype)
     %y  = grouped_mm(%x, %wt, offs=%offsets)        %wv = view(%w, (E, N, K));  %wt = transpose(%wv, -2, -1)
-                                                    %y  = grouped_mm(%x, %wt, offs=%offsets)
+    (or %y = grouped_mm(%x, %W_experts_t, ...)      %y  = grouped_mm(%x, %wt, offs=%offsets)
+     for experts stored (E, K, N): gpt-oss)
 
 (grouped_mm: torch._grouped_mm, torch.nn.functional.grouped_mm or transformers' fallback op).
 
@@ -224,7 +225,8 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                 continue
         if is_matmul(node) or _is_grouped_mm(node):
             for w in filter(None, map(_viewed_placeholder, node.all_input_nodes)):
-                if w in outer and is_frozen_matrix(example_value(w), dims=(2, 3)):  # 3: stacked experts
+                frozen = is_frozen_matrix(example_value(w), dims=(2, 3))  # 3: stacked experts
+                if w in outer and frozen and is_parameter(outer[w]):  # not an activation after a graph break
                     other_products[placeholder_name(outer[w])] = _op_name(node)
         elif node.op == "placeholder" and node in outer and is_parameter(outer[node]) and is_frozen_matrix(example_value(node), dims=(3,)):
             stacked[node] = placeholder_name(outer[node])
@@ -296,21 +298,17 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> Linea
     if len(args) != 5 or any(a is not None for a in args[3:]) or set(node.kwargs) - set(_GROUPED_KWARGS):
         return None
     x, wt, offsets = args[:3]
-    if not (isinstance(wt, fx.Node) and isinstance(offsets, fx.Node) and _is_last_two_transpose(wt)):
+    if not (isinstance(wt, fx.Node) and isinstance(offsets, fx.Node)):
+        return None
+    if wt in outer and len(wt.users) == 1:  # stored (E, K, N) and read as it is: gpt-oss
+        return _stacked_site(node, x, wt, offsets, outer, index, skip, scope, transposed=True)
+    if not _is_last_two_transpose(wt):
         return None
     w = wt.args[0]
     if len(wt.users) != 1 or len(w.users) != 1:
         return None
     if w in outer:
-        value = example_value(w)
-        if not is_frozen_matrix(value, dims=(3,)):
-            return None
-        name = placeholder_name(outer[w])
-        if any(s in name or s in _module_path(node) for s in skip):
-            return None
-        experts, n, k = value.shape
-        return LinearSite(name, node, x, None, w, index[outer[w]], None, None, None, (experts * n, k), scope,
-                          experts=experts, offsets=offsets, erased=(wt,))
+        return _stacked_site(node, x, w, offsets, outer, index, skip, scope, transposed=False)
     dequant = w.args[0] if w.op == "call_method" and w.target == "view" else None
     if not (isinstance(dequant, fx.Node) and _is_dequant(dequant) and len(dequant.users) == 1):
         return None
@@ -319,6 +317,21 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> Linea
     name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
     return LinearSite(name, node, x, None, None, None, list(packed), group_size, None, (experts * example_value(w).shape[1], k),
                       scope, experts=experts, offsets=offsets, erased=(dequant, w, wt))
+
+
+def _stacked_site(node, x, w, offsets, outer, index, skip, scope, transposed: bool) -> LinearSite | None:
+    """The grouped site of frozen experts `w`, stacked (E, N, K) and read through a transpose, or stacked
+    (E, K, N) and read as they are (`transposed`); either way packed as the (E*N, K) matrix."""
+    value = example_value(w)
+    if not is_frozen_matrix(value, dims=(3,)):
+        return None
+    name = placeholder_name(outer[w])
+    if any(s in name or s in _module_path(node) for s in skip):
+        return None
+    experts, n, k = (value.shape[0], value.shape[2], value.shape[1]) if transposed else value.shape
+    erased = () if transposed else (node.args[1],)  # the transpose the grouped product read
+    return LinearSite(name, node, x, None, w, index[outer[w]], None, None, None, (experts * n, k), scope,
+                      transposed=transposed, experts=experts, offsets=offsets, erased=erased)
 
 
 def _is_last_two_transpose(node: fx.Node) -> bool:
@@ -369,12 +382,22 @@ def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, 
             f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear; "
             "lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute x @ W.T, x @ W or "
             "addmm(b, x, W) (GPT-2's Conv1D), so these keep their full size"
-            + (". A mixture's experts stacked in one tensor are packed when transformers runs them with a grouped "
-               "product, grouped_mm(x, W.transpose(-2, -1), offs=...): load the model with "
-               "experts_implementation=\"grouped_mm\" (its default where torch has a grouped product)."
-               if any(n in stacked.values() for n in names) else "."),
+            + _experts_hint([n for n in names if n in stacked.values()]),
             stacklevel=4,
         )
+
+
+def _experts_hint(names: list[str]) -> str:
+    """How to get a mixture's stacked experts packed, for those among the dense weights."""
+    if any("parametrizations." in n for n in names):  # PEFT's target_parameters adds B A to the dense stack
+        return (". LoRA on the experts themselves (PEFT's target_parameters) adds its update to the dense "
+                "stack, so those experts stay dense: put the adapters on the attention (target_modules) and "
+                "lowra packs the frozen experts.")
+    if names:
+        return (". A mixture's experts stacked in one tensor are packed when transformers runs them with a "
+                "grouped product, grouped_mm(x, W.transpose(-2, -1), offs=...): load the model with "
+                "experts_implementation=\"grouped_mm\" (its default where torch has a grouped product).")
+    return "."
 
 
 def _module_path(node: fx.Node) -> str:

@@ -91,9 +91,9 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int) -> None:
 
 def site_matrix(site: LinearSite, weight: torch.Tensor) -> torch.Tensor:
     """The site's weight as the (out, in) matrix the format packs (a copy for a weight stored (in, out); a
-    mixture's stacked experts [E, N, K] as [E*N, K])."""
-    if site.experts:
-        return weight.detach().reshape(site.shape)
+    mixture's stacked experts [E, N, K] as [E*N, K], stored [E, K, N] as that too)."""
+    if site.experts:  # rows of expert e are rows e*N .. (e+1)*N - 1; a stack stored (E, K, N) is copied
+        return (weight.detach().transpose(1, 2) if site.transposed else weight.detach()).reshape(site.shape)
     return weight.detach().t().contiguous() if site.transposed else weight.detach()
 
 

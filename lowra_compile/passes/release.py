@@ -63,11 +63,13 @@ def packed_weight(p: Tensor) -> PackedWeight | None:
 
 def dequantized(p: Tensor) -> Tensor:
     """The dense weight, in `p`'s shape: the packed (out, in) matrix, transposed for a weight stored (in, out),
-    viewed as [E, N, K] for the experts of a mixture stacked in one tensor (packed as [E*N, K])."""
+    viewed as [E, N, K] for the experts of a mixture stacked in one tensor (packed as [E*N, K]), and
+    transposed to [E, K, N] for a stack stored that way."""
     pw = p._lowra_weight
     w = torch.ops.lowra.dequant(list(p._lowra_packed), pw.shape[1], pw.group_size, pw.dtype)
     if p.dim() == 3:
-        return w.view(p.shape)
+        stack = w.view(p.shape[0], -1, pw.shape[1])
+        return stack.transpose(1, 2) if p._lowra_transposed else stack
     return w.t() if p._lowra_transposed else w
 
 
@@ -75,7 +77,7 @@ def packed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
     """The (out, in) matrix a weight of `shape` is packed as: its transpose when stored (in, out), its
     experts' rows one after another when they are stacked (E, N, K)."""
     if len(shape) == 3:
-        return shape[0] * shape[1], shape[2]
+        return (shape[0] * shape[2], shape[1]) if transposed else (shape[0] * shape[1], shape[2])
     return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
 
 
@@ -138,6 +140,8 @@ def _linear_call(func, args: tuple, kwargs: dict) -> tuple | None:
     else:
         return None
     if not isinstance(w, ReleasedWeight) or isinstance(x, ReleasedWeight) or w._lowra_transposed != transposed:
+        return None
+    if w.dim() != 2:  # a mixture's stacked experts: dequantized, for the product to read as it is
         return None
     return x, w, bias
 
