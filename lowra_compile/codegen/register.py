@@ -163,8 +163,9 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
 
 
 # A mixture's stacked experts: the whole stack dequantized (the dequant op's own kernel, Triton on CUDA), then
-# one torch.mm per expert's rows, as transformers' fallback does. Not yet a fused grouped kernel.
-_PER_EXPERT = Choice("dequant+mm per expert")
+# torch's grouped product where it takes the operands, else one torch.mm per expert's rows (as transformers'
+# fallback does). Not yet a fused grouped kernel.
+_PER_EXPERT = Choice("dequant+grouped mm")
 
 
 def grouped_linear_impl(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int) -> Tensor:

@@ -99,17 +99,35 @@ def lora_linear_backward(
 
 
 def _per_expert(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """x[rows of expert e] @ w[e] for every expert; rows past the last offset (none in transformers' use)
-    stay zero. One host sync for the offsets, as transformers' own fallback. Like torch's grouped product,
-    it computes in the inputs' dtype, autocast or not (transformers casts x to the weight's dtype first)."""
-    out = x.new_zeros(x.shape[0], w.shape[-1])
-    start = 0
+    """x[rows of expert e] @ w[e] for every expert. Like torch's grouped product, it computes in the inputs'
+    dtype, autocast or not (transformers casts x to the weight's dtype first)."""
     with torch.autocast(x.device.type, enabled=False):
+        if _grouped_mm_runs(x, w, offsets):
+            return F.grouped_mm(x, w, offs=offsets)
+        # One host sync for the offsets, as transformers' own fallback; rows past the last offset (none in
+        # transformers' use) stay zero.
+        out = x.new_zeros(x.shape[0], w.shape[-1])
+        start = 0
         for e, end in enumerate(offsets.tolist()):
             if end > start:
                 torch.mm(x[start:end], w[e], out=out[start:end])
             start = end
-    return out
+        return out
+
+
+def _grouped_mm_runs(x: Tensor, w: Tensor, offsets: Tensor) -> bool:
+    """Whether torch's grouped product takes these operands: one kernel and no host sync, where the loop
+    above syncs once and runs a product per expert. It needs bf16 on CUDA (sm80 and later), float32 on the
+    CPU, int32 offsets, and 16-byte aligned rows."""
+    if not hasattr(F, "grouped_mm") or offsets.dtype != torch.int32:
+        return False
+    if x.device.type == "cuda":
+        supported = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    else:
+        supported = x.device.type == "cpu" and x.dtype == torch.float32
+    strides = (*x.stride()[:-1], *w.stride())
+    aligned = all(s * x.element_size() % 16 == 0 for s in strides if s != 1)
+    return supported and aligned and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def grouped_linear(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int) -> Tensor:

@@ -5,6 +5,7 @@ import torch
 from torch.library import opcheck
 
 import lowra_compile  # noqa: F401  (registers the ops)
+from lowra_compile.runtime import reference
 from lowra_compile.runtime.synthetic import random_packed_weight
 
 E, N, K = 4, 12, 80
@@ -65,3 +66,25 @@ def test_grouped_linear_computes_in_its_input_dtype_under_autocast():
         y = torch.ops.lowra.grouped_linear(x, offsets, packed, 32, E)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, _dense(x, offsets, packed))
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no grouped product")
+def test_aligned_float32_on_cpu_takes_torchs_grouped_product_which_matches_the_loop():
+    x, offsets, packed = _inputs(torch.float32)
+    w = torch.ops.lowra.dequant(packed, K, 32, torch.float32).view(E, N, K).transpose(1, 2)
+    assert reference._grouped_mm_runs(x, w, offsets)
+    assert not reference._grouped_mm_runs(x.double(), w.double(), offsets)  # float64 takes the loop
+    looped = reference._per_expert(x.detach().double(), w.double(), offsets)
+    torch.testing.assert_close(reference._per_expert(x, w, offsets), looped.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_linear_in_bf16_on_cuda_matches_the_dense_product_per_expert():
+    x, offsets, packed = _inputs(torch.float32)
+    x = x.detach().to("cuda", torch.bfloat16).requires_grad_()
+    packed, offsets = [t.cuda() for t in packed], offsets.cuda()
+    y = torch.ops.lowra.grouped_linear(x, offsets, packed, 32, E)
+    ref = _dense(x, offsets, packed)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=2e-2, rtol=2e-2)
