@@ -118,16 +118,17 @@ def _per_expert(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 def _grouped_mm_runs(x: Tensor, w: Tensor, offsets: Tensor) -> bool:
     """Whether torch's grouped product takes these operands: one kernel and no host sync, where the loop
     above syncs once and runs a product per expert. It needs bf16 on CUDA (sm80 and later), float32 on the
-    CPU, int32 offsets, and 16-byte aligned rows."""
+    CPU, int32 offsets, a row-major x, and 16-byte aligned rows."""
     if not hasattr(F, "grouped_mm") or offsets.dtype != torch.int32:
         return False
     if x.device.type == "cuda":
         supported = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     else:
         supported = x.device.type == "cpu" and x.dtype == torch.float32
-    strides = (*x.stride()[:-1], *w.stride())
-    aligned = all(s * x.element_size() % 16 == 0 for s in strides if s != 1)
-    return supported and aligned and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    # x row-major (a gradient may come expanded, stride 0: the loop takes it); w either way round
+    laid_out = x.is_contiguous() and 1 in w.stride()[1:]
+    aligned = all(s * x.element_size() % 16 == 0 for s in (*x.stride()[:-1], *w.stride()) if s != 1)
+    return supported and laid_out and aligned and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def grouped_linear(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int) -> Tensor:

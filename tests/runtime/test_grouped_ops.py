@@ -74,6 +74,7 @@ def test_aligned_float32_on_cpu_takes_torchs_grouped_product_which_matches_the_l
     w = torch.ops.lowra.dequant(packed, K, 32, torch.float32).view(E, N, K).transpose(1, 2)
     assert reference._grouped_mm_runs(x, w, offsets)
     assert not reference._grouped_mm_runs(x.double(), w.double(), offsets)  # float64 takes the loop
+    assert not reference._grouped_mm_runs(x[:1].expand_as(x), w, offsets)  # so does an expanded gradient
     looped = reference._per_expert(x.detach().double(), w.double(), offsets)
     torch.testing.assert_close(reference._per_expert(x, w, offsets), looped.float())
 
