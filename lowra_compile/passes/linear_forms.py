@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from .match import checkpoint_bodies, example_value, is_frozen_matrix, is_lowra_op
+from .match import checkpoint_bodies, example_value, is_dequant, is_frozen_matrix, is_lowra_op
 from .rewrite import copy_graph_module
 
 
@@ -62,13 +62,6 @@ def _transposed(node) -> fx.Node | None:
 
 def _frozen_weight(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "placeholder" and is_frozen_matrix(example_value(node))
-
-
-def _is_dequant(node) -> bool:
-    return (
-        isinstance(node, fx.Node) and node.op == "call_function"
-        and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant) and len(node.users) == 1
-    )
 
 
 _PRODUCTS = (operator.matmul, torch.matmul, torch.mm, "matmul", "mm", "__matmul__")  # x @ W, as a linear's
@@ -93,7 +86,7 @@ def _linear_form(node: fx.Node) -> tuple | None:
     w = _transposed(w)
     if _frozen_weight(w):
         return F.linear, (x, w, None), False
-    if _is_dequant(w):
+    if is_dequant(w):
         packed, _, group_size, _ = w.args
         return torch.ops.lowra.lora_linear.default, (x, x, packed, group_size, None, None, None, 0.0), False
     return None

@@ -310,7 +310,7 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> Linea
     if w in outer:
         return _stacked_site(node, x, w, offsets, outer, index, skip, scope, transposed=False)
     dequant = w.args[0] if w.op == "call_method" and w.target == "view" else None
-    if not (isinstance(dequant, fx.Node) and _is_dequant(dequant) and len(dequant.users) == 1):
+    if not is_dequant(dequant):
         return None
     packed, k, group_size = dequant.args[:3]
     experts = example_value(w).shape[0]
@@ -342,8 +342,12 @@ def _is_last_two_transpose(node: fx.Node) -> bool:
     return is_transpose and len(node.args) == 3 and {d % 3 for d in node.args[1:]} == {1, 2}
 
 
-def _is_dequant(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant)
+def is_dequant(node) -> bool:
+    """A `lowra.dequant` call whose only reader is the product it feeds (a packed weight seen after a recompile)."""
+    return (
+        isinstance(node, fx.Node) and node.op == "call_function"
+        and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant) and len(node.users) == 1
+    )
 
 
 def _op_name(node: fx.Node) -> str:
