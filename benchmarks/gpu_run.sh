@@ -4,7 +4,7 @@
 # repository root there; every result lands in $OUT (JSON with device and date, plus logs).
 #
 #   bash benchmarks/gpu_run.sh tests      # the whole suite on CUDA tensors (xdist; failures streamed to failures.txt)
-#   bash benchmarks/gpu_run.sh kernels    # layer_step.py and decode.py, side by side with the baselines
+#   bash benchmarks/gpu_run.sh kernels    # layer_step.py, decode.py and grouped_step.py, side by side with the baselines
 #   bash benchmarks/gpu_run.sh plan       # plan_speed 7B (nearest, gptq) and the gptq_block kernel
 #   bash benchmarks/gpu_run.sh train      # train_step.py (bf16 LoRA, bnb QLoRA, lowra 2.0 / 1.5), Llama 7B and Mixtral
 #   bash benchmarks/gpu_run.sh stash      # keep .gpu's first GGUF half and token windows for later calls,
@@ -43,6 +43,7 @@ case "$stage" in
   kernels)
     python benchmarks/layer_step.py 2>&1 | tail -n 80 > "$out/layer_step.txt"
     python benchmarks/decode.py 2>&1 | tail -n 40 > "$out/decode.txt"
+    python benchmarks/grouped_step.py 2>&1 | tail -n 40 > "$out/grouped_step.txt"
     ;;
   train)
     python benchmarks/train_step.py 2>&1 | tail -n 40 > "$out/train_step.txt"

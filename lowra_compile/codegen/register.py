@@ -28,6 +28,7 @@ from ..runtime.format import BIT_WIDTHS
 from . import log, select
 from .dequant import dequantize, scratch
 from .fused_small_m import fused_small_m
+from .grouped_gemm import grouped_dx, grouped_forward
 from .gptq_block import gptq_block
 from .lora_gemm import lora_gemm
 from .lora_grad import lora_dys_dyb
@@ -162,25 +163,45 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
     return log.record("lora_linear_backward", choice, m, k, n, rank, _bits(packed), lambda: run(choice), grad.device, flops=flops)
 
 
-# A mixture's stacked experts: the whole stack dequantized (the dequant op's own kernel, Triton on CUDA), then
-# torch's grouped product where it takes the operands, else one torch.mm per expert's rows (as transformers'
-# fallback does). Not yet a fused grouped kernel.
-_PER_EXPERT = Choice("dequant+grouped mm")
+def _grouped(c: Choice, x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int, k: int,
+             backward: bool) -> Tensor:
+    """A mixture's experts under choice c: y = grouped(x, W^T) (forward) or dx = grouped(dy, W) (backward)."""
+    if c.path == "fused-grouped":
+        tiles = c.tiles("grouped", x.device)
+        if backward:
+            return grouped_dx(x, offsets, packed, group_size, experts, k, **tiles)
+        return grouped_forward(x, offsets, packed, group_size, experts, **tiles)
+    n = packed[0].shape[0]
+    w = dequantize(packed, k, group_size, x.dtype, out=scratch(n, k, x.dtype, x.device), **c.tiles("dequant", x.device))
+    w = w.view(experts, -1, k)
+    return reference.per_expert_mm(x, w if backward else w.transpose(1, 2), offsets)
+
+
+def _grouped_impl(op: str, x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int,
+                  k: int) -> Tensor:
+    """Shared by the forward (x [M, K]) and the backward (x = dy [M, N/E]); n is the whole stack's rows."""
+    m, n = x.shape[0], packed[0].shape[0]
+    backward = op == "grouped_linear_backward"
+    flops = 2 * m * k * n // experts
+    if not _use_triton(x, x.dtype, group_size, m):
+        fn = reference.grouped_linear_backward if backward else reference.grouped_linear
+        args = (x, offsets, packed, group_size, experts) + ((k,) if backward else ())
+        return log.record(op, REFERENCE, m, k, n, 0, _bits(packed), lambda: fn(*args), x.device, flops=flops)
+
+    def run(c: Choice) -> Tensor:
+        return _grouped(c, x, offsets, packed, group_size, experts, k, backward)
+
+    choice = select.choose("grouped_backward" if backward else "grouped_forward", m, k, n, 0, x.device, run)
+    return log.record(op, choice, m, k, n, 0, _bits(packed), lambda: run(choice), x.device, flops=flops)
 
 
 def grouped_linear_impl(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int) -> Tensor:
-    m, k, n = x.shape[0], x.shape[-1], packed[0].shape[0]
-    return log.record("grouped_linear", _PER_EXPERT, m, k, n, 0, _bits(packed),
-                      lambda: reference.grouped_linear(x, offsets, packed, group_size, experts), x.device,
-                      flops=2 * m * k * n // experts)
+    return _grouped_impl("grouped_linear", x, offsets, packed, group_size, experts, x.shape[-1])
 
 
 def grouped_linear_backward_impl(grad: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int,
                                  k: int) -> Tensor:
-    m, n = grad.shape[0], packed[0].shape[0]
-    return log.record("grouped_linear_backward", _PER_EXPERT, m, k, n, 0, _bits(packed),
-                      lambda: reference.grouped_linear_backward(grad, offsets, packed, group_size, experts, k),
-                      grad.device, flops=2 * m * k * n // experts)
+    return _grouped_impl("grouped_linear_backward", grad, offsets, packed, group_size, experts, k)
 
 
 def gptq_block_impl(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

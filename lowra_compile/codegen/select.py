@@ -6,6 +6,9 @@ Paths (the kernel log and the report name them):
                       gemm "triton" = lora_gemm.py (and lora_grad.py for dS, dB in the backward),
                       gemm "cublas" = torch.matmul + addmm for the base and LoRA pieces
     "reference"       runtime.reference (pure torch): mode "reference", CPU, fake tensors, unsupported input
+A mixture's stacked experts (ops "grouped_forward", "grouped_backward") have two paths of their own:
+    "fused-grouped"       dequant inside each expert's GEMM (grouped_gemm.py), the stack never stored
+    "dequant+grouped mm"  the whole stack dequantized into a scratch buffer, then torch's grouped product
 
 A choice is made once per (device, op, M bucket, K, N, rank bucket) and cached for the process:
   1. the selection table (JSON; `benchmarks/layer_step.py --write-table` fills it on a GPU) names the
@@ -13,7 +16,8 @@ A choice is made once per (device, op, M bucket, K, N, rank bucket) and cached f
   2. otherwise, on CUDA, a small autotune times every candidate (path x config) with do_bench and keeps
      the fastest; `measured()` returns these results so a benchmark can save them as a table;
   3. otherwise (the interpreter on CPU, or LOWRA_AUTOTUNE=0) a fixed rule: forward with M <= SMALL_M
-     takes the fused path, everything else dequant+gemm with Triton. Interpreter runs use tiny tiles.
+     takes the fused path, everything else dequant+gemm with Triton; the grouped ops take the fused
+     path up to M = SMALL_M rows in all. Interpreter runs use tiny tiles.
 Mode "triton" drops the cuBLAS candidates; mode "reference" never gets here.
 """
 
@@ -50,6 +54,15 @@ GEMM_CONFIGS = {
     "interp": dict(block_m=16, block_n=32, block_k=32, group_m=2),
 }
 DEQUANT_CONFIGS = {"gpu": dict(block_r=16, block_k=256, num_warps=4), "interp": dict(block_r=16, block_k=64)}
+# grouped_gemm.py, forward and dx alike: BLOCK_N rows of W per tile (the forward's output, the dx
+# reduction), BLOCK_K columns (the forward's reduction, dx's output)
+GROUPED_CONFIGS = {
+    "m16-n64-k128-w4-s2": dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=2),
+    "m64-n64-k128-w4-s2": dict(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=2),
+    "m128-n128-k64-w8-s3": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    "interp": dict(block_m=16, block_n=16, block_k=32),
+}
+GROUPED_PATHS = ("fused-grouped", "dequant+grouped mm")
 GRAD_CONFIGS = {"gpu": dict(block_m=64, block_n=128, num_warps=8, num_stages=3), "interp": dict(block_m=16, block_n=32)}
 
 
@@ -65,12 +78,13 @@ class Choice:
         return self.path + "".join(f" {p}" for p in (self.gemm, self.config) if p)
 
     def tiles(self, kernel: str, device: torch.device) -> dict:
-        """Keyword arguments of one launcher ("fused", "gemm", "dequant", "grad") under this choice.
+        """Keyword arguments of one launcher ("fused", "gemm", "grouped", "dequant", "grad") under this choice.
 
         Off CUDA the kernels run in the interpreter, which always gets the tiny "interp" tiles."""
         gpu = device.type == "cuda"
-        if kernel in ("fused", "gemm"):
-            return (FUSED_CONFIGS if kernel == "fused" else GEMM_CONFIGS)[self.config if gpu else "interp"]
+        if kernel in ("fused", "gemm", "grouped"):
+            configs = {"fused": FUSED_CONFIGS, "gemm": GEMM_CONFIGS, "grouped": GROUPED_CONFIGS}[kernel]
+            return configs[self.config if gpu else "interp"]
         return (DEQUANT_CONFIGS if kernel == "dequant" else GRAD_CONFIGS)["gpu" if gpu else "interp"]
 
 
@@ -113,6 +127,8 @@ def bucket_key(op: str, m: int, k: int, n: int, rank: int) -> tuple:
 def candidates(op: str, m: int, device: torch.device) -> list[Choice]:
     if device.type != "cuda":
         return [_rule(op, m)]
+    if op.startswith("grouped"):
+        return [Choice("fused-grouped", "", c) for c in GROUPED_CONFIGS if c != "interp"] + [Choice("dequant+grouped mm")]
     gemms = [Choice("dequant+gemm", "triton", c) for c in GEMM_CONFIGS if c != "interp"]
     if _mode == "auto":
         gemms.append(Choice("dequant+gemm", "cublas"))
@@ -121,6 +137,8 @@ def candidates(op: str, m: int, device: torch.device) -> list[Choice]:
 
 
 def _rule(op: str, m: int) -> Choice:
+    if op.startswith("grouped"):
+        return Choice("fused-grouped", "", "interp") if m <= SMALL_M else Choice("dequant+grouped mm")
     if op == "forward" and m <= SMALL_M:
         return Choice("fused-small-m", "", "interp")
     return Choice("dequant+gemm", "triton", "interp")
@@ -140,6 +158,8 @@ def choose(op: str, m: int, k: int, n: int, rank: int, device: torch.device, run
 
 
 def _gpu_default(op: str, m: int) -> Choice:
+    if op.startswith("grouped"):
+        return Choice("fused-grouped", "", "m16-n64-k128-w4-s2") if m <= SMALL_M else Choice("dequant+grouped mm")
     if op == "forward" and m <= SMALL_M:
         return Choice("fused-small-m", "", "n64-k128-w4-s2")
     return Choice("dequant+gemm", "triton", "128x128x64-w8-s4")
@@ -169,7 +189,8 @@ def _table_choice(key: tuple, allowed: list[Choice]) -> Choice | None:
     for e in load_table():
         if (e["device"], e["op"], e["m"], e["k"], e["n"], e["r"]) == key:
             choice = Choice(e["path"], e.get("gemm", ""), e.get("config", ""))
-            if choice in allowed or (device == "cpu" and choice.path in PATHS):  # CPU: any path, interp tiles
+            paths = GROUPED_PATHS if op.startswith("grouped") else PATHS
+            if choice in allowed or (device == "cpu" and choice.path in paths):  # CPU: any path, interp tiles
                 return choice
     return None
 

@@ -98,14 +98,16 @@ def lora_linear_backward(
     return dx, dx_lora.to(x_lora.dtype), da, db
 
 
-def _per_expert(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """x[rows of expert e] @ w[e] for every expert. Like torch's grouped product, it computes in the inputs'
-    dtype, autocast or not (transformers casts x to the weight's dtype first)."""
+def per_expert_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """x[rows of expert e] @ w[e] for every expert; rows past the last offset (none in transformers' use) are
+    zero. Like torch's grouped product, it computes in the inputs' dtype, autocast or not (transformers casts x
+    to the weight's dtype first)."""
     with torch.autocast(x.device.type, enabled=False):
         if _grouped_mm_runs(x, w, offsets):
-            return F.grouped_mm(x, w, offs=offsets)
-        # One host sync for the offsets, as transformers' own fallback; rows past the last offset (none in
-        # transformers' use) stay zero.
+            # torch's product leaves those rows uninitialised; zeroing them takes no host sync
+            past = torch.arange(x.shape[0], device=x.device) >= offsets[-1]
+            return F.grouped_mm(x, w, offs=offsets).masked_fill_(past[:, None], 0)
+        # One host sync for the offsets, as transformers' own fallback
         out = x.new_zeros(x.shape[0], w.shape[-1])
         start = 0
         for e, end in enumerate(offsets.tolist()):
@@ -136,7 +138,7 @@ def grouped_linear(x: Tensor, offsets: Tensor, packed: list[Tensor], group_size:
     so a device with a faster kernel for it uses that."""
     k = x.shape[-1]
     w = torch.ops.lowra.dequant(packed, k, group_size, x.dtype).view(experts, -1, k)
-    return _per_expert(x, w.transpose(1, 2), offsets)
+    return per_expert_mm(x, w.transpose(1, 2), offsets)
 
 
 def grouped_linear_backward(
@@ -145,7 +147,7 @@ def grouped_linear_backward(
     """dx [M, K] of `grouped_linear`; the frozen weight gets no gradient, and is dequantized again here
     rather than kept from the forward (that would hold every expert dense until the backward)."""
     w = torch.ops.lowra.dequant(packed, k, group_size, grad.dtype).view(experts, -1, k)
-    return _per_expert(grad, w, offsets)
+    return per_expert_mm(grad, w, offsets)
 
 
 def gptq_block(weight: Tensor, scale: Tensor, levels: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = [line.split() for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 19
+    assert len(compiled) == 28
     too_big = [c for c in compiled if int(c[-1]) > H100_SHARED_BYTES]
     assert not too_big, too_big
 
@@ -36,6 +36,7 @@ def _compile_all() -> None:
     from lowra_compile.codegen import select
     from lowra_compile.codegen.dequant import _dequant_kernel
     from lowra_compile.codegen.fused_small_m import _fused_small_m_kernel
+    from lowra_compile.codegen.grouped_gemm import _grouped_dx_kernel, _grouped_forward_kernel
     from lowra_compile.codegen.lora_gemm import _lora_gemm_kernel
     from lowra_compile.codegen.lora_grad import _lora_dys_dyb_kernel, rank_tiles
 
@@ -65,6 +66,17 @@ def _compile_all() -> None:
             build(f"gemm-{name}", _lora_gemm_kernel, gemm_ptrs,
                   dict(HAS_LORA=True, HAS_BIAS=True, PRECISION="tf32", BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                        BLOCK_K=cfg["block_k"], BLOCK_R=64, GROUP_M=8), cfg["num_warps"], cfg["num_stages"])
+    schedule = dict(expert_ptr="*i32", first_ptr="*i32", end_ptr="*i32", ranges_ptr="*i32")
+    for name, cfg in select.GROUPED_CONFIGS.items():
+        if name == "interp":
+            continue
+        tiles = dict(GROUP=64, LUT="where", PRECISION="tf32", BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
+        for bits in (1, 3):
+            build(f"grouped-forward-b{bits}-{name}", _grouped_forward_kernel, dict(packed, x_ptr="*bf16", y_ptr="*bf16", **schedule),
+                  dict(BITS=bits, **tiles), cfg["num_warps"], cfg["num_stages"])
+        widths = {f"{p}{b}": t for b in (1, 2, 3, 4) for p, t in (("codes", "*i32"), ("book", "*fp16"))}
+        build(f"grouped-dx-{name}", _grouped_dx_kernel, dict(packed, dy_ptr="*bf16", dx_ptr="*bf16", **schedule, **widths),
+              dict(HAS1=True, HAS2=True, HAS3=True, HAS4=True, **tiles), cfg["num_warps"], cfg["num_stages"])
     grad_ptrs = dict(dy_ptr="*bf16", s_ptr="*bf16", b_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32")
     cfg = select.GRAD_CONFIGS["gpu"]
     for r in (16, 64, 256):

@@ -75,8 +75,8 @@ def test_aligned_float32_on_cpu_takes_torchs_grouped_product_which_matches_the_l
     assert reference._grouped_mm_runs(x, w, offsets)
     assert not reference._grouped_mm_runs(x.double(), w.double(), offsets)  # float64 takes the loop
     assert not reference._grouped_mm_runs(x[:1].expand_as(x), w, offsets)  # so does an expanded gradient
-    looped = reference._per_expert(x.detach().double(), w.double(), offsets)
-    torch.testing.assert_close(reference._per_expert(x, w, offsets), looped.float())
+    looped = reference.per_expert_mm(x.detach().double(), w.double(), offsets)
+    torch.testing.assert_close(reference.per_expert_mm(x, w, offsets), looped.float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -89,3 +89,12 @@ def test_grouped_linear_in_bf16_on_cuda_matches_the_dense_product_per_expert():
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
     g = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # torch's grouped product, then the loop
+def test_rows_past_the_last_offset_are_zero(dtype):
+    x, offsets, packed = _inputs(dtype)
+    x = torch.cat([x.detach(), torch.randn(3, K, dtype=dtype)])  # 3 rows no expert owns
+    y = torch.ops.lowra.grouped_linear(x, offsets, packed, 32, E)
+    assert not y[-3:].any()
+    torch.testing.assert_close(y[:-3], _dense(x[:-3], offsets, packed))
