@@ -10,13 +10,14 @@ every expert dequantized for nothing. Here a program dequantizes only the tiles 
 fused_small_m.py does for one layer, and experts that got no rows cost one early-out program each.
 
 Rows of one expert are contiguous inside a bit group: `pack_weight` sorts each width's rows by original
-row, and expert e owns original rows e*N .. e*N + N - 1. So `ranges[g, e] .. ranges[g, e + 1]` (group-local,
-`expert_ranges`) are expert e's rows of width group g.
+row, and expert e owns original rows e*N .. e*N + N - 1. So `ranges[g, e] .. ranges[g, e + 1]` (group-local)
+are expert e's rows of width group g; a small kernel finds all of them at once by binary search.
 
-The schedule needs no host sync. Expert e's rows of x split into ceil(count_e / BLOCK_M) blocks; block j of
-all of them (`block_schedule`, a few torch ops on the device) is (expert, first row, end row). The grid
-has ceil(M / BLOCK_M) + E blocks, an upper bound on the real count; a block past the last has no rows, and
-its program runs no K steps and stores nothing.
+The schedule needs no host sync and no torch ops: expert e's rows of x split into ceil(count_e / BLOCK_M)
+blocks, and program j along M takes block j of all of them, found from the offsets inside the kernel (a
+cumulative sum over the experts, `_block`). The grid has ceil(M / BLOCK_M) + E programs along M, an upper
+bound on the blocks; programs past the last block have no rows, run no K steps and store nothing. A call
+is thus one launch for the ranges, one memset and the GEMM launches:
 
     forward  (one launch per bit group, BITS constexpr; groups write disjoint columns of y):
         acc[BLOCK_N, BLOCK_M] = deq(W)[rows of e] @ x[block rows]^T     y[block rows, perm[row] - e*N] = acc
@@ -39,50 +40,71 @@ from .dequant import bit_groups, check_tiles, dequant_tile, load_lut
 from .lora_gemm import dot_precision
 
 
-def block_schedule(offsets: Tensor, m: int, experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(expert, first row, end row) of each block of BLOCK_M rows, on the device: int32 [ceil(M/BLOCK_M) + E].
+@triton.jit
+def _ranges_kernel(perm_ptr, ranges_ptr, N, E, start1, start2, start3, start4, rows1, rows2, rows3, rows4, steps,
+                   EXPERTS: tl.constexpr):
+    """ranges[g, e] = the first row of width group g (group-local) whose original row is >= e*N, for e = 0..E:
+    a binary search per expert, all experts at once (one program per width)."""
+    g = tl.program_id(0)
+    start = tl.where(g == 0, start1, tl.where(g == 1, start2, tl.where(g == 2, start3, start4)))
+    count = tl.where(g == 0, rows1, tl.where(g == 1, rows2, tl.where(g == 2, rows3, rows4)))
+    es = tl.arange(0, EXPERTS)
+    lo = tl.zeros((EXPERTS,), dtype=tl.int32)
+    hi = lo + count
+    for _ in range(steps):  # steps = bit length of the largest group: enough for lo to meet hi
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        below = open_ & (tl.load(perm_ptr + start + mid, mask=open_, other=0) < es * N)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(open_ & ~below, mid, hi)
+    tl.store(ranges_ptr + g * (E + 1) + es, lo, mask=es <= E)
 
-    Blocks past the last have no rows (end = first)."""
-    ends = offsets.long().clamp(0, m)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    blocks = (ends - starts).clamp_min(0).add(block_m - 1).div(block_m, rounding_mode="floor")
-    last_block = blocks.cumsum(0)
-    j = torch.arange(triton.cdiv(m, block_m) + experts, device=offsets.device)
-    e = torch.searchsorted(last_block, j, right=True).clamp_max(experts - 1)
-    first = starts[e] + (j - (last_block[e] - blocks[e])) * block_m
-    end = torch.where(j < last_block[-1], ends[e], first)  # blocks past the last: no rows
-    return e.int(), first.int(), end.int()
 
-
-def expert_ranges(packed: list[Tensor], experts: int) -> Tensor:
+def _expert_ranges(packed: list[Tensor], experts: int) -> Tensor:
     """int32 [4, E + 1]: expert e's rows of width group g are ranges[g, e] .. ranges[g, e + 1], group-local."""
     perm = packed[0]
-    n = perm.shape[0] // experts
-    bounds = torch.arange(experts + 1, device=perm.device, dtype=torch.int32) * n
-    ranges = torch.zeros(len(BIT_WIDTHS), experts + 1, dtype=torch.int32, device=perm.device)
+    starts, counts = [0] * len(BIT_WIDTHS), [0] * len(BIT_WIDTHS)
     for bits, start, rows, _, _ in bit_groups(packed):
-        ranges[BIT_WIDTHS.index(bits)] = torch.searchsorted(perm[start:start + rows], bounds).int()
+        starts[BIT_WIDTHS.index(bits)], counts[BIT_WIDTHS.index(bits)] = start, rows
+    ranges = torch.empty(len(BIT_WIDTHS), experts + 1, dtype=torch.int32, device=perm.device)
+    _ranges_kernel[(len(BIT_WIDTHS),)](perm, ranges, perm.shape[0] // experts, experts, *starts, *counts,
+                                       max(counts).bit_length(), EXPERTS=triton.next_power_of_2(experts + 1))
     return ranges
 
 
+def _grid_m(m: int, experts: int, block_m: int) -> int:
+    """Programs along M: an upper bound on the blocks, sum over experts of ceil(rows_e / BLOCK_M)."""
+    return triton.cdiv(m, block_m) + experts
+
+
 @triton.jit
-def _block(expert_ptr, first_ptr, end_ptr, BLOCK_M: tl.constexpr):
-    """This program's expert, its rows of x and their mask."""
-    e = tl.load(expert_ptr + tl.program_id(0))
-    rm = tl.load(first_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)
-    m_ok = rm < tl.load(end_ptr + tl.program_id(0))
-    return e, rm.to(tl.int64), m_ok
+def _block(offsets_ptr, M, E, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr):
+    """This program's expert and its rows of x (and their mask): expert e's rows, offsets[e - 1] ..
+    offsets[e], split into blocks of BLOCK_M; program j takes block j of all of them, and programs past
+    the last block get no rows."""
+    es = tl.arange(0, EXPERTS)
+    ends = tl.minimum(tl.load(offsets_ptr + es, mask=es < E, other=0), M)
+    starts = tl.minimum(tl.load(offsets_ptr + es - 1, mask=(es >= 1) & (es < E), other=0), M)
+    blocks = tl.where(es < E, (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M, 0)
+    last = tl.cumsum(blocks, 0)  # one past each expert's last block
+    j = tl.program_id(0)
+    e = tl.minimum(tl.sum((last <= j).to(tl.int32), 0), E - 1)
+    mine = es == e
+    first = tl.sum(tl.where(mine, starts + (j - (last - blocks)) * BLOCK_M, 0), 0)
+    end = tl.where(j < tl.sum(blocks, 0), tl.sum(tl.where(mine, ends, 0), 0), first)
+    rm = first + tl.arange(0, BLOCK_M)
+    return e, rm.to(tl.int64), rm < end
 
 
 @triton.jit
 def _grouped_forward_kernel(
     x_ptr, codes_ptr, book_ptr, perm_ptr, absmax_codes_ptr, absmax_scale_ptr, y_ptr,
-    expert_ptr, first_ptr, end_ptr, ranges_ptr,
-    K, N, row_offset, words_per_row, G, S, sxm, sxk, sym, syn,
+    offsets_ptr, ranges_ptr,
+    M, K, N, E, row_offset, words_per_row, G, S, sxm, sxk, sym, syn,
     BITS: tl.constexpr, GROUP: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXPERTS: tl.constexpr,
 ):
-    e, rm, m_ok = _block(expert_ptr, first_ptr, end_ptr, BLOCK_M)
+    e, rm, m_ok = _block(offsets_ptr, M, E, BLOCK_M, EXPERTS)
     rows = tl.load(ranges_ptr + e) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < tl.load(ranges_ptr + e + 1)
     out_cols = tl.load(perm_ptr + row_offset + rows, mask=row_ok, other=0) - e * N
@@ -128,13 +150,13 @@ def _dx_width(acc, codes_ptr, book_ptr, ranges_ptr, row_offset, words_per_row,
 def _grouped_dx_kernel(
     dy_ptr, perm_ptr, absmax_codes_ptr, absmax_scale_ptr, dx_ptr,
     codes1, book1, codes2, book2, codes3, book3, codes4, book4,
-    expert_ptr, first_ptr, end_ptr, ranges_ptr,
-    K, N, E, offset1, offset2, offset3, offset4, words1, words2, words3, words4, G, S, sdm, sdn, sxm, sxk,
+    offsets_ptr, ranges_ptr,
+    M, K, N, E, offset1, offset2, offset3, offset4, words1, words2, words3, words4, G, S, sdm, sdn, sxm, sxk,
     HAS1: tl.constexpr, HAS2: tl.constexpr, HAS3: tl.constexpr, HAS4: tl.constexpr,
     GROUP: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXPERTS: tl.constexpr,
 ):
-    e, rm, m_ok = _block(expert_ptr, first_ptr, end_ptr, BLOCK_M)
+    e, rm, m_ok = _block(offsets_ptr, M, E, BLOCK_M, EXPERTS)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -169,16 +191,16 @@ def grouped_forward(
     (m, k), n = x.shape, packed[0].shape[0] // experts
     perm, absmax_codes, absmax_scale = packed[:3]
     y = x.new_zeros(m, n)  # rows past the last offset stay zero
-    schedule = block_schedule(offsets, m, experts, block_m)
-    ranges = expert_ranges(packed, experts)
+    ranges = _expert_ranges(packed, experts)
     for bits, start, rows, codes, book in bit_groups(packed):
-        grid = (schedule[0].shape[0], triton.cdiv(min(rows, n), block_n))
+        grid = (_grid_m(m, experts, block_m), triton.cdiv(min(rows, n), block_n))
         _grouped_forward_kernel[grid](
-            x, codes, book, perm, absmax_codes, absmax_scale, y, *schedule, ranges[BIT_WIDTHS.index(bits)],
-            k, n, start, codes.shape[1], absmax_codes.shape[1], absmax_scale.shape[1],
+            x, codes, book, perm, absmax_codes, absmax_scale, y, offsets, ranges[BIT_WIDTHS.index(bits)],
+            m, k, n, experts, start, codes.shape[1], absmax_codes.shape[1], absmax_scale.shape[1],
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             BITS=bits, GROUP=group_size, LUT=lut, PRECISION=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPERTS=triton.next_power_of_2(experts),
+            num_warps=num_warps, num_stages=num_stages,
         )
     return y
 
@@ -193,20 +215,20 @@ def grouped_dx(
     m, n = dy.shape
     perm, absmax_codes, absmax_scale = packed[:3]
     dx = dy.new_zeros(m, k)  # rows past the last offset stay zero
-    schedule = block_schedule(offsets, m, experts, block_m)
     groups = {bits: (start, codes, book) for bits, start, _, codes, book in bit_groups(packed)}
     per_width = {}
     for bits in BIT_WIDTHS:  # an absent width gets placeholders its constexpr HAS flag never reads
         start, codes, book = groups.get(bits, (0, perm, perm))
         per_width[bits] = (start, codes, book, codes.shape[1] if bits in groups else 0)
-    _grouped_dx_kernel[(schedule[0].shape[0], triton.cdiv(k, block_k))](
+    _grouped_dx_kernel[(_grid_m(m, experts, block_m), triton.cdiv(k, block_k))](
         dy, perm, absmax_codes, absmax_scale, dx,
         *(t for b in BIT_WIDTHS for t in per_width[b][1:3]),
-        *schedule, expert_ranges(packed, experts),
-        k, n, experts, *(per_width[b][0] for b in BIT_WIDTHS), *(per_width[b][3] for b in BIT_WIDTHS),
+        offsets, _expert_ranges(packed, experts),
+        m, k, n, experts, *(per_width[b][0] for b in BIT_WIDTHS), *(per_width[b][3] for b in BIT_WIDTHS),
         absmax_codes.shape[1], absmax_scale.shape[1], dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
         HAS1=1 in groups, HAS2=2 in groups, HAS3=3 in groups, HAS4=4 in groups,
         GROUP=group_size, LUT=lut, PRECISION=dot_precision(dy.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXPERTS=triton.next_power_of_2(experts),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dx

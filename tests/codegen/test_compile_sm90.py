@@ -23,7 +23,7 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = [line.split() for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 28
+    assert len(compiled) == 29
     too_big = [c for c in compiled if int(c[-1]) > H100_SHARED_BYTES]
     assert not too_big, too_big
 
@@ -36,7 +36,7 @@ def _compile_all() -> None:
     from lowra_compile.codegen import select
     from lowra_compile.codegen.dequant import _dequant_kernel
     from lowra_compile.codegen.fused_small_m import _fused_small_m_kernel
-    from lowra_compile.codegen.grouped_gemm import _grouped_dx_kernel, _grouped_forward_kernel
+    from lowra_compile.codegen.grouped_gemm import _grouped_dx_kernel, _grouped_forward_kernel, _ranges_kernel
     from lowra_compile.codegen.lora_gemm import _lora_gemm_kernel
     from lowra_compile.codegen.lora_grad import _lora_dys_dyb_kernel, rank_tiles
 
@@ -66,11 +66,13 @@ def _compile_all() -> None:
             build(f"gemm-{name}", _lora_gemm_kernel, gemm_ptrs,
                   dict(HAS_LORA=True, HAS_BIAS=True, PRECISION="tf32", BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                        BLOCK_K=cfg["block_k"], BLOCK_R=64, GROUP_M=8), cfg["num_warps"], cfg["num_stages"])
-    schedule = dict(expert_ptr="*i32", first_ptr="*i32", end_ptr="*i32", ranges_ptr="*i32")
+    schedule = dict(offsets_ptr="*i32", ranges_ptr="*i32")
+    build("grouped-ranges", _ranges_kernel, dict(perm_ptr="*i32", ranges_ptr="*i32"), dict(EXPERTS=256), 4)
     for name, cfg in select.GROUPED_CONFIGS.items():
         if name == "interp":
             continue
-        tiles = dict(GROUP=64, LUT="where", PRECISION="tf32", BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
+        tiles = dict(GROUP=64, LUT="where", PRECISION="tf32", BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                     BLOCK_K=cfg["block_k"], EXPERTS=128)
         for bits in (1, 3):
             build(f"grouped-forward-b{bits}-{name}", _grouped_forward_kernel, dict(packed, x_ptr="*bf16", y_ptr="*bf16", **schedule),
                   dict(BITS=bits, **tiles), cfg["num_warps"], cfg["num_stages"])

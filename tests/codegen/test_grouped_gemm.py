@@ -4,13 +4,14 @@ rows past the last offset, one expert taking every row, decode-sized M, fp32 and
 import pytest
 import torch
 
-from lowra_compile.codegen.grouped_gemm import block_schedule, expert_ranges, grouped_dx, grouped_forward
+from lowra_compile.codegen.grouped_gemm import _expert_ranges, grouped_dx, grouped_forward
 from lowra_compile.runtime import reference
 from lowra_compile.runtime.synthetic import random_packed_weight
 
 SMALL = dict(block_m=16, block_n=16, block_k=32)
 E, N, K, GROUP = 4, 24, 80, 32  # N and K are not multiples of the tiles; the last K group is short
-COUNTS = {"spread": (3, 0, 21, 2), "one expert": (0, 0, 0, 19), "decode": (1, 0, 0, 1)}
+# rows per expert: some with none, several blocks of 16 for one, all for one, a decode step's few
+COUNTS = {"spread": (3, 0, 37, 2), "one expert": (0, 0, 0, 19), "decode": (1, 0, 0, 1)}
 
 
 def _case(widths, counts, dtype, device, tail=0, seed=0):
@@ -66,18 +67,11 @@ def test_strided_inputs(tol, device):
                                **tol[torch.float32])
 
 
-def test_block_schedule_covers_each_experts_rows_once():
-    offsets = torch.tensor([3, 3, 40, 42], dtype=torch.int32)
-    expert, first, end = block_schedule(offsets, 45, 4, 16)
-    assert expert.shape[0] == -(-45 // 16) + 4  # the host-known upper bound
-    rows = [(int(e), r) for e, f, t in zip(expert, first, end) for r in range(int(f), min(int(t), int(f) + 16))]
-    owner = torch.repeat_interleave(torch.arange(4), torch.tensor([3, 0, 37, 2]))
-    assert rows == [(int(owner[r]), r) for r in range(42)]  # rows 42..44 are past the last offset: no block
-
-
-def test_expert_ranges_follow_the_packed_order():
-    packed = random_packed_weight(E * N, K, (1, 2, 3, 4), group_size=GROUP).tensors()
-    ranges = expert_ranges(packed, E)
+@pytest.mark.parametrize("widths", [(1, 2, 3, 4), (2,)])
+def test_expert_ranges_follow_the_packed_order(widths, device):
+    packed = random_packed_weight(E * N, K, widths, group_size=GROUP, device=device).tensors()
+    ranges = _expert_ranges(packed, E).cpu()
+    packed = [t.cpu() for t in packed]
     perm, start = packed[0], 0
     for g, bits in enumerate((1, 2, 3, 4)):
         rows = packed[3 + 2 * g].shape[0]
