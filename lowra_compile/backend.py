@@ -138,7 +138,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     inductor_options = mode_options(mode or config.mode, config.inner)
     codegen.set_kernel_mode(config.kernels)
     gm = linear_forms(gm)
-    sites = match_sites(gm, config.skip)
+    sites = match_sites(gm, config.skip, config.pack_routers)
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
     _refuse_fsdp(sites)

@@ -19,7 +19,7 @@ CALIBRATION = ("fisher", "activation", "off")
 ROUNDING = ("auto", "nearest", "gptq")
 SCALES = ("absmax", "fitted")
 # The options that make a packed base what it is; the others (kernels, inner, mode, progress, skip,
-# candidates_dir) only change how it is run or which layers are new.
+# pack_routers, candidates_dir) only change how it is run or which layers are new.
 QUANTIZING = (
     "bits", "bit_choices", "group_size", "codebook", "scales", "calibrate", "rounding", "refit_rounds",
     "loftq_iters", "lloyd_iters", "min_bits", "max_bits",
@@ -51,6 +51,8 @@ class LowRAConfig:
     loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist and B is zero (0 = off).
     lloyd_iters:  Lloyd-Max iterations per codebook.
     skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").
+    pack_routers: quantize a mixture's routers (transformers' *Router modules) too; by default they stay
+                  dense: one row per expert, and their error changes which experts a token takes.
     kernels:      "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
     inner:        compiler run on the rewritten graph.
     mode:         torch.compile's `mode` for that compiler (Inductor only), given here so that it goes with
@@ -74,6 +76,7 @@ class LowRAConfig:
     loftq_iters: int = 1
     lloyd_iters: int = 12
     skip: tuple[str, ...] = ("lm_head",)
+    pack_routers: bool = False
     kernels: str = "auto"
     inner: str = "inductor"
     mode: str | None = None

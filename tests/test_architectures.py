@@ -123,6 +123,8 @@ def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequan
     rows = {r.name: r for r in lowra_compile.report(model).layers}
     [row] = [r for n, r in rows.items() if n.endswith("layers.0.mlp.experts.gate_up_proj")]
     assert row.shape == (4 * 256, 64) and any(k.startswith("grouped_linear:") for k in row.kernels)
+    routers = [p for n, p in model.named_parameters() if n.endswith(("mlp.gate.weight", "mlp.router.weight"))]
+    assert len(routers) == 2 and not any(isinstance(p, ReleasedWeight) for p in routers)  # routers stay dense
 
     model.zero_grad(set_to_none=True)
     reference = copy.deepcopy(model)  # dense dequantized weights, transformers' own grouped product
@@ -157,6 +159,14 @@ def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequan
         lowra_compile.load_quantized(smaller, tmp_path / "base.safetensors")
 
 
+def test_pack_routers_quantizes_a_mixtures_routers_too():
+    model = _tiny_moe("mixtral")
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager", "pack_routers": True})
+    compiled(**batch(16)).loss.backward()
+    routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert len(routers) == 2 and all(isinstance(p, ReleasedWeight) for p in routers)
+
+
 def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_to_pack_them():
     model = _tiny_moe("mixtral", "batched_mm")  # selects each token's experts by indexing the stack
     with warnings.catch_warnings(record=True) as caught:
@@ -166,7 +176,7 @@ def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_t
     assert "4 frozen weight(s)" in message and "experts.gate_up_proj" in message
     assert 'experts_implementation="grouped_mm"' in message
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
-    assert len(packed) == 10 and not any("experts" in n for n in packed)  # 4 attention linears + router, x 2
+    assert len(packed) == 8 and not any("experts" in n for n in packed)  # 4 attention linears x 2 (routers: dense)
 
 def test_lora_on_the_experts_themselves_keeps_them_dense_and_says_where_to_put_the_adapters():
     model = _tiny_moe(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])

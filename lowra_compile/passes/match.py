@@ -40,6 +40,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -178,13 +179,15 @@ def body_inputs(call: fx.Node, body: fx.GraphModule) -> dict[fx.Node, object]:
     return dict(zip((n for n in body.graph.nodes if n.op == "placeholder"), call.args[1:]))
 
 
-def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> list[LinearSite]:
+def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bool = False) -> list[LinearSite]:
     """All rewritable frozen linears of `gm` and of its checkpointed regions, in graph order.
 
-    Warns once per layer it must leave dense.
+    Layers named in `skip` stay dense, and so do a mixture's routers unless `pack_routers`. Warns once per
+    layer it must leave dense.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
+    skip = _dense_rule(skip, pack_routers)
     sites = _scan(gm.graph, {n: n for n in placeholders}, index, skip, None)
     bodies = [(body.graph, {n: w for n, w in body_inputs(call, body).items() if w in index}, call)
               for call, body in checkpoint_bodies(gm)]
@@ -239,7 +242,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
             name = placeholder_name(outer[w])
-            if any(s in name or s in _module_path(node) for s in skip):
+            if skip(name, node):
                 continue
             if not value.dtype.is_floating_point:
                 raise ValueError(
@@ -326,7 +329,7 @@ def _stacked_site(node, x, w, offsets, outer, index, skip, scope, transposed: bo
     if not is_frozen_matrix(value, dims=(3,)):
         return None
     name = placeholder_name(outer[w])
-    if any(s in name or s in _module_path(node) for s in skip):
+    if skip(name, node):
         return None
     experts, n, k = (value.shape[0], value.shape[2], value.shape[1]) if transposed else value.shape
     erased = () if transposed else (node.args[1],)  # the transpose the grouped product read
@@ -378,7 +381,7 @@ def is_frozen_matrix(value, dims: tuple[int, ...] = (2,)) -> bool:
 
 
 def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, str], skip) -> None:
-    names = [n for n in other_products if not any(s in n for s in skip)]
+    names = [n for n in other_products if not skip(n)]
     if names:
         ops = ", ".join(sorted({other_products[n] for n in names}))
         listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -402,6 +405,26 @@ def _experts_hint(names: list[str]) -> str:
                 "grouped product, grouped_mm(x, W.transpose(-2, -1), offs=...): load the model with "
                 "experts_implementation=\"grouped_mm\" (its default where torch has a grouped product).")
     return "."
+
+
+def _dense_rule(skip: tuple[str, ...], pack_routers: bool) -> Callable[..., bool]:
+    """skip(name, node=None): whether a weight stays dense, by name (or its calling module's path) or, unless
+    `pack_routers`, because a mixture's router reads it."""
+    def dense(name: str, node: fx.Node | None = None) -> bool:
+        if any(s in name for s in skip):
+            return True
+        return node is not None and (any(s in _module_path(node) for s in skip) or (not pack_routers and _in_router(node)))
+    return dense
+
+
+def _in_router(node: fx.Node) -> bool:
+    """Whether a mixture's router made the call: transformers' routers are modules named *Router
+    (MixtralTopKRouter, Qwen3MoeTopKRouter, GptOssTopKRouter, DeepseekV3TopkRouter, ...). Their few rows
+    (one per expert) pick the experts: an error there flips a token's experts rather than nudging its output,
+    and keeping them dense costs one row per expert."""
+    stack = node.meta.get("nn_module_stack")
+    cls = next(reversed(stack.values()))[1] if stack else ""
+    return (cls if isinstance(cls, str) else getattr(cls, "__name__", "")).lower().endswith("router")
 
 
 def _module_path(node: fx.Node) -> str:
