@@ -89,6 +89,7 @@ class Choice:
 
 
 REFERENCE = Choice("reference")
+GROUPED_DEQUANT = Choice("dequant+grouped mm")
 _mode = "auto"
 _chosen: dict[tuple, Choice] = {}
 _measured: list[dict] = []
@@ -128,7 +129,7 @@ def candidates(op: str, m: int, device: torch.device) -> list[Choice]:
     if device.type != "cuda":
         return [_rule(op, m)]
     if op.startswith("grouped"):
-        return [Choice("fused-grouped", "", c) for c in GROUPED_CONFIGS if c != "interp"] + [Choice("dequant+grouped mm")]
+        return [Choice("fused-grouped", "", c) for c in GROUPED_CONFIGS if c != "interp"] + [GROUPED_DEQUANT]
     gemms = [Choice("dequant+gemm", "triton", c) for c in GEMM_CONFIGS if c != "interp"]
     if _mode == "auto":
         gemms.append(Choice("dequant+gemm", "cublas"))
@@ -138,7 +139,7 @@ def candidates(op: str, m: int, device: torch.device) -> list[Choice]:
 
 def _rule(op: str, m: int) -> Choice:
     if op.startswith("grouped"):
-        return Choice("fused-grouped", "", "interp") if m <= SMALL_M else Choice("dequant+grouped mm")
+        return Choice("fused-grouped", "", "interp") if m <= SMALL_M else GROUPED_DEQUANT
     if op == "forward" and m <= SMALL_M:
         return Choice("fused-small-m", "", "interp")
     return Choice("dequant+gemm", "triton", "interp")
@@ -159,7 +160,7 @@ def choose(op: str, m: int, k: int, n: int, rank: int, device: torch.device, run
 
 def _gpu_default(op: str, m: int) -> Choice:
     if op.startswith("grouped"):
-        return Choice("fused-grouped", "", "m16-n64-k128-w4-s2") if m <= SMALL_M else Choice("dequant+grouped mm")
+        return Choice("fused-grouped", "", "m16-n64-k128-w4-s2") if m <= SMALL_M else GROUPED_DEQUANT
     if op == "forward" and m <= SMALL_M:
         return Choice("fused-small-m", "", "n64-k128-w4-s2")
     return Choice("dequant+gemm", "triton", "128x128x64-w8-s4")

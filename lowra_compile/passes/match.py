@@ -187,12 +187,12 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bo
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
-    skip = _dense_rule(skip, pack_routers)
-    sites = _scan(gm.graph, {n: n for n in placeholders}, index, skip, None)
+    stays_dense = _dense_rule(skip, pack_routers)
+    sites = _scan(gm.graph, {n: n for n in placeholders}, index, stays_dense, None)
     bodies = [(body.graph, {n: w for n, w in body_inputs(call, body).items() if w in index}, call)
               for call, body in checkpoint_bodies(gm)]
     for graph, outer, call in bodies:
-        sites += _scan(graph, outer, index, skip, call)
+        sites += _scan(graph, outer, index, stays_dense, call)
     if not sites:
         _warn_trainable_only([(gm.graph, {n: n for n in placeholders}), *((g, o) for g, o, _ in bodies)])
     return sites
@@ -215,14 +215,15 @@ def _warn_trainable_only(graphs: list[tuple[fx.Graph, dict[fx.Node, fx.Node]]]) 
         )
 
 
-def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, int], skip, scope) -> list[LinearSite]:
+def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, int], stays_dense: Callable[..., bool],
+          scope) -> list[LinearSite]:
     """Sites of one graph; `outer` maps its placeholders to the top-level placeholders that feed them."""
     sites: list[LinearSite] = []
     other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
     stacked: dict[fx.Node, str] = {}  # frozen 3-D weights (a mixture's experts): packed only as grouped sites
     for node in graph.nodes:
         if _is_grouped_mm(node):
-            site = _grouped_site(node, outer, index, skip, scope)
+            site = _grouped_site(node, outer, index, stays_dense, scope)
             if site is not None:
                 sites.append(site)
                 continue
@@ -242,7 +243,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
             name = placeholder_name(outer[w])
-            if skip(name, node):
+            if stays_dense(name, node):
                 continue
             if not value.dtype.is_floating_point:
                 raise ValueError(
@@ -272,7 +273,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
         readers = [u for u in w.users if u.target is not torch.ops.higher_order.tag_activation_checkpoint]
         if w not in grouped and readers and name not in other_products:  # checkpointed bodies: scanned apart
             other_products[name] = _op_name(readers[0])
-    _warn_other_products(other_products, stacked, skip)
+    _warn_other_products(other_products, stacked, stays_dense)
     return sites
 
 
@@ -291,7 +292,7 @@ def _is_grouped_mm(node: fx.Node) -> bool:
 _GROUPED_KWARGS = ("offs", "bias", "out_dtype")
 
 
-def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> LinearSite | None:
+def _grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -> LinearSite | None:
     """A grouped product of rows sorted by expert with the transpose of frozen experts stacked (E, N, K),
     `grouped_mm(x, W.transpose(-2, -1), offs=offsets)`, or, after a recompile, of such a weight already
     packed (read through `lowra.dequant`). None for any other grouped product (it stays dense)."""
@@ -304,14 +305,14 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> Linea
     if not (isinstance(wt, fx.Node) and isinstance(offsets, fx.Node)):
         return None
     if wt in outer and len(wt.users) == 1:  # stored (E, K, N) and read as it is: gpt-oss
-        return _stacked_site(node, x, wt, offsets, outer, index, skip, scope, transposed=True)
+        return _stacked_site(node, x, wt, offsets, outer, index, stays_dense, scope, transposed=True)
     if not _is_last_two_transpose(wt):
         return None
     w = wt.args[0]
     if len(wt.users) != 1 or len(w.users) != 1:
         return None
     if w in outer:
-        return _stacked_site(node, x, w, offsets, outer, index, skip, scope, transposed=False)
+        return _stacked_site(node, x, w, offsets, outer, index, stays_dense, scope, transposed=False)
     dequant = w.args[0] if w.op == "call_method" and w.target == "view" else None
     if not is_dequant(dequant):
         return None
@@ -322,14 +323,14 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, skip, scope) -> Linea
                       scope, experts=experts, offsets=offsets, erased=(dequant, w, wt))
 
 
-def _stacked_site(node, x, w, offsets, outer, index, skip, scope, transposed: bool) -> LinearSite | None:
+def _stacked_site(node, x, w, offsets, outer, index, stays_dense, scope, transposed: bool) -> LinearSite | None:
     """The grouped site of frozen experts `w`, stacked (E, N, K) and read through a transpose, or stacked
     (E, K, N) and read as they are (`transposed`); either way packed as the (E*N, K) matrix."""
     value = example_value(w)
     if not is_frozen_matrix(value, dims=(3,)):
         return None
     name = placeholder_name(outer[w])
-    if skip(name, node):
+    if stays_dense(name, node):
         return None
     experts, n, k = (value.shape[0], value.shape[2], value.shape[1]) if transposed else value.shape
     erased = () if transposed else (node.args[1],)  # the transpose the grouped product read
@@ -380,8 +381,8 @@ def is_frozen_matrix(value, dims: tuple[int, ...] = (2,)) -> bool:
     )
 
 
-def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, str], skip) -> None:
-    names = [n for n in other_products if not skip(n)]
+def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, str], stays_dense) -> None:
+    names = [n for n in other_products if not stays_dense(n)]
     if names:
         ops = ", ".join(sorted({other_products[n] for n in names}))
         listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -408,7 +409,7 @@ def _experts_hint(names: list[str]) -> str:
 
 
 def _dense_rule(skip: tuple[str, ...], pack_routers: bool) -> Callable[..., bool]:
-    """skip(name, node=None): whether a weight stays dense, by name (or its calling module's path) or, unless
+    """stays_dense(name, node=None): whether a weight stays dense, by name (or its calling module's path) or, unless
     `pack_routers`, because a mixture's router reads it."""
     def dense(name: str, node: fx.Node | None = None) -> bool:
         if any(s in name for s in skip):
