@@ -28,6 +28,25 @@ from .lora_gemm import dot_precision
 
 
 @triton.jit
+def dequant_dot_xt(acc, x_ptr, sxm, sxk, rm, m_ok, k_end, K,
+                   codes_ptr, book_ptr, absmax_codes_ptr, absmax_scale_ptr, rows, row_offset, row_ok, words_per_row, G, S,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, LUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[BLOCK_N, BLOCK_M] += deq(W)[rows, :k_end] @ x[rm, :k_end]^T, each W tile dequantized in registers as
+    the dot's left operand (shared with the grouped kernels, grouped_gemm.py)."""
+    dot_dtype = x_ptr.dtype.element_ty
+    table = load_lut(book_ptr, rows, row_ok, BITS, LUT)  # loop-invariant: the rows' levels
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = dequant_tile(codes_ptr, book_ptr, table, absmax_codes_ptr, absmax_scale_ptr, rows, row_offset, row_ok,
+                         k0, K, words_per_row, G, S, BITS, GROUP, LUT, BLOCK_N, BLOCK_K)
+        # columns past K hold padding codes (finite levels); the zeros loaded for x there cancel them
+        xt = tl.load(x_ptr + rm[None, :] * sxm + ks[:, None] * sxk, mask=(ks < K)[:, None] & m_ok[None, :], other=0.0)
+        acc += tl.dot(w.to(dot_dtype), xt, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _fused_small_m_kernel(
     x_ptr, codes_ptr, book_ptr, perm_ptr, absmax_codes_ptr, absmax_scale_ptr,
     s_ptr, b_ptr, bias_ptr, y_ptr,
@@ -51,14 +70,8 @@ def _fused_small_m_kernel(
             st = tl.load(s_ptr + rm[None, :] * ssm + rr[:, None] * ssr, mask=(rr < R)[:, None] & m_ok[None, :], other=0.0)
             acc += tl.dot(b.to(dot_dtype), st.to(dot_dtype), input_precision=PRECISION)
         acc = acc * alpha
-    table = load_lut(book_ptr, rows, row_ok, BITS, LUT)  # loop-invariant: the rows' levels
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = dequant_tile(codes_ptr, book_ptr, table, absmax_codes_ptr, absmax_scale_ptr, rows, row_offset, row_ok,
-                         k0, K, words_per_row, G, S, BITS, GROUP, LUT, BLOCK_N, BLOCK_K)
-        # columns past K hold padding codes (finite levels); the zeros loaded for x there cancel them
-        xt = tl.load(x_ptr + rm[None, :] * sxm + ks[:, None] * sxk, mask=(ks < K)[:, None] & m_ok[None, :], other=0.0)
-        acc += tl.dot(w.to(dot_dtype), xt, input_precision=PRECISION)
+    acc = dequant_dot_xt(acc, x_ptr, sxm, sxk, rm, m_ok, K, K, codes_ptr, book_ptr, absmax_codes_ptr, absmax_scale_ptr,
+                         rows, row_offset, row_ok, words_per_row, G, S, BITS, GROUP, LUT, PRECISION, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_cols, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rm[None, :] * sym + out_cols[:, None] * syn, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..runtime.format import BIT_WIDTHS
 from .dequant import bit_groups, check_tiles, dequant_tile, load_lut
+from .fused_small_m import dequant_dot_xt
 from .lora_gemm import dot_precision
 
 
@@ -108,19 +109,11 @@ def _grouped_forward_kernel(
     rows = tl.load(ranges_ptr + e) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < tl.load(ranges_ptr + e + 1)
     out_cols = tl.load(perm_ptr + row_offset + rows, mask=row_ok, other=0) - e * N
-    dot_dtype = x_ptr.dtype.element_ty
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     busy = tl.max((row_ok[:, None] & m_ok[None, :]).to(tl.int32)) > 0
     k_end = tl.where(busy, K, 0)  # a tile with no rows of x or of e runs no K steps
-    table = load_lut(book_ptr, rows, row_ok, BITS, LUT)
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = dequant_tile(codes_ptr, book_ptr, table, absmax_codes_ptr, absmax_scale_ptr, rows, row_offset, row_ok,
-                         k0, K, words_per_row, G, S, BITS, GROUP, LUT, BLOCK_N, BLOCK_K)
-        # columns past K hold padding codes (finite levels); the zeros loaded for x there cancel them
-        xt = tl.load(x_ptr + rm[None, :] * sxm + ks[:, None] * sxk, mask=(ks < K)[:, None] & m_ok[None, :], other=0.0)
-        acc += tl.dot(w.to(dot_dtype), xt, input_precision=PRECISION)
+    acc = dequant_dot_xt(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), x_ptr, sxm, sxk, rm, m_ok, k_end, K,
+                         codes_ptr, book_ptr, absmax_codes_ptr, absmax_scale_ptr, rows, row_offset, row_ok, words_per_row,
+                         G, S, BITS, GROUP, LUT, PRECISION, BLOCK_N, BLOCK_K)
     tl.store(y_ptr + rm[None, :] * sym + out_cols[:, None] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & m_ok[None, :])
 

@@ -17,3 +17,19 @@ def tol():
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def forced_kernels(monkeypatch):
+    """The ops run their registered Triton kernels (on CPU: the interpreter), with a fresh selection and log."""
+    from lowra_compile import codegen
+    from lowra_compile.codegen import select
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LOWRA_FORCE_TRITON", "1")
+    select.reset()
+    codegen.clear_log()
+    yield
+    codegen.set_kernel_mode("auto")
+    codegen.set_timing(False)
+    select.reset()

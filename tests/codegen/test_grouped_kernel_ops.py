@@ -14,14 +14,7 @@ from lowra_compile.runtime.synthetic import random_packed_weight
 E, N, K, GROUP = 4, 24, 80, 32
 
 
-@pytest.fixture(autouse=True)
-def _kernels(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("LOWRA_FORCE_TRITON", "1")
-    select.reset()
-    codegen.clear_log()
-    yield
-    select.reset()
+pytestmark = pytest.mark.usefixtures("forced_kernels")
 
 
 def _dense(x, offsets, packed, e=E, group_size=GROUP):

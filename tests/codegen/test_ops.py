@@ -26,16 +26,7 @@ def _choices(variant: str, cuda: bool) -> tuple[select.Choice, select.Choice]:
     return gemm, gemm
 
 
-@pytest.fixture(autouse=True)
-def _kernels(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("LOWRA_FORCE_TRITON", "1")
-    select.reset()
-    codegen.clear_log()
-    yield
-    codegen.set_kernel_mode("auto")
-    codegen.set_timing(False)
-    select.reset()
+pytestmark = pytest.mark.usefixtures("forced_kernels")
 
 
 def _force(monkeypatch, tmp_path, device, variant, m, rank):
