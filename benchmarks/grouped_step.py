@@ -24,8 +24,7 @@ import lowra_compile  # noqa: F401  (registers the ops and their kernels)
 from bench_utils import bench, device_and_dtype, environment, packed_at_budget, parser, write_json
 from lowra_compile import codegen
 from lowra_compile.codegen import select
-from lowra_compile.codegen.dequant import dequantize
-from lowra_compile.codegen.grouped_gemm import grouped_dx, grouped_forward
+from lowra_compile.codegen.register import run_grouped
 from lowra_compile.runtime import reference
 
 LAYOUTS = {"mixtral-8x7b": dict(experts=8, k=4096, n=14336, top=2), "qwen3-30b-a3b": dict(experts=128, k=2048, n=768, top=8)}
@@ -55,19 +54,10 @@ def variants(layout: dict, tokens: int, device: torch.device, dtype: torch.dtype
         torch.autograd.grad(torch.ops.lowra.grouped_linear(xg, offsets, packed, 64, e), xg, dy)
 
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # the Triton kernels (or the interpreter)
-        buf = torch.empty(e * n, k, device=device, dtype=dtype)
-
-        def dequant_step():
-            w = dequantize(packed, k, 64, dtype, out=buf, **select.DEQUANT_CONFIGS["gpu"]).view(e, n, k)
-            reference.per_expert_mm(x, w.transpose(1, 2), offsets)
-            w = dequantize(packed, k, 64, dtype, out=buf, **select.DEQUANT_CONFIGS["gpu"]).view(e, n, k)
-            reference.per_expert_mm(dy, w, offsets)
-
-        out["dequant+grouped mm"] = dequant_step
-        for name, tiles in select.GROUPED_CONFIGS.items():
-            if name != "interp":
-                out[f"fused-grouped {name}"] = lambda t=tiles: (grouped_forward(x, offsets, packed, 64, e, **t),
-                                                                grouped_dx(dy, offsets, packed, 64, e, k, **t))
+        choices = [select.GROUPED_DEQUANT] + [select.Choice("fused-grouped", "", c) for c in select.GROUPED_CONFIGS if c != "interp"]
+        for c in choices:
+            out[c.label()] = lambda c=c: (run_grouped(c, x, offsets, packed, 64, e, k, backward=False),
+                                          run_grouped(c, dy, offsets, packed, 64, e, k, backward=True))
     out["lowra op (auto)"] = op_step
     return out
 

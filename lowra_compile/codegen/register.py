@@ -163,9 +163,10 @@ def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor]
     return log.record("lora_linear_backward", choice, m, k, n, rank, _bits(packed), lambda: run(choice), grad.device, flops=flops)
 
 
-def _grouped(c: Choice, x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int, k: int,
-             backward: bool) -> Tensor:
-    """A mixture's experts under choice c: y = grouped(x, W^T) (forward) or dx = grouped(dy, W) (backward)."""
+def run_grouped(c: Choice, x: Tensor, offsets: Tensor, packed: list[Tensor], group_size: int, experts: int, k: int,
+                backward: bool) -> Tensor:
+    """A mixture's experts under choice c: y = grouped(x, W^T) (forward) or dx = grouped(dy, W) (backward).
+    What the grouped ops run once a choice is made (benchmarks/grouped_step.py times each choice with it)."""
     if c.path == "fused-grouped":
         tiles = c.tiles("grouped", x.device)
         if backward:
@@ -189,7 +190,7 @@ def _grouped_impl(op: str, x: Tensor, offsets: Tensor, packed: list[Tensor], gro
         return log.record(op, REFERENCE, m, k, n, 0, _bits(packed), lambda: fn(*args), x.device, flops=flops)
 
     def run(c: Choice) -> Tensor:
-        return _grouped(c, x, offsets, packed, group_size, experts, k, backward)
+        return run_grouped(c, x, offsets, packed, group_size, experts, k, backward)
 
     choice = select.choose("grouped_backward" if backward else "grouped_forward", m, k, n, 0, x.device, run)
     return log.record(op, choice, m, k, n, 0, _bits(packed), lambda: run(choice), x.device, flops=flops)
