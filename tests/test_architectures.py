@@ -178,11 +178,61 @@ def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_t
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 8 and not any("experts" in n for n in packed)  # 4 attention linears x 2 (routers: dense)
 
-def test_lora_on_the_experts_themselves_keeps_them_dense_and_says_where_to_put_the_adapters():
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized_model(family):
+    # PEFT's target_parameters reads each stack through a parametrization, W + s * lhs @ rhs per expert, and
+    # caches that sum: lowra packs W and runs the adapter's factors beside the grouped op.
+    model = _tiny_moe(family, target_modules=["q_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with torch.no_grad():  # B starts at zero: give the experts' adapters a part in the output and the gradients
+        for name, p in model.named_parameters():
+            if "experts" in name and "lora_B" in name:
+                p.normal_(0, 0.05)
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    data = batch(16)
+    compiled(**data).loss.backward()
+    experts = {n: p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3}
+    assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts.values())
+    rows = [r for r in lowra_compile.report(model).layers if "experts" in r.name]
+    assert len(rows) == 4 and all(any(k.startswith("grouped_linear:") for k in r.kernels) for r in rows)
+
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)  # dense dequantized weights, PEFT's own parametrization
+    codegen.clear_log()
+    loss = compiled(**data).loss  # PEFT registers its parametrization again, now on the released weights
+    loss.backward()
+    calls = {op: sum(r["calls"] for r in codegen.kernel_log() if r["op"] == op)
+             for op in ("grouped_linear", "grouped_linear_backward")}
+    assert calls == {"grouped_linear": 4, "grouped_linear_backward": 4}  # the recompile's graphs too
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    grads = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), reference.parameters()) if p.requires_grad}
+    assert sum("experts" in n for n in grads) == 8  # A and B of two stacks in two layers
+    for name, (got, want) in grads.items():
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        other = batch(8, seed=1)["input_ids"]
+        torch.testing.assert_close(compiled(input_ids=other).logits, reference(input_ids=other).logits, atol=1e-5, rtol=1e-5)
+    assert all(p.untyped_storage().nbytes() == 0 for p in experts.values())  # nothing made them dense again
+
+    merged, merged_reference = lowra_compile.merge(model), reference.merge_and_unload()  # adapters folded in
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=other).logits, merged_reference(input_ids=other).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_several_adapters_on_the_experts_keep_them_dense_and_say_what_to_change():
+    from peft import LoraConfig
+
     model = _tiny_moe(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                          target_parameters=["mlp.experts.gate_up_proj"]))
+    model.base_model.set_adapter(["default", "other"])  # PEFT then adds both adapters' dense update to W
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})(**batch(16)).loss.backward()
     dense = [str(w.message) for w in caught if "stay dense" in str(w.message)]
-    assert any("gate_up_proj" in m and "target_parameters" in m and "target_modules" in m for m in dense), dense
-    assert not any("gate_up_proj" in n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight))
+    assert any("gate_up_proj" in m and "several active adapters" in m for m in dense), dense
+    packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
+    assert not any("gate_up_proj" in n for n in packed) and any("down_proj" in n for n in packed)

@@ -24,6 +24,14 @@ frozen)
      for experts stored (E, K, N): gpt-oss)
 
 (grouped_mm: torch._grouped_mm, torch.nn.functional.grouped_mm or transformers' fallback op).
+With PEFT's LoRA on the experts themselves (`target_parameters`, one active adapter), the product reads the
+stack through PEFT's parametrization, W + s * lhs @ rhs per expert, whose value PEFT also caches (a graph
+output); lhs and rhs are views of the adapter's A and B:
+
+    %u  = baddbmm(%W_experts, %lhs, %rhs, alpha=s)  # or, after a recompile, of view(lowra.dequant(...))
+    %ut = transpose(%u, -2, -1)                     # absent for experts stored (E, K, N): gpt-oss
+    %y  = grouped_mm(%x, %ut, offs=%offsets)
+    return (..., %u)
 
 `match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call, or one
 `lowra.grouped_linear` call for a grouped site.
@@ -71,6 +79,18 @@ class LoraBranch:
 
 
 @dataclass
+class ExpertsLora:
+    """PEFT's LoRA on a mixture's stacked experts: the grouped product reads `update` = W + scaling * lhs @ rhs,
+    through a transpose when `transposed` (so each expert's rows get x @ (lhs @ rhs)^T, or x @ lhs @ rhs)."""
+
+    lhs: fx.Node
+    rhs: fx.Node
+    scaling: float
+    update: fx.Node  # the baddbmm; also a graph output when PEFT caches it
+    transposed: bool
+
+
+@dataclass
 class LinearSite:
     """One frozen linear. `weight_index` is the position of W in the top-level placeholders (= example_inputs).
 
@@ -92,6 +112,7 @@ class LinearSite:
     experts: int = 0  # a grouped site: E experts stacked in one [E, N, K] weight, packed as [E*N, K] (shape)
     offsets: fx.Node | None = None  # of a grouped site: each expert's cumulative end row in x
     erased: tuple[fx.Node, ...] = ()  # of a grouped site: (dequant, view,) transpose of its weight, to drop
+    experts_lora: ExpertsLora | None = None  # of a grouped site: PEFT's LoRA on the experts themselves
 
     @property
     def output(self) -> fx.Node:
@@ -269,6 +290,9 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape, scope))
     grouped = {site.weight for site in sites if site.experts}
+    for site in sites:
+        if site.experts_lora is not None:  # its update, a baddbmm, is not another product of the weight
+            other_products.pop(site.name, None)
     for w, name in stacked.items():
         readers = [u for u in w.users if u.target is not torch.ops.higher_order.tag_activation_checkpoint]
         if w not in grouped and readers and name not in other_products:  # checkpointed bodies: scanned apart
@@ -294,8 +318,9 @@ _GROUPED_KWARGS = ("offs", "bias", "out_dtype")
 
 def _grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -> LinearSite | None:
     """A grouped product of rows sorted by expert with the transpose of frozen experts stacked (E, N, K),
-    `grouped_mm(x, W.transpose(-2, -1), offs=offsets)`, or, after a recompile, of such a weight already
-    packed (read through `lowra.dequant`). None for any other grouped product (it stays dense)."""
+    `grouped_mm(x, W.transpose(-2, -1), offs=offsets)`, possibly through PEFT's LoRA update of the stack,
+    or, after a recompile, of such a weight already packed (read through `lowra.dequant`). None for any
+    other grouped product (it stays dense)."""
     if not 2 <= len(node.args) <= 5:
         return None
     args = list(node.args) + [node.kwargs.get(k) for k in _GROUPED_KWARGS[len(node.args) - 2:]]
@@ -304,26 +329,58 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -
     x, wt, offsets = args[:3]
     if not (isinstance(wt, fx.Node) and isinstance(offsets, fx.Node)):
         return None
-    if wt in outer and len(wt.users) == 1:  # stored (E, K, N) and read as it is: gpt-oss
-        return _stacked_site(node, x, wt, offsets, outer, index, stays_dense, scope, transposed=True)
-    if not _is_last_two_transpose(wt):
-        return None
-    w = wt.args[0]
-    if len(wt.users) != 1 or len(w.users) != 1:
-        return None
-    if w in outer:
-        return _stacked_site(node, x, w, offsets, outer, index, stays_dense, scope, transposed=False)
-    dequant = w.args[0] if w.op == "call_method" and w.target == "view" else None
-    if not is_dequant(dequant):
+    source, transposes, lora, chain = _stack_read(wt)
+    if source in outer and transposes < 2:  # one transpose: stored (E, N, K); none: stored (E, K, N), gpt-oss
+        return _stacked_site(node, x, source, offsets, outer, index, stays_dense, scope, transposes == 0, chain, lora)
+    dequant = source.args[0] if source.op == "call_method" and source.target == "view" else None
+    if transposes != 1 or len(source.users) != 1 or not is_dequant(dequant):
         return None
     packed, k, group_size = dequant.args[:3]
-    experts = example_value(w).shape[0]
+    experts, n = example_value(source).shape[:2]
     name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
-    return LinearSite(name, node, x, None, None, None, list(packed), group_size, None, (experts * example_value(w).shape[1], k),
-                      scope, experts=experts, offsets=offsets, erased=(dequant, w, wt))
+    return LinearSite(name, node, x, None, None, None, list(packed), group_size, None, (experts * n, k),
+                      scope, experts=experts, offsets=offsets, erased=(dequant, source, *chain), experts_lora=lora)
 
 
-def _stacked_site(node, x, w, offsets, outer, index, stays_dense, scope, transposed: bool) -> LinearSite | None:
+def _stack_read(wt: fx.Node) -> tuple[fx.Node, int, ExpertsLora | None, tuple[fx.Node, ...]]:
+    """How a grouped product reads its stacked weight `wt`: (source, transposes, lora, chain). `source` is
+    what the chain starts from (a placeholder, or a view of `lowra.dequant`), `transposes` how many
+    transposes of the last two dims lie between, `lora` PEFT's update among them, and `chain` the nodes
+    between, in graph order (read by nothing else, but for the update, which PEFT also caches)."""
+    chain: list[fx.Node] = []
+
+    def past_transpose(node: fx.Node) -> fx.Node:
+        if _is_last_two_transpose(node) and len(node.users) == 1:
+            chain.insert(0, node)
+            return node.args[0]
+        return node
+
+    node = past_transpose(wt)
+    outer_transposes = len(chain)
+    lora = None
+    if _is_experts_update(node):
+        lhs, rhs = node.args[1:]
+        lora = ExpertsLora(lhs, rhs, float(node.kwargs.get("alpha", 1.0)), node, transposed=outer_transposes == 1)
+        chain.insert(0, node)
+        node = past_transpose(node.args[0])
+    transposes = len(chain) - (lora is not None)
+    if len(node.users) != 1:
+        return node, 2, None, ()  # read elsewhere too: no site
+    return node, transposes, lora, tuple(chain)
+
+
+def _is_experts_update(node: fx.Node) -> bool:
+    """PEFT's parametrization of stacked experts under one LoRA adapter, `baddbmm(W, lhs, rhs, alpha=scaling)`:
+    W + scaling * lhs @ rhs, expert by expert."""
+    return (
+        node.op == "call_function" and node.target is torch.baddbmm and len(node.args) == 3
+        and all(isinstance(a, fx.Node) for a in node.args) and set(node.kwargs) <= {"alpha"}
+        and isinstance(node.kwargs.get("alpha", 1.0), (int, float))
+    )
+
+
+def _stacked_site(node, x, w, offsets, outer, index, stays_dense, scope, transposed: bool, chain: tuple,
+                  lora: ExpertsLora | None) -> LinearSite | None:
     """The grouped site of frozen experts `w`, stacked (E, N, K) and read through a transpose, or stacked
     (E, K, N) and read as they are (`transposed`); either way packed as the (E*N, K) matrix."""
     value = example_value(w)
@@ -333,9 +390,8 @@ def _stacked_site(node, x, w, offsets, outer, index, stays_dense, scope, transpo
     if stays_dense(name, node):
         return None
     experts, n, k = (value.shape[0], value.shape[2], value.shape[1]) if transposed else value.shape
-    erased = () if transposed else (node.args[1],)  # the transpose the grouped product read
     return LinearSite(name, node, x, None, w, index[outer[w]], None, None, None, (experts * n, k), scope,
-                      transposed=transposed, experts=experts, offsets=offsets, erased=erased)
+                      transposed=transposed, experts=experts, offsets=offsets, erased=chain, experts_lora=lora)
 
 
 def _is_last_two_transpose(node: fx.Node) -> bool:
@@ -397,10 +453,10 @@ def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, 
 
 def _experts_hint(names: list[str]) -> str:
     """How to get a mixture's stacked experts packed, for those among the dense weights."""
-    if any("parametrizations." in n for n in names):  # PEFT's target_parameters adds B A to the dense stack
-        return (". LoRA on the experts themselves (PEFT's target_parameters) adds its update to the dense "
-                "stack, so those experts stay dense: put the adapters on the attention (target_modules) and "
-                "lowra packs the frozen experts.")
+    if any("parametrizations." in n for n in names):  # PEFT's target_parameters, several adapters: W + dW
+        return (". With several active adapters on the experts themselves (PEFT's target_parameters), PEFT adds "
+                "their dense update to the stack, so those experts stay dense: keep one adapter active on them "
+                "(lowra packs the experts and runs that adapter's factors), or put the others on target_modules.")
     if names:
         return (". A mixture's experts stacked in one tensor are packed when transformers runs them with a "
                 "grouped product, grouped_mm(x, W.transpose(-2, -1), offs=...): load the model with "

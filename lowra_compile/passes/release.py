@@ -104,6 +104,10 @@ class ReleasedWeight(torch.nn.Parameter):
                 return args[0] if func is Tensor.copy_ else None
             if func in _CONVERSIONS and isinstance(args[0], ReleasedWeight):
                 return _converted(func, args[0], args[1:], kwargs)
+            if func is Tensor.set_ and len(args) == 2 and args[1] is args[0]:
+                # what registering a parametrization does to the parameter (PEFT's LoRA on stacked experts, on
+                # every forward): a no-op; densified, it would dequantize the whole stack twice each time
+                return args[0]
 
             def densify(a):
                 return dequantized(a) if isinstance(a, ReleasedWeight) else a
@@ -123,6 +127,12 @@ class ReleasedWeight(torch.nn.Parameter):
         pw = self._lowra_weight
         packed = "packed transposed" if self._lowra_transposed else "packed"
         return f"ReleasedWeight(shape={tuple(self.shape)}, code_bits={pw.code_bits():.2f}, {packed})"
+
+
+# Dynamo inlines `__torch_function__` where it traces a caller, but must not compile it as a frame of its own:
+# it runs as one in the eager code between graphs (torch.nn.utils.parametrize, which PEFT's LoRA on stacked
+# experts calls on every forward, reads the weight's shape there), and compiling it recursed without end.
+torch._dynamo.eval_frame.skip_code(ReleasedWeight.__torch_function__.__func__.__code__)
 
 
 def _linear_call(func, args: tuple, kwargs: dict) -> tuple | None:

@@ -13,6 +13,19 @@ A grouped site (a mixture's stacked experts, `match`) becomes one `lowra.grouped
     %wt = transpose(%W_experts, -2, -1)               %y = lowra.grouped_linear(%x, %offsets, [%p0..%p10], 64, E)
     %y  = grouped_mm(%x, %wt, offs=%offsets)
 
+and with PEFT's LoRA on the experts (`match.ExpertsLora`), the adapter runs on its factors, expert by expert,
+beside the packed experts; the update PEFT caches is rebuilt from the packed weight (W is freed):
+
+    %u  = baddbmm(%W_experts, %lhs, %rhs, alpha=s)    %w  = lowra.dequant([%p0..%p10], K, 64, dtype)
+    %ut = transpose(%u, -2, -1)                       %u  = baddbmm(view(%w, (E, N, K)), %lhs, %rhs, alpha=s)
+    %y  = grouped_mm(%x, %ut, offs=%offsets)          %b  = lowra.grouped_linear(%x, %offsets, [%p0..%p10], 64, E)
+    return (.., %u)                                   %h  = grouped_mm(%x, transpose(%rhs, -2, -1), offs=%offsets)
+                                                      %z  = grouped_mm(%h, transpose(%lhs, -2, -1), offs=%offsets)
+                                                      %y  = add(%b, mul(%z, s))
+                                                      return (.., %u)
+
+(experts stored (E, K, N), read without the transpose: %h = grouped_mm(%x, %lhs), %z = grouped_mm(%h, %rhs)).
+
 Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
 too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
 keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
@@ -22,10 +35,12 @@ arguments.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, fx
 
-from .match import LinearSite
+from .match import LinearSite, example_value
 
 _DYNAMO_ATTRS = ("meta", "_param_name_to_source")
 
@@ -77,9 +92,51 @@ def _replace(old_out: fx.Node, op, args: tuple, replaced: list[fx.Node]) -> None
         fused = old_out.graph.call_function(op, args)
     fused.meta = dict(old_out.meta)
     old_out.replace_all_uses_with(fused)
-    for node in reversed(replaced if old_out in replaced else [*replaced, old_out]):
+    _erase_unread(replaced if old_out in replaced else [*replaced, old_out])
+
+
+def _erase_unread(nodes: list[fx.Node]) -> None:
+    """Drop the nodes (in graph order) that nothing reads any more, the last first."""
+    for node in reversed(nodes):
         if not node.users:
             node.graph.erase_node(node)
+
+
+def _replace_experts_with_lora(site: LinearSite, nodes: dict, args: tuple, erased: list[fx.Node]) -> None:
+    """The grouped product of `site` as the packed experts' grouped op plus its LoRA factors' two grouped
+    products; PEFT's update of the stack, if a graph output still reads it, made from the packed weight."""
+    lora, product = site.experts_lora, nodes[site.base]
+    graph, x, offsets = product.graph, nodes[site.x], nodes[site.offsets]
+    lhs, rhs = nodes[lora.lhs], nodes[lora.rhs]
+    with graph.inserting_before(product):
+        first, second = (_transpose(graph, rhs), _transpose(graph, lhs)) if lora.transposed else (lhs, rhs)
+        h = graph.call_function(product.target, (x, first), {"offs": offsets})
+        z = graph.call_function(product.target, (h, second), {"offs": offsets})
+        base = graph.call_function(torch.ops.lowra.grouped_linear.default, args)
+        out = graph.call_function(operator.add, (base, graph.call_function(operator.mul, (z, lora.scaling))))
+    out.meta = dict(product.meta)
+    product.replace_all_uses_with(out)
+    _erase_unread([*erased, product])
+    update = nodes[lora.update]
+    if update.users and site.weight is not None:  # still read (PEFT's cache), and W is about to be freed
+        weight = nodes[site.weight]
+        reader = next(iter(weight.users))
+        with graph.inserting_before(reader):
+            stack = _dequantized_stack(graph, site, args[2], args[3], example_value(weight).dtype)
+        reader.replace_input_with(weight, stack)
+
+
+def _transpose(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    return graph.call_method("transpose", (node, -2, -1))
+
+
+def _dequantized_stack(graph: fx.Graph, site: LinearSite, packed: list[fx.Node], group_size: int,
+                       dtype: torch.dtype) -> fx.Node:
+    """The dense experts in the shape they are stored in, from the packed [E*N, K] matrix."""
+    n, k = site.shape[0] // site.experts, site.shape[1]
+    dense = graph.call_function(torch.ops.lowra.dequant.default, (packed, k, group_size, dtype))
+    stack = graph.call_method("view", (dense, site.experts, n, k))
+    return graph.call_method("transpose", (stack, 1, 2)) if site.transposed else stack
 
 
 def rewrite(
@@ -119,7 +176,11 @@ def rewrite(
             continue
         if site.experts:
             args = (nodes[site.x], nodes[site.offsets], packed_nodes, group_size[i], site.experts)
-            _replace(nodes[site.base], torch.ops.lowra.grouped_linear.default, args, [nodes[n] for n in site.erased])
+            erased = [nodes[n] for n in site.erased]
+            if site.experts_lora is None:
+                _replace(nodes[site.base], torch.ops.lowra.grouped_linear.default, args, erased)
+            else:
+                _replace_experts_with_lora(site, nodes, args, erased)
             continue
         lora = site.lora
         args = (

@@ -94,3 +94,38 @@ def test_a_module_passed_as_an_argument_keeps_its_parameter_names():
     module = torch.nn.Sequential(torch.nn.Linear(16, 16)).requires_grad_(False)
     gm, _ = capture_graph(lambda *args: args[0](args[1]), module, torch.randn(2, 16))
     assert [s.name for s in match_sites(gm)] == ["0.weight"]
+
+
+class _ExpertsWithLora(torch.nn.Module):
+    """A mixture's frozen experts read as PEFT's `target_parameters` reads them: W + 2 * lhs @ rhs per expert,
+    stored (E, N, K) and read transposed, or stored (E, K, N) (gpt-oss) and read as they are; the sum is
+    also returned, as PEFT's parametrization cache makes it a graph output."""
+
+    def __init__(self, stored_in_out: bool, experts: int = 4, n: int = 12, k: int = 64, r: int = 2):
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+        self.stored_in_out = stored_in_out
+        shape = (experts, k, n) if stored_in_out else (experts, n, k)
+        self.weight = torch.nn.Parameter(torch.randn(shape), requires_grad=False)
+        self.lhs = torch.nn.Parameter(torch.randn(shape[0], shape[1], r))
+        self.rhs = torch.nn.Parameter(torch.randn(shape[0], r, shape[2]))
+
+    def forward(self, x, offsets):
+        update = torch.baddbmm(self.weight, self.lhs, self.rhs, alpha=2.0)
+        read = update if self.stored_in_out else update.transpose(-2, -1)
+        return torch.ops.transformers.grouped_mm_fallback(x, read, offs=offsets), update
+
+
+@pytest.mark.parametrize("stored_in_out", [False, True])
+def test_lora_on_stacked_experts_is_part_of_their_grouped_site(stored_in_out):
+    model = _ExpertsWithLora(stored_in_out)
+    gm, inputs = capture_graph(model, torch.randn(10, 64), torch.tensor([3, 3, 8, 10], dtype=torch.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the update's baddbmm is not another product that leaves W dense
+        [site] = match_sites(gm)
+    assert inputs[site.weight_index] is model.weight and site.experts == 4 and site.shape == (48, 64)
+    assert site.transposed == stored_in_out
+    lora = site.experts_lora
+    assert lora is not None and lora.scaling == 2.0 and lora.transposed == (not stored_in_out)
+    assert lora.update.target is torch.baddbmm and len(lora.update.users) == 2  # the product's chain, the output
