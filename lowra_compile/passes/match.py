@@ -329,7 +329,10 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -
     x, wt, offsets = args[:3]
     if not (isinstance(wt, fx.Node) and isinstance(offsets, fx.Node)):
         return None
-    source, transposes, lora, chain = _stack_read(wt)
+    read = _stack_read(wt)
+    if read is None:
+        return None
+    source, transposes, lora, chain = read
     if source in outer and transposes < 2:  # one transpose: stored (E, N, K); none: stored (E, K, N), gpt-oss
         return _stacked_site(node, x, source, offsets, outer, index, stays_dense, scope, transposes == 0, chain, lora)
     dequant = source.args[0] if source.op == "call_method" and source.target == "view" else None
@@ -342,11 +345,12 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -
                       scope, experts=experts, offsets=offsets, erased=(dequant, source, *chain), experts_lora=lora)
 
 
-def _stack_read(wt: fx.Node) -> tuple[fx.Node, int, ExpertsLora | None, tuple[fx.Node, ...]]:
+def _stack_read(wt: fx.Node) -> tuple[fx.Node, int, ExpertsLora | None, tuple[fx.Node, ...]] | None:
     """How a grouped product reads its stacked weight `wt`: (source, transposes, lora, chain). `source` is
     what the chain starts from (a placeholder, or a view of `lowra.dequant`), `transposes` how many
     transposes of the last two dims lie between, `lora` PEFT's update among them, and `chain` the nodes
-    between, in graph order (read by nothing else, but for the update, which PEFT also caches)."""
+    between, in graph order (read by nothing else, but for the update, which PEFT also caches). None when
+    something else reads the source too."""
     chain: list[fx.Node] = []
 
     def past_transpose(node: fx.Node) -> fx.Node:
@@ -364,9 +368,7 @@ def _stack_read(wt: fx.Node) -> tuple[fx.Node, int, ExpertsLora | None, tuple[fx
         chain.insert(0, node)
         node = past_transpose(node.args[0])
     transposes = len(chain) - (lora is not None)
-    if len(node.users) != 1:
-        return node, 2, None, ()  # read elsewhere too: no site
-    return node, transposes, lora, tuple(chain)
+    return (node, transposes, lora, tuple(chain)) if len(node.users) == 1 else None
 
 
 def _is_experts_update(node: fx.Node) -> bool:
