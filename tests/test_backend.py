@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import lowra_compile
 from lowra_compile.passes.release import ReleasedWeight, packed_weight
 
-from .tiny_models import batch, tiny_llama, tiny_peft_llama
+from .tiny_models import ExpertsWithLora, batch, tiny_llama, tiny_peft_llama
 
 QUIET = {"progress": False, "inner": "eager"}
 
@@ -789,3 +789,28 @@ def test_cuda_graphs_over_the_packed_ops_train_as_the_eager_model():
             torch.testing.assert_close(loss, ref_loss, atol=2e-4, rtol=2e-4)
     for name, grad in _lora_grads(model).items():
         torch.testing.assert_close(grad, dict(reference.named_parameters())[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("stored_in_out", [False, True])
+def test_lora_on_stacked_experts_gives_the_dequantized_stack_s_outputs_and_gradients(stored_in_out):
+    """Both outputs (the grouped product, and PEFT's cached W + 2 * lhs @ rhs, rebuilt from the packed stack)
+    and the factors' gradients through both, on the first call and on the recompile that reads the
+    released weight."""
+    model = ExpertsWithLora(stored_in_out)
+    x, offsets = torch.randn(10, 64), torch.tensor([3, 3, 8, 10], dtype=torch.int32)
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    results = [compiled(x, offsets)]  # quantizes, releases W
+    assert isinstance(model.weight, ReleasedWeight)
+    reference = copy.deepcopy(model)  # the dequantized stack
+    lowra_compile.codegen.clear_log()
+    results.append(compiled(x, offsets))  # W's class changed: a recompile, which runs the grouped op too
+    assert {e["op"] for e in lowra_compile.codegen.kernel_log()} == {"grouped_linear", "dequant"}  # dequant: the update
+    want_y, want_update = reference(x, offsets)
+    ((want_y**2).mean() + (want_update**2).mean()).backward()
+    for y, update in results:
+        model.zero_grad(set_to_none=True)
+        ((y**2).mean() + (update**2).mean()).backward()
+        torch.testing.assert_close(y, want_y, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(update, want_update)
+        torch.testing.assert_close(model.lhs.grad, reference.lhs.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.rhs.grad, reference.rhs.grad, atol=1e-5, rtol=1e-5)

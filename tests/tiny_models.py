@@ -102,3 +102,25 @@ class StackedExperts(torch.nn.Module):
     def forward(self, x, offsets, target=None):
         y = torch.ops.transformers.grouped_mm_fallback(x, self.weight.transpose(-2, -1), offs=offsets) * self.head
         return ((y - target) ** 2).mean() if target is not None else y
+
+
+class ExpertsWithLora(torch.nn.Module):
+    """A mixture's frozen experts read as PEFT's `target_parameters` reads them: W + 2 * lhs @ rhs per expert,
+    stored (E, N, K) and read transposed, or stored (E, K, N) (gpt-oss) and read as they are; the sum is
+    also returned, as PEFT's parametrization cache makes it a graph output."""
+
+    def __init__(self, stored_in_out: bool, experts: int = 4, n: int = 12, k: int = 64, r: int = 2):
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+        torch.manual_seed(0)
+        self.stored_in_out = stored_in_out
+        shape = (experts, k, n) if stored_in_out else (experts, n, k)
+        self.weight = torch.nn.Parameter(torch.randn(shape), requires_grad=False)
+        self.lhs = torch.nn.Parameter(torch.randn(shape[0], shape[1], r))
+        self.rhs = torch.nn.Parameter(torch.randn(shape[0], r, shape[2]))
+
+    def forward(self, x, offsets):
+        update = torch.baddbmm(self.weight, self.lhs, self.rhs, alpha=2.0)
+        read = update if self.stored_in_out else update.transpose(-2, -1)
+        return torch.ops.transformers.grouped_mm_fallback(x, read, offs=offsets), update

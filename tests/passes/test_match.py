@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lowra_compile.passes.linear_forms import linear_forms
 from lowra_compile.passes.match import match_sites
 
-from ..tiny_models import batch, capture_graph, tiny_llama, tiny_peft_llama
+from ..tiny_models import ExpertsWithLora, batch, capture_graph, tiny_llama, tiny_peft_llama
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -96,30 +96,9 @@ def test_a_module_passed_as_an_argument_keeps_its_parameter_names():
     assert [s.name for s in match_sites(gm)] == ["0.weight"]
 
 
-class _ExpertsWithLora(torch.nn.Module):
-    """A mixture's frozen experts read as PEFT's `target_parameters` reads them: W + 2 * lhs @ rhs per expert,
-    stored (E, N, K) and read transposed, or stored (E, K, N) (gpt-oss) and read as they are; the sum is
-    also returned, as PEFT's parametrization cache makes it a graph output."""
-
-    def __init__(self, stored_in_out: bool, experts: int = 4, n: int = 12, k: int = 64, r: int = 2):
-        super().__init__()
-        import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
-
-        self.stored_in_out = stored_in_out
-        shape = (experts, k, n) if stored_in_out else (experts, n, k)
-        self.weight = torch.nn.Parameter(torch.randn(shape), requires_grad=False)
-        self.lhs = torch.nn.Parameter(torch.randn(shape[0], shape[1], r))
-        self.rhs = torch.nn.Parameter(torch.randn(shape[0], r, shape[2]))
-
-    def forward(self, x, offsets):
-        update = torch.baddbmm(self.weight, self.lhs, self.rhs, alpha=2.0)
-        read = update if self.stored_in_out else update.transpose(-2, -1)
-        return torch.ops.transformers.grouped_mm_fallback(x, read, offs=offsets), update
-
-
 @pytest.mark.parametrize("stored_in_out", [False, True])
 def test_lora_on_stacked_experts_is_part_of_their_grouped_site(stored_in_out):
-    model = _ExpertsWithLora(stored_in_out)
+    model = ExpertsWithLora(stored_in_out)
     gm, inputs = capture_graph(model, torch.randn(10, 64), torch.tensor([3, 3, 8, 10], dtype=torch.int32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the update's baddbmm is not another product that leaves W dense
