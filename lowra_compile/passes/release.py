@@ -67,10 +67,16 @@ def dequantized(p: Tensor) -> Tensor:
     transposed to [E, K, N] for a stack stored that way."""
     pw = p._lowra_weight
     w = torch.ops.lowra.dequant(list(p._lowra_packed), pw.shape[1], pw.group_size, pw.dtype)
-    if p.dim() == 3:
-        stack = w.view(p.shape[0], -1, pw.shape[1])
-        return stack.transpose(1, 2) if p._lowra_transposed else stack
-    return w.t() if p._lowra_transposed else w
+    return in_stored_shape(w, tuple(p.shape), p._lowra_transposed)
+
+
+def in_stored_shape(w: Tensor, shape: tuple[int, ...], transposed: bool) -> Tensor:
+    """The dense (out, in) matrix `w` of a packed weight in the shape `shape` the weight is stored in (see
+    `dequantized`); on tensors, and on fx proxies when a graph rebuilds the stored weight."""
+    if len(shape) == 3:
+        stack = w.view(shape[0], -1, shape[1] if transposed else shape[2])
+        return stack.transpose(1, 2) if transposed else stack
+    return w.t() if transposed else w
 
 
 def packed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:

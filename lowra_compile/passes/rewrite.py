@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, fx
 
 from .match import LinearSite, example_value
+from .release import in_stored_shape
 
 _DYNAMO_ATTRS = ("meta", "_param_name_to_source")
 
@@ -120,23 +121,15 @@ def _replace_experts_with_lora(site: LinearSite, nodes: dict, args: tuple, erase
     update = nodes[lora.update]
     if update.users and site.weight is not None:  # still read (PEFT's cache), and W is about to be freed
         weight = nodes[site.weight]
-        reader = next(iter(weight.users))
+        reader, value = next(iter(weight.users)), example_value(weight)
         with graph.inserting_before(reader):
-            stack = _dequantized_stack(graph, site, args[2], args[3], example_value(weight).dtype)
+            dense = graph.call_function(torch.ops.lowra.dequant.default, (args[2], site.shape[1], args[3], value.dtype))
+            stack = in_stored_shape(fx.Proxy(dense), tuple(value.shape), site.transposed).node
         reader.replace_input_with(weight, stack)
 
 
 def _transpose(graph: fx.Graph, node: fx.Node) -> fx.Node:
     return graph.call_method("transpose", (node, -2, -1))
-
-
-def _dequantized_stack(graph: fx.Graph, site: LinearSite, packed: list[fx.Node], group_size: int,
-                       dtype: torch.dtype) -> fx.Node:
-    """The dense experts in the shape they are stored in, from the packed [E*N, K] matrix."""
-    n, k = site.shape[0] // site.experts, site.shape[1]
-    dense = graph.call_function(torch.ops.lowra.dequant.default, (packed, k, group_size, dtype))
-    stack = graph.call_method("view", (dense, site.experts, n, k))
-    return graph.call_method("transpose", (stack, 1, 2)) if site.transposed else stack
 
 
 def rewrite(
