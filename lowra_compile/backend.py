@@ -15,6 +15,7 @@ This module must not register the backend itself: the `torch_dynamo_backends` en
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Callable
 
@@ -137,7 +138,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     config = LowRAConfig.from_options(options)
     inductor_options = mode_options(mode or config.mode, config.inner)
     codegen.set_kernel_mode(config.kernels)
-    gm = linear_forms(gm)
+    graph, gm = gm, linear_forms(gm)
     sites = match_sites(gm, config.skip, config.pack_routers)
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
@@ -157,8 +158,48 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     for weight in weights.values():
         if not _shares_storage(weight, example_inputs):
             release(weight)
+    if not weights:  # every packed tensor is a graph input: the graph is right for any module's weights
+        return lambda *args: compiled(*args, *extra)
+    return BoundGraph(graph, compiled, extra, [(sites[i].weight_index, w) for i, w in weights.items()])
 
-    def run(*args):
-        return compiled(*args, *extra)
 
-    return run
+class BoundGraph:
+    """A compiled graph bound to the packed weights of the modules it was compiled for.
+
+    Dynamo may run one graph for several modules: after a graph break inside a repeated module's forward,
+    its frame's graph takes that module's weights as inputs, and once they are all `ReleasedWeight`s the
+    guards of the graph compiled for the last layer hold for every layer. The packed tensors here are that
+    layer's, so each call checks that its weights are the ones bound. Another module's call goes to the
+    graph compiled for its own weights (each compile leaves its graph on its first weight), or, failing
+    that, runs the original graph eagerly, where the released weights' `__torch_function__` reads their own
+    packed forms: unfused, but right.
+    """
+
+    def __init__(self, graph: fx.GraphModule, compiled: Callable, extra: list, bound: list[tuple[int, torch.Tensor]]):
+        self.graph, self.compiled, self.extra = graph, compiled, extra
+        # weak: Dynamo's cache keeps this graph, and must not keep a deleted model's weights with it
+        self.bound = [(j, weakref.ref(w)) for j, w in bound]
+        self.key = graph.code
+        bound[0][1].__dict__.setdefault("_lowra_graphs", {})[self.key] = self
+        self.warned = False
+
+    def is_bound_to(self, args: tuple) -> bool:
+        return all(args[j] is w() for j, w in self.bound)
+
+    def __call__(self, *args):
+        if self.is_bound_to(args):
+            return self.compiled(*args, *self.extra)
+        other = args[self.bound[0][0]].__dict__.get("_lowra_graphs", {}).get(self.key)
+        if other is not None and other.is_bound_to(args):
+            return other.compiled(*args, *other.extra)
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                "lowra: Dynamo runs one graph for the layers of several modules (a graph break inside a repeated "
+                "module's forward) and some of them have no graph compiled for their own packed weights; those "
+                "run the graph eagerly, unfused and slower. Remove the graph break (torch._dynamo.explain shows "
+                "it), or quantize ahead with lowra_compile.quantize_ so that every graph reads the packed weights "
+                "as inputs",
+                stacklevel=2,
+            )
+        return self.graph(*args)

@@ -208,6 +208,50 @@ def _compiled_matches_eager(model, compiled, data):
         torch.testing.assert_close(compiled(**data).logits, model(**data).logits, atol=1e-5, rtol=1e-5)
 
 
+def _break_the_graph_in_every_mlp(model):
+    """One graph per decoder layer's attention, and one per MLP, that Dynamo runs for every layer."""
+    for layer in model.base_model.model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+
+
+def _step_matches_the_dequantized_model(compiled, model, data):
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)  # dense dequantized weights, the same adapters
+    loss = compiled(**data).loss
+    loss.backward()
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    ref_grads = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_a_graph_dynamo_runs_for_every_layer_reads_each_layer_s_own_packed_weights(inner):
+    # After a graph break inside a layer, Dynamo compiles that layer's frame once per layer on the first
+    # call (the weights turn into ReleasedWeights), then runs the last layer's graph for every layer: the
+    # guards hold for all. Each call must still read its own layer's packed weights.
+    model = tiny_peft_llama()
+    _break_the_graph_in_every_mlp(model)
+    compiled = _compile(model, bits=2.0, inner=inner)
+    compiled(**batch(16)).loss.backward()  # first call: quantizes layer by layer
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*graph for their own packed weights")
+        _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+
+
+def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_and_a_warning():
+    model = tiny_peft_llama()
+    _break_the_graph_in_every_mlp(model)
+    compiled = _compile(model, bits=2.0)
+    compiled(**batch(16)).loss.backward()
+    for p in model.base_model.model.model.layers[0].parameters():
+        p.__dict__.pop("_lowra_graphs", None)  # as if its graphs were compiled for other weights
+    with pytest.warns(UserWarning, match="graph break inside a repeated module"):
+        _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+
+
 def test_dora_layers_stay_dense_and_train():
     # PEFT's DoRA calls its base layer outside any graph Dynamo captures (graph breaks), so the backend
     # never sees those linears: they stay dense and exact, and the model still trains.

@@ -252,3 +252,4 @@ def materialize_weight(p: Tensor) -> None:
             p.copy_(dense)
     for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size", "_lowra_seconds", "_lowra_transposed"):
         delattr(p, attr)
+    p.__dict__.pop("_lowra_graphs", None)  # graphs compiled for its packed form (backend.BoundGraph)
