@@ -136,14 +136,14 @@ def measure(base, options, data: dict, args) -> dict:
     model = lora_model(copy.deepcopy(base), args.rank, args.seed)
     row: dict = {}
     if options is not None:
-        run_options = {"inner": args.inner, "progress": False, "candidates_dir": args.candidates}
-        model = torch.compile(model, backend="lowra", options={**options, **run_options})
+        run_options = {**options, "inner": args.inner, "progress": False, "candidates_dir": args.candidates}
         t0 = time.perf_counter()
-        quantize_on(model, data["calibration"])
+        quantize_on(model, data["calibration"], run_options)
         row["quantize_s"] = time.perf_counter() - t0
         rep = lowra_compile.report(model)
-        if not rep.layers:  # Dynamo fell back to eager: the numbers would be those of the dense model
-            raise RuntimeError(f"the lowra backend quantized no layer for options {options}")
+        if not rep.layers:  # the numbers would be those of the dense model
+            raise RuntimeError(f"lowra quantized no layer for options {options}")
+        model = torch.compile(model, backend="lowra", options=run_options)
         row.update({k: rep.summary()[k] for k in ("code_bits", "effective_bits", "channels_per_bits")})
         row["stage_s"] = rep.summary()["seconds"]  # where quantize_s went: calibrate, quantize, plan, pack, loftq
     # With inner="eager" (the default) the compiled graph runs the same ops as the model's eager forward,

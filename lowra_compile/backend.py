@@ -62,7 +62,7 @@ def mode_options(mode: str | None, inner: str) -> dict:
     return options
 
 
-def _shares_storage(weight: torch.Tensor, others: list) -> bool:
+def shares_storage(weight: torch.Tensor, others: list) -> bool:
     """True when another input views the same storage (tied embeddings): that weight must stay dense."""
     ptr = weight.untyped_storage().data_ptr()
     return any(
@@ -88,7 +88,7 @@ def _fsdp_module() -> str | None:
     return type(owner).__name__ if isinstance(owner, (FSDPModule, FullyShardedDataParallel)) else None
 
 
-def _refuse_fsdp(sites: list[LinearSite]) -> None:
+def refuse_fsdp(sites: list[LinearSite]) -> None:
     owner = _fsdp_module()
     if owner:
         raise ValueError(
@@ -100,7 +100,7 @@ def _refuse_fsdp(sites: list[LinearSite]) -> None:
         )
 
 
-def _warn_kept_quantization(
+def warn_kept_quantization(
     gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, options: Mapping | LowRAConfig | None,
     config: LowRAConfig,
 ) -> None:
@@ -142,8 +142,8 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     sites = match_sites(gm, config.skip, config.pack_routers)
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
-    _refuse_fsdp(sites)
-    _warn_kept_quantization(gm, sites, example_inputs, options, config)
+    refuse_fsdp(sites)
+    warn_kept_quantization(gm, sites, example_inputs, options, config)
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
@@ -156,7 +156,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in extra] if fake_mode else extra
     compiled = _compile_inner(new_gm, [*example_inputs, *fakes], config.inner, inductor_options)
     for weight in weights.values():
-        if not _shares_storage(weight, example_inputs):
+        if not shares_storage(weight, example_inputs):
             release(weight)
     if not weights:  # every packed tensor is a graph input: the graph is right for any module's weights
         return lambda *args: compiled(*args, *extra)

@@ -1,9 +1,8 @@
 """`lowra demo`: 2-bit LoRA fine-tuning of SmolLM2-135M on the King James Bible, on whatever device is here.
 
-Loads the packaged SmolLM2, wraps it with PEFT LoRA on every attention and MLP projection, compiles it
-with `backend="lowra"` at the requested bit budget, calibrates it on the first few training batches
-(`quantize_on` with a list: one batch at a time) and fine-tunes it on the training split with an
-ordinary loop. Prints held-out perplexity of the unquantized model, of the quantized model before
+Loads the packaged SmolLM2, wraps it with PEFT LoRA on every attention and MLP projection, quantizes it
+at the requested bit budget calibrated on the first few training batches (`quantize_on`: one batch at a
+time), compiles it with `backend="lowra"` and fine-tunes it on the training split with an ordinary loop. Prints held-out perplexity of the unquantized model, of the quantized model before
 fine-tuning (LoftQ-initialised adapters included) and after, then the kernel report. The defaults fit in
 well under 15 minutes on 2 CPU cores.
 """
@@ -65,10 +64,11 @@ def run(args: argparse.Namespace) -> None:
     ppl = {"unquantized": perplexity(model, heldout, desc="perplexity, unquantized")}
     print(f"held-out perplexity, unquantized: {ppl['unquantized']:.2f}")
 
-    compiled = torch.compile(model, backend="lowra", options={"bits": args.bits, "inner": args.inner})
+    options = {"bits": args.bits, "inner": args.inner}
     t0 = time.perf_counter()
     calib = batches[: args.calib_batches]
-    quantize_on(compiled, calib)
+    quantize_on(model, calib, options)
+    compiled = torch.compile(model, backend="lowra", options=options)
     tokens = sum(b.numel() for b in calib)
     print(f"quantized to {args.bits} bits, calibrated on {tokens} tokens, in {time.perf_counter() - t0:.0f} s")
     ppl["quantized"] = perplexity(compiled, heldout, desc="perplexity, quantized")

@@ -6,12 +6,12 @@ benchmark both use it, so every method sees the same batches in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .passes.calibrate import more_batches
+from .api import quantize_
 
 
 def training_batches(windows: torch.Tensor, steps: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -21,18 +21,13 @@ def training_batches(windows: torch.Tensor, steps: int, batch_size: int, seed: i
     return [windows[order[i * batch_size : (i + 1) * batch_size]] for i in range(steps)]
 
 
-def quantize_on(model: torch.nn.Module, batches: torch.Tensor | Sequence[torch.Tensor]) -> None:
-    """Make the first of `batches` (token ids, or one tensor) the compiled model's first call, in train mode
-    with labels; the backend calibrates on it and on the others too (same shapes), one at a time.
-
-    The backend quantizes on that first call; a call that returns a loss lets it weigh errors by the loss
-    gradient (the Fisher criterion), so they should be training batches.
-    """
+def quantize_on(model: torch.nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], options: Mapping) -> None:
+    """Quantize `model` (not compiled yet) with `options`, calibrated on `batches` (token ids, or one tensor)
+    as training batches with labels, in train mode: the loss gradient weighs the errors (the Fisher
+    criterion). `lowra_compile.quantize_` runs them one at a time."""
     batches = [batches] if torch.is_tensor(batches) else batches
-    calls = [{"input_ids": b, "labels": b, "use_cache": False} for b in batches]
     model.train()
-    with more_batches(calls[0], calls[1:]):
-        model(**calls[0])  # output dropped: only the quantization side effect is wanted
+    quantize_(model, [{"input_ids": b, "labels": b, "use_cache": False} for b in batches], options)
 
 
 def finetune(

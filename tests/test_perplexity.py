@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lowra_compile
 from lowra_compile.finetune import finetune, quantize_on, training_batches
 from lowra_compile.perplexity import perplexity
 
@@ -90,18 +91,19 @@ def test_finetune_trains_only_lora_and_loss_falls():
 
 
 def test_quantize_on_calibrates_on_every_batch_it_is_given(monkeypatch):
-    import lowra_compile.passes.pipeline as pipeline
+    import lowra_compile.api as api
 
     tokens = []
-    calibrate = pipeline.calibrate
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: tokens.append((s := calibrate(*a, **k))[0].tokens) or s)
+    quantize_layers = api.quantize_layers
+    monkeypatch.setattr(api, "quantize_layers", lambda layers, stats, *a, **k: tokens.append(stats[0].tokens) or
+                        quantize_layers(layers, stats, *a, **k))
     batches = _windows().split(2)[:3]
-    quantize_on(torch.compile(tiny_peft_llama(), backend="lowra", options={"progress": False}), batches)
-    torch._dynamo.reset()
+    quantize_on(tiny_peft_llama(), batches, {"progress": False})
     assert tokens == [3 * 2 * 32]
-    quantize_on(torch.compile(tiny_peft_llama(), backend="lowra", options={"progress": False}), batches[0])
-    torch._dynamo.reset()
+    model = tiny_peft_llama()
+    quantize_on(model, batches[0], {"progress": False, "bits": 3.0})
     assert tokens[1:] == [2 * 32]
+    assert lowra_compile.report(model).code_bits == pytest.approx(3.0, abs=0.05)  # its options
 
 
 def _accuracy_module():

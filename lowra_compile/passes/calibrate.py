@@ -1,14 +1,18 @@
-"""Sensitivity statistics from the batches the backend is compiled on.
+"""Sensitivity statistics of the frozen linears, from runs of their graphs on calibration batches.
 
-Runs the graph on the real example inputs (Dynamo hands the backend the real parameters and the first
-batch), and on any further calibration batches given to `lowra_compile.quantize_`, and records, for each
-site, over all of their tokens:
+For each site, over all the tokens it was run on:
 
     x2[k]  = E[x_k^2] per input channel                               (always)
-    g2[n]  = E[(dL/dy_n)^2] per output channel, the mean over batches  (when the graph returns a scalar loss)
+    g2[n]  = E[(dL/dy_n)^2] per output channel, the mean over batches  (when the run ends in a scalar loss)
     gram   = E[x x^T] [K, K], per input                                 (for rounding="gptq"; sites reading the
                                                                          same input share one tensor; kept in
                                                                          host memory: ~22 GB over a 7B model)
+
+Two callers. The backend (`calibrate`) runs one graph on the real first batch Dynamo hands it, and takes
+the gradient of that graph's loss. `lowra_compile.quantize_` (`ModelCalibration`) runs every graph of the
+model, through the eager code between them, on each of its batches, and takes the gradient of the model's
+loss once per batch: so the layers of a graph that ends before the loss (a graph break) get their E[g^2]
+too, and each layer's statistics add up under its weight, whichever graph (or graph call) ran it.
 
 For the experts of a mixture stacked in one grouped site, x2 and gram are pooled over the rows of all the
 experts (every token each expert was routed), and g2[e*N + n] sums expert e's rows over all rows, so an
@@ -28,11 +32,8 @@ KJV perplexity is 27.1 / 24.8 / 24.3 / 23.7 on 1k / 4k / 16k / 32k tokens (docs/
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator
 
 import torch
 from torch import Tensor, fx
@@ -48,63 +49,23 @@ class SiteStats:
     tokens: int = 0  # rows of x the means are taken over (sets the damping of gram: passes/gptq.py)
 
 
-# (first batch, further batches) while `lowra_compile.quantize_` runs the first call on several batches
-_batches: ContextVar[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]] | None] = ContextVar(
-    "lowra_calibration_batches", default=None
-)
-
-
-@contextmanager
-def more_batches(first: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> Iterator[None]:
-    """While active, a graph compiled on the call with the kwargs `first` also calibrates on each of `others`
-    (kwargs of the same names and shapes)."""
-    token = _batches.set((first, others))
-    try:
-        yield
-    finally:
-        _batches.reset(token)
-
-
-def more_inputs(example_inputs: list) -> list[list]:
-    """The graph's inputs for each further calibration batch (see `more_batches`): `example_inputs` with
-    every tensor of the first batch replaced by the other batch's tensor of the same name."""
-    batches = _batches.get()
-    if batches is None:
-        return []
-    first, others = batches
-    slots = {}  # position among the graph inputs -> kwarg name
-    for j, value in enumerate(example_inputs):
-        name = next((k for k, t in first.items() if isinstance(t, Tensor) and t is value), None)
-        if name is not None:
-            slots[j] = name
-    if not slots:
-        # A graph after a graph break reads activations of the first batch, which no other batch gives.
-        warnings.warn(
-            "lowra: a graph with frozen linears does not take the calibration batch as input (it follows a graph "
-            f"break); its layers are calibrated on the first batch only, not on the {len(others)} more given to "
-            "quantize_. Remove the graph break (torch._dynamo.explain shows it) to calibrate them on all.",
-            stacklevel=2,
-        )
-        return []
-    return [[other[slots[j]] if j in slots else v for j, v in enumerate(example_inputs)] for other in others]
-
-
 def _rows(t: Tensor) -> Tensor:
     return t.detach().float().reshape(-1, t.shape[-1])
 
 
 class _Sums:
-    """Running totals over the calibration batches, shared by the recorders of a graph and its checkpoint
-    bodies. Grams are summed per input node, so sites reading one input keep sharing one tensor."""
+    """Running totals over the calibration batches, per layer key (a site's index in one graph, or its
+    weight across the graphs of a model), shared by the recorders of a graph and its checkpoint bodies.
+    Grams are summed per input, so sites reading one input keep sharing one tensor."""
 
     def __init__(self):
-        self.x2: dict[int, Tensor] = {}  # sum of x^2 over rows, per site
-        self.tokens: dict[int, int] = {}  # rows summed, per site
-        self.g2: dict[int, Tensor] = {}  # sum over batches of each batch's E[(dL/dy)^2], per site
-        self.grams: dict[fx.Node, Tensor] = {}  # sum of x x^T over rows, per input node, on the CPU
-        self.gram_tokens: dict[fx.Node, int] = {}  # rows summed into each of those
-        self.gram_node: dict[int, fx.Node] = {}  # the input node each site reads
-        self.expert_rows: dict[int, Tensor] = {}  # rows routed to each expert, per grouped site
+        self.x2: dict[Hashable, Tensor] = {}  # sum of x^2 over rows, per layer
+        self.tokens: dict[Hashable, int] = {}  # rows summed, per layer
+        self.g2: dict[Hashable, Tensor] = {}  # sum over batches of each batch's E[(dL/dy)^2], per layer
+        self.grams: dict[tuple, Tensor] = {}  # sum of x x^T over rows, per input, on the CPU
+        self.gram_tokens: dict[tuple, int] = {}  # rows summed into each of those
+        self.gram_of: dict[Hashable, tuple] = {}  # the input each layer reads: (node, key of its first reader)
+        self.expert_rows: dict[Hashable, Tensor] = {}  # rows routed to each expert, per grouped layer
 
 
 def _find_loss(out) -> Tensor | None:
@@ -116,50 +77,61 @@ def _find_loss(out) -> Tensor | None:
 
 
 class _Recorder(fx.Interpreter):
-    """Interpreter that adds each site's input to the totals and makes its output differentiable."""
+    """Interpreter that adds the input of each site in `keys` to the totals under its key, and makes its
+    output differentiable (`probes`: (key, output, the grouped site's offsets or None))."""
 
-    def __init__(self, gm: fx.GraphModule, sites: list[LinearSite], sums: _Sums, want_grad: bool, want_gram: bool):
+    def __init__(
+        self, gm: fx.GraphModule, sites: list[LinearSite], sums: _Sums, want_grad: bool, want_gram: bool,
+        keys: Mapping[int, Hashable],
+    ):
         super().__init__(gm)
-        self.sites, self.sums = sites, sums
-        self.inputs = {s.base: i for i, s in enumerate(sites)}
-        self.outputs = {s.output: i for i, s in enumerate(sites)}
-        self.scopes = {s.scope for s in sites if s.scope is not None}
-        self.probes: dict[int, Tensor] = {}
-        self.offsets: dict[int, Tensor] = {}  # each grouped site's offsets in this batch
+        self.sites, self.sums, self.keys = sites, sums, keys
+        self.inputs = {sites[i].base: i for i in keys}
+        self.outputs = {sites[i].output: i for i in keys}
+        self.scopes = {sites[i].scope for i in keys if sites[i].scope is not None}
+        # an input's gram is the first reader's: the key tells one layer's input from another's when the
+        # same graph runs for several layers (after a graph break inside a repeated module)
+        self.first_reader: dict[fx.Node, Hashable] = {}
+        for i in sorted(keys):
+            self.first_reader.setdefault(sites[i].base.args[0], keys[i])
+        self.probes: list[tuple[Hashable, Tensor, Tensor | None]] = []
+        self.offsets: dict[Hashable, Tensor] = {}  # each grouped site's offsets in this batch
         self.want_grad, self.want_gram = want_grad, want_gram
-        self._gram_added: set[fx.Node] = set()  # this batch's x x^T, added once for all readers
+        self._gram_added: set[tuple] = set()  # this batch's x x^T, added once for all readers
 
     def run_node(self, n: fx.Node):
         if n in self.scopes:
             # A checkpointed region holding sites: run its body here, recording inside it. This one
             # calibration pass keeps the region's activations (no recomputation); training does not.
             (body, *operands), _ = self.fetch_args_kwargs_from_env(n)
-            inner = _Recorder(body, self.sites, self.sums, self.want_grad, self.want_gram)
+            inner = _Recorder(body, self.sites, self.sums, self.want_grad, self.want_gram, self.keys)
             result = inner.run(*operands)
-            self.probes.update(inner.probes)
+            self.probes += inner.probes
             self.offsets.update(inner.offsets)
             return result
         result = super().run_node(n)
         if n in self.inputs:
-            i, x = self.inputs[n], n.args[0]
+            key, x = self.keys[self.inputs[n]], n.args[0]
             rows = _rows(self.env[x])
-            _add(self.sums.x2, i, rows.pow(2).sum(0))
-            self.sums.tokens[i] = self.sums.tokens.get(i, 0) + len(rows)
+            _add(self.sums.x2, key, rows.pow(2).sum(0))
+            self.sums.tokens[key] = self.sums.tokens.get(key, 0) + len(rows)
             if self.want_gram:
-                if x not in self._gram_added:
-                    _add(self.sums.grams, x, (rows.t() @ rows).cpu())  # moved back per layer
-                    self.sums.gram_tokens[x] = self.sums.gram_tokens.get(x, 0) + len(rows)
-                    self._gram_added.add(x)
-                self.sums.gram_node[i] = x
+                gram = (x, self.first_reader[x])
+                if gram not in self._gram_added:
+                    _add(self.sums.grams, gram, (rows.t() @ rows).cpu())  # moved back per layer
+                    self.sums.gram_tokens[gram] = self.sums.gram_tokens.get(gram, 0) + len(rows)
+                    self._gram_added.add(gram)
+                self.sums.gram_of[key] = gram
         if n in self.outputs and self.sites[self.outputs[n]].experts:
-            i = self.outputs[n]
-            self.offsets[i] = offsets = self.env[self.sites[i].offsets].long()
-            _add(self.sums.expert_rows, i, torch.diff(offsets, prepend=offsets.new_zeros(1)).cpu())
+            key = self.keys[self.outputs[n]]
+            self.offsets[key] = offsets = self.env[self.sites[self.outputs[n]].offsets].long()
+            _add(self.sums.expert_rows, key, torch.diff(offsets, prepend=offsets.new_zeros(1)).cpu())
         if n in self.outputs and self.want_grad and isinstance(result, Tensor) and torch.is_grad_enabled():
             # Adding a zero that requires grad makes even a layer with no trainable input differentiable.
             probe = torch.zeros((), device=result.device, dtype=result.dtype, requires_grad=True)
             result = result + probe
-            self.probes[self.outputs[n]] = result
+            key = self.keys[self.outputs[n]]
+            self.probes.append((key, result, self.offsets.get(key)))
         return result
 
 
@@ -175,19 +147,12 @@ def _concrete(value):
     return value.node.hint if isinstance(value, (torch.SymInt, torch.SymFloat)) else value
 
 
-def _record(gm, sites, sums: _Sums, inputs: list, use_loss: bool, gram: bool) -> None:
-    """Add one batch's statistics to `sums`."""
-    recorder = _Recorder(gm, sites, sums, want_grad=use_loss, want_gram=gram)
-    with torch.enable_grad() if use_loss else torch.no_grad():
-        out = recorder.run(*[_concrete(v) for v in inputs])
-    loss = _find_loss(out) if use_loss else None
-    if loss is not None and recorder.probes:
-        keys = list(recorder.probes)
-        grads = torch.autograd.grad(loss, [recorder.probes[k] for k in keys], allow_unused=True)
-        for k, g in zip(keys, grads):
-            if g is not None:
-                g2 = _per_expert_g2(_rows(g), recorder.offsets[k]) if k in recorder.offsets else _rows(g).pow(2).mean(0)
-                _add(sums.g2, k, g2)
+def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, Tensor, Tensor | None]]) -> None:
+    """Add this batch's E[(dL/dy)^2] of every probed output to its layer's g2."""
+    grads = torch.autograd.grad(loss, [p for _, p, _ in probes], allow_unused=True)
+    for (key, _, offsets), g in zip(probes, grads):
+        if g is not None:
+            _add(sums.g2, key, _per_expert_g2(_rows(g), offsets) if offsets is not None else _rows(g).pow(2).mean(0))
 
 
 def _per_expert_g2(g: Tensor, offsets: Tensor) -> Tensor:
@@ -199,46 +164,78 @@ def _per_expert_g2(g: Tensor, offsets: Tensor) -> Tensor:
     return (sums / len(g)).reshape(-1)
 
 
-def _unreached_experts(sites: list[LinearSite], sums: _Sums) -> None:
+def _unreached_experts(names: Mapping[Hashable, str], sums: _Sums) -> None:
     """Give each expert that no calibration row reached the mean g2 of the other experts, and say so."""
-    for i, rows in sums.expert_rows.items():
+    for key, rows in sums.expert_rows.items():
         unreached = rows == 0
-        if i not in sums.g2 or not unreached.any():
+        if key not in sums.g2 or not unreached.any():
             continue
-        g2 = sums.g2[i].view(len(rows), -1)
+        g2 = sums.g2[key].view(len(rows), -1)
         if not unreached.all():
             g2[unreached] = g2[~unreached].mean(0)
         warnings.warn(
-            f"lowra: {int(unreached.sum())} of the {len(rows)} experts of {sites[i].name!r} received no calibration "
+            f"lowra: {int(unreached.sum())} of the {len(rows)} experts of {names[key]!r} received no calibration "
             "tokens; their widths are planned on the other experts' mean sensitivity. Calibrate on more tokens "
             "(lowra_compile.quantize_ takes several batches) so that every expert is seen",
             stacklevel=4,
         )
 
 
-def calibrate(
-    gm: fx.GraphModule,
-    sites: list[LinearSite],
-    example_inputs: list,
-    use_loss: bool = True,
-    gram: bool = False,
-    more_inputs: Sequence[list] = (),
-) -> list[SiteStats]:
-    """Statistics per site, from runs of `gm` on `example_inputs` (the real first batch) and on each of
-    `more_inputs` (the same graph inputs with another batch's tensors in place of the first one's)."""
-    sums = _Sums()
-    for inputs in (example_inputs, *more_inputs):
-        _record(gm, sites, sums, inputs, use_loss, gram)
-    batches = 1 + len(more_inputs)
-    _unreached_experts(sites, sums)
-    for node, total in sums.grams.items():
-        total /= sums.gram_tokens[node]
-    return [
-        SiteStats(
-            sums.x2[i] / sums.tokens[i],
-            sums.g2[i] / batches if i in sums.g2 else None,
-            sums.grams[sums.gram_node[i]] if i in sums.gram_node else None,
-            sums.tokens[i],
+def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dict[Hashable, SiteStats]:
+    """The means of the totals, per layer key of `names`."""
+    _unreached_experts(names, sums)
+    grams = {gram: total / sums.gram_tokens[gram] for gram, total in sums.grams.items()}
+    return {
+        key: SiteStats(
+            sums.x2[key] / sums.tokens[key],
+            sums.g2[key] / batches if key in sums.g2 else None,
+            grams[sums.gram_of[key]] if key in sums.gram_of else None,
+            sums.tokens[key],
         )
-        for i in range(len(sites))
-    ]
+        for key in names
+    }
+
+
+def calibrate(
+    gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, use_loss: bool = True, gram: bool = False
+) -> list[SiteStats]:
+    """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch)."""
+    sums, keys = _Sums(), {i: i for i in range(len(sites))}
+    recorder = _Recorder(gm, sites, sums, want_grad=use_loss, want_gram=gram, keys=keys)
+    with torch.enable_grad() if use_loss else torch.no_grad():
+        out = recorder.run(*[_concrete(v) for v in example_inputs])
+    loss = _find_loss(out) if use_loss else None
+    if loss is not None and recorder.probes:
+        _add_loss_gradients(sums, loss, recorder.probes)
+    stats = _statistics(sums, {i: s.name for i, s in enumerate(sites)}, batches=1)
+    return [stats[i] for i in range(len(sites))]
+
+
+class ModelCalibration:
+    """Statistics of the layers of all the graphs of a model, over several batches (`quantize_`).
+
+    Each graph call runs through `run`, which adds the statistics of its sites under the keys it is given;
+    `end_batch` then adds the gradient of that batch's loss to every layer the batch ran."""
+
+    def __init__(self, use_loss: bool, gram: bool):
+        self.use_loss, self.gram = use_loss, gram
+        self.sums = _Sums()
+        self.probes: list[tuple[Hashable, Tensor, Tensor | None]] = []
+        self.batches = 0
+
+    def run(self, gm: fx.GraphModule, sites: list[LinearSite], keys: Mapping[int, Hashable], inputs: list):
+        """Run `gm` on `inputs` (its real arguments), recording `sites[i]` under `keys[i]` for each i in keys."""
+        recorder = _Recorder(gm, sites, self.sums, want_grad=self.use_loss, want_gram=self.gram, keys=keys)
+        out = recorder.run(*inputs)
+        self.probes += recorder.probes
+        return out
+
+    def end_batch(self, loss: Tensor | None) -> None:
+        if self.use_loss and loss is not None and loss.requires_grad and self.probes:
+            _add_loss_gradients(self.sums, loss, self.probes)
+        self.probes = []
+        self.batches += 1
+
+    def statistics(self, names: Mapping[Hashable, str]) -> dict[Hashable, SiteStats]:
+        """SiteStats per layer key of `names` (key -> the layer's name, for warnings)."""
+        return _statistics(self.sums, names, self.batches)

@@ -1,8 +1,10 @@
-"""Quantize the new sites of a graph: calibrate -> quantize -> plan -> LoftQ -> attach packed weights.
+"""Quantize frozen linears under one bit budget: quantize -> plan -> pack -> LoftQ -> attach packed weights.
 
-This is the one place where the per-site passes meet the whole-model plan. Every result is cached on
-the weight Parameter (`release.attach`), so a later graph (recompile, eval, generation) finds it and
-never quantizes the same weight twice. In a torch.distributed job of several ranks, `replicas` averages
+This is the one place where the per-site passes meet the whole-model plan. Its layers come from one
+graph (`quantize_sites`, the backend: calibrated on that graph's first batch) or from every graph of a
+model (`quantize_layers`, called by `lowra_compile.quantize_` with the statistics of
+`calibrate.ModelCalibration`). Every result is cached on the weight Parameter (`release.attach`), so a
+later graph (recompile, eval, generation) finds it and never quantizes the same weight twice. In a torch.distributed job of several ranks, `replicas` averages
 the statistics over the ranks and gives every rank rank 0's plan, packed weights and LoftQ adapters.
 """
 
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 from tqdm.auto import tqdm
 
 from ..config import LowRAConfig
-from .calibrate import SiteStats, calibrate, more_inputs
+from .calibrate import SiteStats, calibrate
 from .candidates import quantize_layer_cached
 from .gptq import HessianFactor, LatestFactor
 from .loftq import loftq_init
@@ -46,27 +49,58 @@ def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> f
     raise ValueError(f"lowra: cannot read the LoRA scaling from graph node {scaling.format_node()}")
 
 
-def _statistics(gm, sites, new, example_inputs, others: list[list], config: LowRAConfig) -> list[SiteStats | None]:
-    if config.calibrate == "off":
-        return [None] * len(sites)
-    stats = calibrate(
-        gm, sites, example_inputs, use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq",
-        more_inputs=others,
+@dataclass(frozen=True)
+class Layer:
+    """A frozen linear to quantize: its site, its weight and, for LoftQ, its LoRA factors and their scaling
+    (scaling None: B is not zero, LoftQ leaves the adapter as it is)."""
+
+    site: LinearSite
+    weight: torch.Tensor
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scaling: float | None = None
+
+
+def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int], inputs: list) -> list[Layer]:
+    """The layers of `sites[i]` for i in `indices`, with the weights and adapters among `inputs` (the graph's
+    real arguments)."""
+    values = placeholder_values(gm, inputs)
+    layers = []
+    for i in indices:
+        site, weight = sites[i], inputs[sites[i].weight_index]
+        if site.lora is None:
+            layers.append(Layer(site, weight))
+            continue
+        lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
+        scaling = None if lora_b.any() else _scaling_value(site.lora.scaling, values)
+        layers.append(Layer(site, weight, lora_a, lora_b, scaling))
+    return layers
+
+
+def loss_weighted_or_not(
+    stats: list[SiteStats | None], layers: list[Layer], config: LowRAConfig, fix: str
+) -> list[SiteStats | None]:
+    """The statistics to plan on: with calibrate="fisher" and a layer that no loss gradient reached, every
+    layer's E[g^2] is dropped, with a warning that ends with `fix`."""
+    if config.calibrate != "fisher":
+        return stats
+    missing = [layer.site.name for layer, s in zip(layers, stats) if s.g2 is None]
+    if not missing:
+        return stats
+    # Fisher errors of some layers and activation errors of others are not comparable: use E[x^2] for all.
+    warnings.warn(
+        f"lowra: no loss gradient reached {len(missing)} layer(s) (e.g. {missing[0]!r}); planning on "
+        f"activation-weighted error instead. {fix}",
+        stacklevel=4,
     )
-    if config.calibrate == "fisher":
-        missing = [sites[i].name for i in new if stats[i].g2 is None]
-        if missing:
-            # Fisher errors of some layers and activation errors of others are not comparable: use E[x^2] for all.
-            warnings.warn(
-                f"lowra: no loss gradient reached {len(missing)} layer(s) (e.g. {missing[0]!r}); planning on "
-                "activation-weighted error instead. The plan is better when the first call is a training batch "
-                "with labels and the layers and the loss are in one graph (no graph break between them: see "
-                "torch._dynamo.explain; with gradient checkpointing, model.disable_input_require_grads() "
-                "removes the hook that breaks it)",
-                stacklevel=3,
-            )
-            stats = [SiteStats(s.x2, None, s.gram, s.tokens) for s in stats]
-    return stats
+    return [SiteStats(s.x2, None, s.gram, s.tokens) for s in stats]
+
+
+def _graph_statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:
+    if config.calibrate == "off":
+        return [None] * len(new)
+    stats = calibrate(gm, sites, example_inputs, use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq")
+    return [stats[i] for i in new]
 
 
 # Fewer calibration tokens than this overfit the plan to one batch (SmolLM2 at 2.5 bits, fine-tuned KJV
@@ -74,13 +108,13 @@ def _statistics(gm, sites, new, example_inputs, others: list[list], config: LowR
 ENOUGH_CALIBRATION_TOKENS = 4096
 
 
-def _hint_more_calibration(stats: list[SiteStats | None], batches: int) -> None:
+def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -> None:
     tokens = max((s.tokens for s in stats if s is not None), default=0)
     if 0 < tokens < ENOUGH_CALIBRATION_TOKENS:
         given, fix = (
             ("the first batch", "quantize ahead on several batches with lowra_compile.quantize_(model, [batch, ...], "
-             "options) before the first step") if batches == 1 else
-            (f"{batches} batches", "give lowra_compile.quantize_ more batches")
+             "options) before the first step") if batches is None else
+            (f"{batches} batch{'es' if batches > 1 else ''}", "give lowra_compile.quantize_ more batches")
         )
         warnings.warn(
             f"lowra: calibrating on {tokens:,} tokens ({given}); the plan, codebooks and rounding are better on "
@@ -120,72 +154,88 @@ class _HessianFactors:
         return self.latest(id(stats.gram), lambda: stats.gram.to(device), stats.tokens)
 
 
+# What the backend's warning tells a user whose graph has no loss, or a graph break before it.
+GRAPH_FIX = (
+    "The plan is better when the first call is a training batch with labels and the layers and the loss are "
+    "in one graph (no graph break between them: see torch._dynamo.explain; with gradient checkpointing, "
+    "model.disable_input_require_grads() removes the hook that breaks it), or when the model is quantized "
+    "ahead with lowra_compile.quantize_(model, batches), which calibrates across graph breaks"
+)
+
+
 @torch.no_grad()
 def quantize_sites(
     gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig
 ) -> None:
-    """Quantize `sites[i]` for i in `new` under one whole-model bit budget and attach the packed weights.
+    """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path)."""
+    layers = graph_layers(gm, sites, new, example_inputs)
+    device = layers[0].weight.device
+    start = device_clock(device)
+    stats = loss_weighted_or_not(_graph_statistics(gm, sites, new, example_inputs, config), layers, config, GRAPH_FIX)
+    quantize_layers(layers, stats, config, batches=None, calibrate_seconds=device_clock(device) - start)
+
+
+@torch.no_grad()
+def quantize_layers(
+    layers: list[Layer], stats: list[SiteStats | None], config: LowRAConfig, batches: int | None,
+    calibrate_seconds: float,
+) -> None:
+    """Quantize `layers` under one whole-model bit budget and attach the packed weights; `stats[j]` are
+    layer j's statistics (None for all with calibrate="off"), from `batches` batches given to `quantize_`
+    (None: the first batch of a compiled model).
 
     Each weight also gets the seconds spent on it per stage (the report sums them): its own quantize,
     pack and LoftQ time, and an equal share of the calibration and the plan, which are whole-model."""
-    device = example_inputs[sites[new[0]].weight_index].device
-    start = device_clock(device)
-    values = placeholder_values(gm, example_inputs)
-    others = more_inputs(example_inputs)  # quantize_'s further calibration batches
-    stats = _statistics(gm, sites, new, example_inputs, others, config)
+    device = layers[0].weight.device
     if replicated():
         stats = average_statistics(stats)
-    _hint_more_calibration(stats, 1 + len(others))
-    factors = _HessianFactors(stats)  # None for every site unless rounding="gptq"
+    _hint_more_calibration(stats, batches)
+    factors = _HessianFactors(stats)  # None for every layer unless rounding="gptq"
     choices = config.allowed_bits
-    calibrate_share = (device_clock(device) - start) / len(new)
-    seconds = [{"calibrate": calibrate_share} for _ in new]
-    layers, errors = [], []
-    for j, i in enumerate(tqdm(new, desc="lowra: quantize", disable=not config.progress, unit="layer")):
-        site, weight = sites[i], example_inputs[sites[i].weight_index]
+    seconds = [{"calibrate": calibrate_seconds / len(layers)} for _ in layers]
+    candidates, errors = [], []
+    for j, layer in enumerate(tqdm(layers, desc="lowra: quantize", disable=not config.progress, unit="layer")):
+        site, weight = layer.site, layer.weight
         start = device_clock(weight.device)
-        x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
-        factor = factors(i, weight.device)
+        x2 = stats[j].x2.to(weight.device) if stats[j] is not None else None
+        factor = factors(j, weight.device)
         lq = quantize_layer_cached(
             config.candidates_dir, site_matrix(site, weight), choices, config.group_size, config.codebook, x2,
             config.lloyd_iters, factor, config.scales == "fitted",
         )
         err = lq.error
-        if stats[i] is not None and stats[i].g2 is not None:
-            err = err * stats[i].g2.to(err.device)[:, None]
-        layers.append(lq)
+        if stats[j] is not None and stats[j].g2 is not None:
+            err = err * stats[j].g2.to(err.device)[:, None]
+        candidates.append(lq)
         errors.append(err)
         seconds[j]["quantize"] = device_clock(weight.device) - start
     start = device_clock(device)
-    bits = plan_bits(errors, [sites[i].shape[1] for i in new], choices, config.bits)
+    bits = plan_bits(errors, [layer.site.shape[1] for layer in layers], choices, config.bits)
     if replicated():
         bits = first_rank_plan(bits)
-    plan_share = (device_clock(device) - start) / len(new)
+    plan_share = (device_clock(device) - start) / len(layers)
     for row in seconds:
         row["plan"] = plan_share
-    for j, i in enumerate(tqdm(new, desc="lowra: pack", disable=not config.progress, unit="layer")):
-        site, weight = sites[i], example_inputs[sites[i].weight_index]
+    for j, layer in enumerate(tqdm(layers, desc="lowra: pack", disable=not config.progress, unit="layer")):
+        site, weight = layer.site, layer.weight
         matrix = site_matrix(site, weight)
         start = device_clock(weight.device)
-        factor = factors(i, weight.device)
-        packed = assemble(layers[j], matrix, bits[j], factor, config.refit_rounds)
+        factor = factors(j, weight.device)
+        packed = assemble(candidates[j], matrix, bits[j], factor, config.refit_rounds)
         seconds[j]["pack"] = device_clock(weight.device) - start
         start = device_clock(weight.device)
-        if site.lora is not None and config.loftq_iters > 0:
-            lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
-            if not lora_b.any():
-                s = _scaling_value(site.lora.scaling, values)
-                x2 = stats[i].x2.to(weight.device) if stats[i] is not None else None
-                packed, a, b = loftq_init(
-                    matrix, packed, bits[j], lora_a.shape[0], s, config.loftq_iters, config.group_size,
-                    config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds, config.scales == "fitted",
-                )
-                lora_a.copy_(a.to(lora_a.dtype))
-                lora_b.copy_(b.to(lora_b.dtype))
+        if layer.scaling is not None and config.loftq_iters > 0:
+            x2 = stats[j].x2.to(weight.device) if stats[j] is not None else None
+            packed, a, b = loftq_init(
+                matrix, packed, bits[j], layer.lora_a.shape[0], layer.scaling, config.loftq_iters, config.group_size,
+                config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds, config.scales == "fitted",
+            )
+            layer.lora_a.copy_(a.to(layer.lora_a.dtype))
+            layer.lora_b.copy_(b.to(layer.lora_b.dtype))
         seconds[j]["loftq"] = device_clock(weight.device) - start
         attach(weight, packed.to(weight.device), seconds[j], site.transposed, config.quantizing())
-        layers[j] = None  # free the candidate codes of every width as we go
+        candidates[j] = None  # free the candidate codes of every width as we go
     if replicated():
-        adapters = [values[sites[i].lora.lora_a] for i in new if sites[i].lora is not None]
-        adapters += [values[sites[i].lora.lora_b] for i in new if sites[i].lora is not None]
-        share_first_rank([example_inputs[sites[i].weight_index] for i in new], adapters)
+        adapters = [layer.lora_a for layer in layers if layer.lora_a is not None]
+        adapters += [layer.lora_b for layer in layers if layer.lora_b is not None]
+        share_first_rank([layer.weight for layer in layers], adapters)

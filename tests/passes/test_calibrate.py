@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowra_compile.passes.calibrate import calibrate, more_batches, more_inputs
+from lowra_compile.passes.calibrate import ModelCalibration, calibrate
 from lowra_compile.passes.match import match_sites
 
 from ..tiny_models import StackedExperts, capture_graph
@@ -72,47 +72,62 @@ def test_second_moment_matrices_of_a_gpu_model_wait_in_host_memory():
     torch.testing.assert_close(stats[0].gram, (flat.t() @ flat / 15).cpu())
 
 
-def test_more_batches_add_up_to_statistics_over_all_their_tokens():
+def _model_calibration(gm, sites, runs) -> ModelCalibration:
+    """Calibrate as quantize_ does, one batch per entry of `runs`: each a list of (graph inputs, keys) calls
+    whose outputs' mean (the graphs end in a loss) is the batch's loss."""
+    calibration = ModelCalibration(use_loss=True, gram=True)
+    for calls in runs:
+        with torch.enable_grad():
+            outs = [calibration.run(gm, sites, keys, inputs)[0] for inputs, keys in calls]  # graphs return tuples
+        calibration.end_batch(sum(outs) / len(outs))
+    return calibration
+
+
+def test_batches_add_up_to_statistics_over_all_their_tokens():
     model = TwoLayers()
     (x1, t1), (x2, t2) = [(torch.randn(3, 5, 8), torch.randn(3, 5, 4)) for _ in range(2)]
     gm, inputs = capture_graph(model, x1, t1)
     sites = match_sites(gm)
     second = [x2 if v is x1 else t2 if v is t1 else v for v in inputs]
-    both = calibrate(gm, sites, inputs, gram=True, more_inputs=[second])
+    keys = {0: "a", 1: "b"}
+    both = _model_calibration(gm, sites, [[(inputs, keys)], [(second, keys)]]).statistics({"a": "a", "b": "b"})
     one, two = calibrate(gm, sites, inputs, gram=True), calibrate(gm, sites, second, gram=True)
 
     flat = torch.cat([x1, x2]).reshape(-1, 8)
-    torch.testing.assert_close(both[0].x2, (flat**2).mean(0))
-    torch.testing.assert_close(both[0].gram, flat.t() @ flat / 30)
-    assert [s.tokens for s in both] == [30, 30]
-    for b, o, t in zip(both, one, two):
+    torch.testing.assert_close(both["a"].x2, (flat**2).mean(0))
+    torch.testing.assert_close(both["a"].gram, flat.t() @ flat / 30)
+    assert [s.tokens for s in both.values()] == [30, 30]
+    for b, o, t in zip(both.values(), one, two):
         torch.testing.assert_close(b.x2, (o.x2 + t.x2) / 2)
         # each batch's loss is a mean over its own tokens: its E[g^2] is averaged per batch
         torch.testing.assert_close(b.g2, (o.g2 + t.g2) / 2)
-    assert not torch.allclose(both[0].x2, one[0].x2)
+    assert not torch.allclose(both["a"].x2, one[0].x2)
+    assert model.head.grad is None, "calibration must not leave gradients on parameters"
 
 
-def test_further_batches_replace_the_first_batch_among_the_graph_inputs():
-    model, x, target = TwoLayers(), torch.randn(3, 5, 8), torch.randn(3, 5, 4)
-    gm, inputs = capture_graph(model, x, target)
-    assert more_inputs(inputs) == []  # none given
-    others = [{"x": torch.randn(3, 5, 8), "target": torch.randn(3, 5, 4)} for _ in range(2)]
-    with more_batches({"x": x, "target": target}, others):
-        runs = more_inputs(inputs)
-    assert len(runs) == 2
-    for run, other in zip(runs, others):
-        assert len(run) == len(inputs)
-        assert any(v is other["x"] for v in run) and any(v is other["target"] for v in run)
-        assert not any(v is x or v is target for v in run)
-        assert all(v is w for v, w in zip(run, inputs) if not any(w is t for t in (x, target)))  # parameters kept
+def test_one_graph_run_for_two_layers_records_each_under_its_own_key():
+    # What Dynamo does after a graph break inside a repeated module: one graph, called once per layer with
+    # that layer's weights. Each call's statistics must go to its own layer, loss gradients included.
+    first, second = TwoLayers(), TwoLayers()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(-0.5)
+    x, target = torch.randn(3, 5, 8), torch.randn(3, 5, 4)
+    gm, inputs = capture_graph(first, x, target)
+    sites = match_sites(gm)
+    own = dict(zip([p for p in first.parameters()], second.parameters()))
+    other_inputs = [own.get(v, v) if isinstance(v, torch.nn.Parameter) else v for v in inputs]
+    calls = [(inputs, {0: "a1", 1: "b1"}), (other_inputs, {0: "a2", 1: "b2"})]
+    stats = _model_calibration(gm, sites, [calls]).statistics({k: k for k in ("a1", "b1", "a2", "b2")})
 
-
-def test_a_graph_not_fed_by_the_batch_warns_and_calibrates_on_the_first_batch_only():
-    model, hidden = TwoLayers(), torch.randn(3, 8)
-    gm, inputs = capture_graph(model, hidden)  # as a graph after a graph break: activations, not the batch
-    with more_batches({"input_ids": torch.zeros(3, 4)}, [{"input_ids": torch.ones(3, 4)}]):
-        with pytest.warns(UserWarning, match="does not take the calibration batch"):
-            assert more_inputs(inputs) == []
+    # the batch's loss is the mean of the two calls' losses: each layer's gradient is half its own loss's
+    for keys, run in (("a1", "b1"), inputs), (("a2", "b2"), other_inputs):
+        alone = calibrate(gm, sites, run, gram=True)
+        for key, s in zip(keys, alone):
+            torch.testing.assert_close(stats[key].x2, s.x2)
+            torch.testing.assert_close(stats[key].gram, s.gram)
+            torch.testing.assert_close(stats[key].g2, s.g2 / 4)
+    assert not torch.allclose(stats["b1"].x2, stats["b2"].x2)
 
 
 def test_stacked_experts_get_per_expert_gradients_and_an_unreached_expert_the_others_mean():

@@ -1,0 +1,109 @@
+"""Calibrate a whole model across its graphs, for `quantize_`: the layers it runs and their statistics.
+
+    torch.compile(model, backend=recorder)    each graph: linear_forms, match_sites; no rewrite
+    per batch: model(**batch)                 every graph call records its layers under their weights
+                                              (calibrate.ModelCalibration); the code between graphs runs
+                                              as it always does
+               output.loss                    one autograd.grad over the outputs of every layer of every graph
+    -> Layers and SiteStats                   one plan over the whole model (pipeline.quantize_layers)
+
+The backend sees one graph at a time, on its first batch. So the layers of a graph that ends before the
+loss (a graph break inside the model) get no loss gradient there, a graph fed activations cannot be run
+on another batch, and each graph is planned on its own budget. Here the graphs run inside the model, so
+all of that works, and nothing changes until every batch has run: a graph that Dynamo runs for several
+layers (a graph break inside a repeated module) records each under its own weight, and Dynamo's
+recompile limit never stops a layer from being seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+from tqdm.auto import tqdm
+
+from .backend import refuse_fsdp, shares_storage, warn_kept_quantization
+from .config import LowRAConfig
+from .passes.calibrate import ModelCalibration, SiteStats
+from .passes.linear_forms import linear_forms
+from .passes.match import match_sites
+from .passes.pipeline import Layer, graph_layers, loss_weighted_or_not
+from .passes.release import packed_weight
+
+# What quantize_'s warning tells a user whose batches give no loss gradient to some layers.
+MODEL_FIX = (
+    "Give lowra_compile.quantize_ training batches with labels, so that the model returns a loss that every "
+    "quantized layer feeds"
+)
+
+
+class _Recorder:
+    """A torch.compile backend that only records: each graph call adds its frozen linears' statistics."""
+
+    def __init__(self, options: Mapping | LowRAConfig | None, config: LowRAConfig):
+        self.options, self.config = options, config
+        self.calibration = ModelCalibration(use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq")
+        self.layers: dict[int, Layer] = {}  # id(weight) -> its layer, in the order they first ran
+        self.tied: set[int] = set()  # weights that share storage with another input: packed, never released
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        gm = linear_forms(gm)
+        sites = match_sites(gm, self.config.skip, self.config.pack_routers)
+        dense = [i for i, s in enumerate(sites) if s.packed is None]
+        if not dense:
+            return gm.forward
+        refuse_fsdp(sites)
+        warn_kept_quantization(gm, sites, example_inputs, self.options, self.config)
+
+        def run(*args):
+            new = [i for i in dense if packed_weight(args[sites[i].weight_index]) is None]
+            keys = {i: id(args[sites[i].weight_index]) for i in new}
+            for layer in graph_layers(gm, sites, [i for i in new if keys[i] not in self.layers], list(args)):
+                self.layers[id(layer.weight)] = layer
+                if shares_storage(layer.weight, args):
+                    self.tied.add(id(layer.weight))
+            return self.calibration.run(gm, sites, keys, list(args))
+
+        return run
+
+
+def _loss(out: Any) -> Tensor | None:
+    """The model's loss: `output.loss`, or the first element of a tuple (return_dict=False), or the output."""
+    loss = out.get("loss") if isinstance(out, Mapping) else out
+    if isinstance(loss, (tuple, list)):
+        loss = loss[0] if loss else None
+    is_loss = isinstance(loss, Tensor) and loss.numel() == 1 and loss.dtype.is_floating_point and loss.requires_grad
+    return loss if is_loss else None
+
+
+def record_model(
+    model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], options: Mapping | LowRAConfig | None,
+    config: LowRAConfig,
+) -> tuple[list[Layer], list[SiteStats | None], set[int], float]:
+    """Run `model` on each batch (kwargs of a forward) through a recording compile.
+
+    Returns the frozen linears it ran that are not packed yet, their statistics (None each with
+    calibrate="off"), the ids of the weights that must stay dense beside their packed form, and the seconds
+    it took."""
+    recorder = _Recorder(options, config)
+    compiled = torch.compile(model, backend=recorder)
+    start = time.perf_counter()
+    use_loss = config.calibrate == "fisher"
+    try:
+        with torch.enable_grad() if use_loss else torch.no_grad():
+            bar = tqdm(batches, desc="lowra: calibrate", disable=not config.progress or len(batches) == 1, unit="batch")
+            for batch in bar:
+                recorder.calibration.end_batch(_loss(compiled(**batch)))
+    finally:
+        torch._dynamo.reset()  # the recording graphs must not keep the model alive or their guards active
+    layers = list(recorder.layers.values())
+    if not layers or config.calibrate == "off":
+        return layers, [None] * len(layers), recorder.tied, time.perf_counter() - start
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_weight = recorder.calibration.statistics({id(layer.weight): names.get(id(layer.weight), layer.site.name)
+                                                 for layer in layers})
+    stats = loss_weighted_or_not([by_weight[id(layer.weight)] for layer in layers], layers, config, MODEL_FIX)
+    return layers, stats, recorder.tied, time.perf_counter() - start
