@@ -15,3 +15,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def planned_statistics(monkeypatch) -> list:
+    """The statistics (one SiteStats per layer) that each `lowra_compile.quantize_` call plans on."""
+    import lowra_compile.api as api
+
+    seen = []
+    quantize_layers = api.quantize_layers
+    monkeypatch.setattr(api, "quantize_layers", lambda layers, stats, *a, **k: seen.append(stats) or
+                        quantize_layers(layers, stats, *a, **k))
+    return seen

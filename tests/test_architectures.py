@@ -178,16 +178,22 @@ def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_t
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 8 and not any("experts" in n for n in packed)  # 4 attention linears x 2 (routers: dense)
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized_model(family):
-    # PEFT's target_parameters reads each stack through a parametrization, W + s * lhs @ rhs per expert, and
-    # caches that sum: lowra packs W and runs the adapter's factors beside the grouped op.
+def _lora_on_the_experts(family: str):
+    """PEFT's LoRA on the stacked experts themselves (target_parameters), and on q_proj."""
     model = _tiny_moe(family, target_modules=["q_proj"],
                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     with torch.no_grad():  # B starts at zero: give the experts' adapters a part in the output and the gradients
         for name, p in model.named_parameters():
             if "experts" in name and "lora_B" in name:
                 p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized_model(family):
+    # PEFT's target_parameters reads each stack through a parametrization, W + s * lhs @ rhs per expert, and
+    # caches that sum: lowra packs W and runs the adapter's factors beside the grouped op.
+    model = _lora_on_the_experts(family)
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     data = batch(16)
     compiled(**data).loss.backward()
@@ -220,6 +226,32 @@ def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=other).logits, merged_reference(input_ids=other).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_ahead_gives_lora_on_the_experts_loss_gradients_across_peft_s_graph_breaks(planned_statistics):
+    # PEFT's parametrization breaks the graph around each stack: compiled, each of the four graphs gets no
+    # loss gradient and plans on E[x^2] alone, on its own budget. quantize_ runs the whole model: every
+    # layer gets its E[g^2], one plan covers them, and the compiled model trains as the dequantized one.
+    model = _lora_on_the_experts("mixtral")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no loss gradient")
+        lowra_compile.quantize_(model, [batch(16, seed=s) for s in range(2)], {"progress": False})
+    [stats] = planned_statistics
+    assert len(stats) == 12 and all(s.g2 is not None and s.tokens > 0 for s in stats)  # 6 in each of 2 layers
+    experts = [p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3]
+    assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts)
+    assert lowra_compile.report(model).code_bits == pytest.approx(2.0, abs=0.01)
+
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    reference = copy.deepcopy(model)
+    data = batch(16, seed=3)
+    loss, ref_loss = compiled(**data).loss, reference(**data).loss
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_several_adapters_on_the_experts_keep_them_dense_and_say_what_to_change():

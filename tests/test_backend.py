@@ -452,20 +452,9 @@ def _packed_tensors(model) -> list[torch.Tensor]:
     return [t for p in model.parameters() if isinstance(p, ReleasedWeight) for t in p._lowra_packed]
 
 
-def _spy_on_quantized_statistics(monkeypatch) -> list:
-    """The statistics each quantize_layers call plans on, as they are passed."""
-    import lowra_compile.api as api
-
-    seen = []
-    quantize_layers = api.quantize_layers
-    monkeypatch.setattr(api, "quantize_layers", lambda layers, stats, *a, **k: seen.append(stats) or
-                        quantize_layers(layers, stats, *a, **k))
-    return seen
-
-
-def test_quantize_ahead_calibrates_on_every_batch_of_a_list(monkeypatch):
+def test_quantize_ahead_calibrates_on_every_batch_of_a_list(planned_statistics):
     # More tokens than fit in one batch: the batches run one at a time and their statistics add up.
-    seen = _spy_on_quantized_statistics(monkeypatch)
+    seen = planned_statistics
     batches = [batch(16, size=2, seed=s) for s in range(3)]
     model = lowra_compile.quantize_(tiny_peft_llama(), batches, {"progress": False})
     [stats] = seen
@@ -502,12 +491,12 @@ def _ten_layer_peft_llama():
     return model
 
 
-def test_quantize_ahead_calibrates_across_graph_breaks_and_plans_the_whole_model(monkeypatch):
+def test_quantize_ahead_calibrates_across_graph_breaks_and_plans_the_whole_model(planned_statistics):
     # A graph break in every MLP of a 10-layer model. The backend alone would give the layers before each
     # break no loss gradient (all fall back to E[x^2]), plan each graph on its own, and stop quantizing at
     # Dynamo's recompile limit (8 per frame). quantize_ runs the whole model: every layer gets the same
     # statistics as in the unbroken model, one plan meets the budget, and all of them are packed.
-    seen = _spy_on_quantized_statistics(monkeypatch)
+    seen = planned_statistics
     batches = [batch(16, seed=s) for s in range(2)]
     options = {"progress": False, "bits": 2.0}
     lowra_compile.quantize_(_ten_layer_peft_llama(), batches, options)
