@@ -72,3 +72,27 @@ def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path):
     assert len(first["adapters"]) == 28
     for name, value in first["adapters"].items():
         torch.testing.assert_close(value, second["adapters"][name], rtol=0, atol=0, msg=name)
+
+
+def _quantize_ahead_under_ddp(rank: int) -> dict:
+    import lowra_compile
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_peft_llama()
+    ddp = DistributedDataParallel(model)
+    lowra_compile.quantize_(ddp, [batch(16, seed=10 * rank + s) for s in range(2)], {"bits": 2.0, "progress": False})
+    compiled = torch.compile(ddp, backend="lowra", options={"progress": False, "inner": "eager"})
+    compiled(**batch(16, seed=10 * rank + 5)).loss.backward()  # DDP's reducer still works: gradients all-reduced
+    packed = {n: list(p._lowra_packed) for n, p in model.named_parameters() if hasattr(p, "_lowra_packed")}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"packed": packed, "grads": grads}
+
+
+def test_ddp_ranks_quantizing_ahead_on_their_own_batches_pack_the_same_base(tmp_path):
+    first, second = _spawn(_quantize_ahead_under_ddp, tmp_path)
+    assert len(first["packed"]) == 14 and first["packed"].keys() == second["packed"].keys()
+    for name, tensors in first["packed"].items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, second["packed"][name], strict=True)), name
+    assert len(first["grads"]) == 28
+    for name, grad in first["grads"].items():
+        torch.testing.assert_close(grad, second["grads"][name], msg=name)
