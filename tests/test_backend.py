@@ -214,17 +214,22 @@ def _break_the_graph_in_every_mlp(model):
         layer.mlp.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
 
 
+def _matches_the_reference(loss, model, reference, data):
+    """`loss` and the gradients its backward left on `model`'s adapters are those of `reference` on `data`."""
+    ref_loss = reference(**data).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    want = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def _step_matches_the_dequantized_model(compiled, model, data):
     model.zero_grad(set_to_none=True)
     reference = copy.deepcopy(model)  # dense dequantized weights, the same adapters
     loss = compiled(**data).loss
     loss.backward()
-    ref_loss = reference(**data).loss
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    ref_grads = _lora_grads(reference)
-    for name, grad in _lora_grads(model).items():
-        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    _matches_the_reference(loss, model, reference, data)
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
@@ -613,12 +618,7 @@ def test_a_compiled_step_with_compiled_autograd_matches_the_eager_model():
 
     with torch._dynamo.config.patch(compiled_autograd=True):  # read by torch.compile, not by the call
         loss = torch.compile(step, backend="lowra", options=QUIET)()
-    ref_loss = reference(**data).loss
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    want = _lora_grads(reference)
-    for name, grad in _lora_grads(model).items():
-        torch.testing.assert_close(grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
+    _matches_the_reference(loss, model, reference, data)
 
 
 def test_fsdp_sharded_layers_raise_naming_the_module_and_what_to_use(tmp_path):

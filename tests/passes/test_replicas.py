@@ -64,14 +64,16 @@ def _train_under_ddp(rank: int) -> dict:
     return {"packed": packed, "adapters": adapters}
 
 
+def _same_on_both_ranks(first: dict, second: dict, key: str, count: int, **tolerance) -> None:
+    assert len(first[key]) == count and first[key].keys() == second[key].keys()
+    for name, value in first[key].items():
+        torch.testing.assert_close(value, second[key][name], msg=name, **tolerance)
+
+
 def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path):
     first, second = _spawn(_train_under_ddp, tmp_path)
-    assert len(first["packed"]) == 14 and first["packed"].keys() == second["packed"].keys()
-    for name, tensors in first["packed"].items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, second["packed"][name], strict=True)), name
-    assert len(first["adapters"]) == 28
-    for name, value in first["adapters"].items():
-        torch.testing.assert_close(value, second["adapters"][name], rtol=0, atol=0, msg=name)
+    _same_on_both_ranks(first, second, "packed", 14, rtol=0, atol=0)
+    _same_on_both_ranks(first, second, "adapters", 28, rtol=0, atol=0)
 
 
 def _quantize_ahead_under_ddp(rank: int) -> dict:
@@ -90,9 +92,5 @@ def _quantize_ahead_under_ddp(rank: int) -> dict:
 
 def test_ddp_ranks_quantizing_ahead_on_their_own_batches_pack_the_same_base(tmp_path):
     first, second = _spawn(_quantize_ahead_under_ddp, tmp_path)
-    assert len(first["packed"]) == 14 and first["packed"].keys() == second["packed"].keys()
-    for name, tensors in first["packed"].items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, second["packed"][name], strict=True)), name
-    assert len(first["grads"]) == 28
-    for name, grad in first["grads"].items():
-        torch.testing.assert_close(grad, second["grads"][name], msg=name)
+    _same_on_both_ranks(first, second, "packed", 14, rtol=0, atol=0)
+    _same_on_both_ranks(first, second, "grads", 28)
