@@ -539,6 +539,15 @@ def test_quantize_ahead_packs_what_the_backend_packs_on_the_same_batch():
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same LoftQ adapters
 
 
+def test_quantize_ahead_without_labels_plans_on_activations_and_says_to_give_labels(planned_statistics):
+    model = tiny_peft_llama()
+    with pytest.warns(UserWarning, match=r"no loss gradient reached 14 layer\(s\) \(e.g. 'base_model.model.model."
+                      r"layers.0.self_attn.q_proj.base_layer.weight'\).*training batches with labels"):
+        lowra_compile.quantize_(model, {"input_ids": batch(16)["input_ids"]}, {"progress": False})
+    [stats] = planned_statistics
+    assert all(s.g2 is None and s.x2 is not None for s in stats)
+
+
 def test_quantize_ahead_rejects_no_batch_and_batches_that_are_not_kwargs():
     model = tiny_peft_llama()
     with pytest.raises(ValueError, match="at least one example batch"):
