@@ -232,14 +232,13 @@ def _step_matches_the_dequantized_model(compiled, model, data):
     _matches_the_reference(loss, model, reference, data)
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
-def test_a_graph_dynamo_runs_for_every_layer_reads_each_layer_s_own_packed_weights(inner):
+def test_a_graph_dynamo_runs_for_every_layer_reads_each_layer_s_own_packed_weights():
     # After a graph break inside a layer, Dynamo compiles that layer's frame once per layer on the first
     # call (the weights turn into ReleasedWeights), then runs the last layer's graph for every layer: the
     # guards hold for all. Each call must still read its own layer's packed weights.
     model = tiny_peft_llama()
     _break_the_graph_in_every_mlp(model)
-    compiled = _compile(model, bits=2.0, inner=inner)
+    compiled = _compile(model, bits=2.0)
     compiled(**batch(16)).loss.backward()  # first call: quantizes layer by layer
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*graph for their own packed weights")
