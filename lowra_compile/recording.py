@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, fx
+from torch import fx
 from tqdm.auto import tqdm
 
 from .backend import refuse_fsdp, shares_storage, warn_kept_quantization
@@ -40,7 +40,7 @@ MODEL_FIX = (
 )
 
 
-class _Recorder:
+class _RecordingBackend:
     """A torch.compile backend that only records: each graph call adds its frozen linears' statistics."""
 
     def __init__(self, options: Mapping | LowRAConfig | None, config: LowRAConfig):
@@ -61,22 +61,14 @@ class _Recorder:
         def run(*args):
             new = [i for i in dense if packed_weight(args[sites[i].weight_index]) is None]
             keys = {i: id(args[sites[i].weight_index]) for i in new}
-            for layer in graph_layers(gm, sites, [i for i in new if keys[i] not in self.layers], list(args)):
+            unseen = [i for i in new if keys[i] not in self.layers]
+            for layer in graph_layers(gm, sites, unseen, list(args)) if unseen else []:
                 self.layers[id(layer.weight)] = layer
                 if shares_storage(layer.weight, args):
                     self.tied.add(id(layer.weight))
             return self.calibration.run(gm, sites, keys, list(args))
 
         return run
-
-
-def _loss(out: Any) -> Tensor | None:
-    """The model's loss: `output.loss`, or the first element of a tuple (return_dict=False), or the output."""
-    loss = out.get("loss") if isinstance(out, Mapping) else out
-    if isinstance(loss, (tuple, list)):
-        loss = loss[0] if loss else None
-    is_loss = isinstance(loss, Tensor) and loss.numel() == 1 and loss.dtype.is_floating_point and loss.requires_grad
-    return loss if is_loss else None
 
 
 def record_model(
@@ -88,7 +80,7 @@ def record_model(
     Returns the frozen linears it ran that are not packed yet, their statistics (None each with
     calibrate="off"), the ids of the weights that must stay dense beside their packed form, and the seconds
     it took."""
-    recorder = _Recorder(options, config)
+    recorder = _RecordingBackend(options, config)
     compiled = torch.compile(model, backend=recorder)
     start = time.perf_counter()
     use_loss = config.calibrate == "fisher"
@@ -96,7 +88,7 @@ def record_model(
         with torch.enable_grad() if use_loss else torch.no_grad():
             bar = tqdm(batches, desc="lowra: calibrate", disable=not config.progress or len(batches) == 1, unit="batch")
             for batch in bar:
-                recorder.calibration.end_batch(_loss(compiled(**batch)))
+                recorder.calibration.end_batch(compiled(**batch))
     finally:
         torch._dynamo.reset()  # the recording graphs must not keep the model alive or their guards active
     layers = list(recorder.layers.values())

@@ -69,6 +69,10 @@ class _Sums:
 
 
 def _find_loss(out) -> Tensor | None:
+    """The scalar loss in a run's output: `out["loss"]` of a model's output (a mapping), else the first
+    differentiable scalar of a graph's output tuple, or the output itself."""
+    if isinstance(out, Mapping):
+        out = out.get("loss")
     leaves = out if isinstance(out, (tuple, list)) else (out,)
     for t in leaves:
         if isinstance(t, Tensor) and t.numel() == 1 and t.dtype.is_floating_point and t.requires_grad:
@@ -200,14 +204,11 @@ def calibrate(
     gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, use_loss: bool = True, gram: bool = False
 ) -> list[SiteStats]:
     """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch)."""
-    sums, keys = _Sums(), {i: i for i in range(len(sites))}
-    recorder = _Recorder(gm, sites, sums, want_grad=use_loss, want_gram=gram, keys=keys)
+    calibration = ModelCalibration(use_loss, gram)
     with torch.enable_grad() if use_loss else torch.no_grad():
-        out = recorder.run(*[_concrete(v) for v in example_inputs])
-    loss = _find_loss(out) if use_loss else None
-    if loss is not None and recorder.probes:
-        _add_loss_gradients(sums, loss, recorder.probes)
-    stats = _statistics(sums, {i: s.name for i, s in enumerate(sites)}, batches=1)
+        out = calibration.run(gm, sites, {i: i for i in range(len(sites))}, [_concrete(v) for v in example_inputs])
+    calibration.end_batch(out)
+    stats = calibration.statistics({i: s.name for i, s in enumerate(sites)})
     return [stats[i] for i in range(len(sites))]
 
 
@@ -230,8 +231,10 @@ class ModelCalibration:
         self.probes += recorder.probes
         return out
 
-    def end_batch(self, loss: Tensor | None) -> None:
-        if self.use_loss and loss is not None and loss.requires_grad and self.probes:
+    def end_batch(self, out) -> None:
+        """Add the gradient of the loss in `out`, the batch's output (`_find_loss`), to every layer it ran."""
+        loss = _find_loss(out) if self.use_loss else None
+        if loss is not None and self.probes:
             _add_loss_gradients(self.sums, loss, self.probes)
         self.probes = []
         self.batches += 1
