@@ -499,7 +499,8 @@ def test_quantize_ahead_calibrates_across_graph_breaks_and_plans_the_whole_model
     # A graph break in every MLP of a 10-layer model. The backend alone would give the layers before each
     # break no loss gradient (all fall back to E[x^2]), plan each graph on its own, and stop quantizing at
     # Dynamo's recompile limit (8 per frame). quantize_ runs the whole model: every layer gets the same
-    # statistics as in the unbroken model, one plan meets the budget, and all of them are packed.
+    # statistics as in the unbroken model, one plan meets the budget, all of them are packed, and all of
+    # them train fused.
     seen = planned_statistics
     batches = [batch(16, seed=s) for s in range(2)]
     options = {"progress": False, "bits": 2.0}
@@ -518,7 +519,30 @@ def test_quantize_ahead_calibrates_across_graph_breaks_and_plans_the_whole_model
     frozen = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2 and "lora" not in n]
     assert len(frozen) == 70 and all(isinstance(p, ReleasedWeight) for p in frozen)
     assert lowra_compile.report(model).code_bits == pytest.approx(2.0, abs=0.01)
+    lowra_compile.codegen.clear_log()
     _step_matches_the_dequantized_model(_compile(model), model, batch(16, seed=3))
+    # Each layer's packed tensors have their own row counts, and yet one graph of the MLP's frame (and of the
+    # attention's) serves every layer: all 10 ran their LoRA fused into the packed op. Before, that frame
+    # recompiled per layer and, past Dynamo's recompile limit (8), layers ran eagerly, their LoRA apart.
+    fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
+    assert sum(e["calls"] for e in fused) == 2 * 10
+
+
+def test_packing_adds_the_per_layer_packed_sources_to_the_user_s_dynamic_sources_once(monkeypatch):
+    import re
+
+    from lowra_compile.passes.release import PER_LAYER_PACKED_SOURCES, attach
+    from lowra_compile.runtime.synthetic import random_packed_weight
+
+    monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "L['x']")
+    for _ in range(2):
+        attach(torch.nn.Parameter(torch.zeros(8, 64), requires_grad=False), random_packed_weight(8, 64))
+    assert torch.compiler.config.dynamic_sources.split(",") == ["L['x']", PER_LAYER_PACKED_SOURCES]
+    one_layer = "L['self']._modules['down_proj']._modules['base_layer']._parameters['weight']._lowra_packed["
+    whole_stack = "L['self']._modules['model']._modules['layers']._modules['3']._modules['mlp']._parameters['weight']._lowra_packed["
+    assert re.match(PER_LAYER_PACKED_SOURCES, one_layer + "3]") and re.match(PER_LAYER_PACKED_SOURCES, one_layer + "10]")
+    assert not re.match(PER_LAYER_PACKED_SOURCES, one_layer + "0]")  # perm: one row count for every layer
+    assert not re.match(PER_LAYER_PACKED_SOURCES, whole_stack + "3]")
 
 
 def test_the_backend_on_a_graph_break_before_the_loss_names_quantize_ahead_as_the_fix():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._dynamo.decorators import mark_unbacked
 from torch.utils._pytree import tree_map
 
 from ..runtime.format import PackedWeight
@@ -219,11 +220,36 @@ def attach(
     made with (`LowRAConfig.quantizing()`; None: unknown, a checkpoint written before they were kept)."""
     p._lowra_weight = packed
     p._lowra_packed = tuple(packed.tensors())
+    _share_one_graph_across_layers(p._lowra_packed)
     # on the first packed tensor, not the parameter: a recompiled graph holds only the packed tensors
     p._lowra_packed[0]._lowra_options = options
     p._lowra_group_size = packed.group_size
     p._lowra_seconds = dict(seconds or {})
     p._lowra_transposed = transposed
+
+
+# How Dynamo names a released weight's codes and codebooks (packed tensors 3 to 10: their row counts are the
+# plan's, so they differ from layer to layer) when a frame reads them through its own module's attributes:
+# the frame of one layer, or of a part of one, which Dynamo runs for every layer after a graph break inside
+# the layer. Not through a numbered child (`_modules['3']`): a frame over a whole stack of layers reads each
+# layer's packed tensors as inputs of their own, and traced with symbolic sizes it compiled 8x slower.
+PER_LAYER_PACKED_SOURCES = r"^(?!.*_modules\['\d+'\]).*\._lowra_packed\[([3-9]|10)\]"
+
+
+def _share_one_graph_across_layers(packed: tuple[Tensor, ...]) -> None:
+    """Let one graph of a frame Dynamo runs for every layer serve all of them.
+
+    Dynamo keeps the sizes of a parameter's attributes static, so each layer's packed tensors failed the
+    guards of the graph compiled for the layer before: one compile per layer, and past Dynamo's
+    recompile limit (8) the other layers ran eagerly, unfused. Sources in `torch.compiler.config.
+    dynamic_sources` escape that rule, and a row count marked unbacked is not specialized when it is 0 or 1
+    (a width a layer does not use). The packed op reads every size at run time, so nothing in a graph
+    depends on them."""
+    sources = torch.compiler.config.dynamic_sources
+    if PER_LAYER_PACKED_SOURCES not in sources.split(","):
+        torch.compiler.config.dynamic_sources = ",".join(filter(None, (sources, PER_LAYER_PACKED_SOURCES)))
+    for t in packed[3:]:
+        mark_unbacked(t, 0)
 
 
 def quantized_with(packed: Tensor) -> dict | None:
