@@ -196,7 +196,9 @@ def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized
     model = _lora_on_the_experts(family)
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     data = batch(16)
-    compiled(**data).loss.backward()
+    # PEFT registers the parametrization anew on every forward, which recompiles every step: said, by layer
+    with pytest.warns(UserWarning, match=r"stacked experts '.*gate_up_proj.*' carry PEFT's LoRA .* recompiles .* every step"):
+        compiled(**data).loss.backward()
     experts = {n: p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3}
     assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts.values())
     rows = [r for r in lowra_compile.report(model).layers if "experts" in r.name]
