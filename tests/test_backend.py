@@ -528,16 +528,16 @@ def test_quantize_ahead_calibrates_across_graph_breaks_and_plans_the_whole_model
     assert sum(e["calls"] for e in fused) == 2 * 10
 
 
-def test_packing_adds_the_per_layer_packed_sources_to_the_user_s_dynamic_sources_once(monkeypatch):
+def test_packing_adds_the_per_layer_packed_sources_to_the_user_s_dynamic_sources_once():
     import re
 
     from lowra_compile.passes.release import PER_LAYER_PACKED_SOURCES, attach
     from lowra_compile.runtime.synthetic import random_packed_weight
 
-    monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "L['x']")
-    for _ in range(2):
-        attach(torch.nn.Parameter(torch.zeros(8, 64), requires_grad=False), random_packed_weight(8, 64))
-    assert torch.compiler.config.dynamic_sources.split(",") == ["L['x']", PER_LAYER_PACKED_SOURCES]
+    with torch.compiler.config.patch(dynamic_sources="L['x']"):
+        for _ in range(2):
+            attach(torch.nn.Parameter(torch.zeros(8, 64), requires_grad=False), random_packed_weight(8, 64))
+        assert torch.compiler.config.dynamic_sources.split(",") == ["L['x']", PER_LAYER_PACKED_SOURCES]
     one_layer = "L['self']._modules['down_proj']._modules['base_layer']._parameters['weight']._lowra_packed["
     whole_stack = "L['self']._modules['model']._modules['layers']._modules['3']._modules['mlp']._parameters['weight']._lowra_packed["
     assert re.match(PER_LAYER_PACKED_SOURCES, one_layer + "3]") and re.match(PER_LAYER_PACKED_SOURCES, one_layer + "10]")

@@ -102,6 +102,7 @@ def test_lora_on_stacked_experts_is_part_of_their_grouped_site(stored_in_out):
     gm, inputs = capture_graph(model, torch.randn(10, 64), torch.tensor([3, 3, 8, 10], dtype=torch.int32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the update's baddbmm is not another product that leaves W dense
+        warnings.filterwarnings("ignore", message="lowra: the stacked experts .* recompiles")  # PEFT's per-step
         [site] = match_sites(gm)
     assert inputs[site.weight_index] is model.weight and site.experts == 4 and site.shape == (48, 64)
     assert site.transposed == stored_in_out
