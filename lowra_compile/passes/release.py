@@ -30,7 +30,7 @@ from torch import Tensor
 from torch._dynamo.decorators import mark_unbacked
 from torch.utils._pytree import tree_map
 
-from ..runtime.format import PackedWeight
+from ..runtime.format import BIT_WIDTHS, TENSOR_COUNT, PackedWeight
 
 # Tensor methods that only read metadata: safe on a weight whose storage is gone. Tuples, not sets: on a
 # recompile Dynamo inlines `__torch_function__`, and a set lookup hashes a builtin, which breaks the graph
@@ -233,7 +233,10 @@ def attach(
 # the frame of one layer, or of a part of one, which Dynamo runs for every layer after a graph break inside
 # the layer. Not through a numbered child (`_modules['3']`): a frame over a whole stack of layers reads each
 # layer's packed tensors as inputs of their own, and traced with symbolic sizes it compiled 8x slower.
-PER_LAYER_PACKED_SOURCES = r"^(?!.*_modules\['\d+'\]).*\._lowra_packed\[([3-9]|10)\]"
+_CODES_AND_CODEBOOKS = range(TENSOR_COUNT - 2 * len(BIT_WIDTHS), TENSOR_COUNT)
+PER_LAYER_PACKED_SOURCES = (
+    r"^(?!.*_modules\['\d+'\]).*\._lowra_packed\[(" + "|".join(map(str, _CODES_AND_CODEBOOKS)) + r")\]"
+)
 
 
 def _share_one_graph_across_layers(packed: tuple[Tensor, ...]) -> None:
@@ -248,8 +251,8 @@ def _share_one_graph_across_layers(packed: tuple[Tensor, ...]) -> None:
     sources = torch.compiler.config.dynamic_sources
     if PER_LAYER_PACKED_SOURCES not in sources.split(","):
         torch.compiler.config.dynamic_sources = ",".join(filter(None, (sources, PER_LAYER_PACKED_SOURCES)))
-    for t in packed[3:]:
-        mark_unbacked(t, 0)
+    for i in _CODES_AND_CODEBOOKS:
+        mark_unbacked(packed[i], 0)
 
 
 def quantized_with(packed: Tensor) -> dict | None:
