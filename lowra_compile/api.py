@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .config import LowRAConfig
+from .experts_class import hold_peft_experts, release_class
 from .passes.pipeline import quantize_layers
 from .passes.release import ReleasedWeight, materialize_weight, release
 from .recording import record_model
@@ -32,6 +33,7 @@ def quantize_(
     _check_batches(batches)
     options = config
     config = LowRAConfig.from_options(options)
+    hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
     layers, stats, tied, seconds = record_model(model, batches, options, config)
     if layers:
         quantize_layers(layers, stats, config, batches=len(batches), calibrate_seconds=seconds)
@@ -51,10 +53,12 @@ def _check_batches(batches: list) -> None:
 
 
 def materialize(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every released weight of `model` its dense (dequantized) storage and plain Parameter class."""
+    """Give every released weight of `model` its dense (dequantized) storage and plain Parameter class, and
+    every module whose class lowra held (`experts_class`) its own class."""
     for p in model.parameters():
         if isinstance(p, ReleasedWeight):
             materialize_weight(p)
+    release_class(model)
     return model
 
 

@@ -24,6 +24,7 @@ from torch import fx
 
 from . import codegen
 from .config import QUANTIZING, LowRAConfig
+from .experts_class import hold_peft_experts
 from .passes.linear_forms import linear_forms
 from .passes.match import LinearSite, match_sites
 from .passes.pipeline import placeholder_values, quantize_sites
@@ -71,21 +72,45 @@ def shares_storage(weight: torch.Tensor, others: list) -> bool:
     )
 
 
+def _frame_locals() -> dict:
+    """The local variables of the frame Dynamo is compiling (`self`: the module whose forward the graph is);
+    empty outside a compile. Dynamo's backend API does not hand the frame over; its translator does."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().output.local_scope
+    except (AttributeError, AssertionError):  # no frame (a direct call of the backend)
+        return {}
+
+
+def _frame_modules() -> list[torch.nn.Module]:
+    """The modules among the compiled frame's locals, and in its `args` and `kwargs` (a decorated forward's
+    wrapper gets the model as `args[0]`)."""
+    values = list(_frame_locals().values())
+    values += [v for c in values if isinstance(c, (tuple, list)) for v in c]
+    values += [v for c in values if isinstance(c, dict) for v in c.values()]
+    return [v for v in values if isinstance(v, torch.nn.Module)]
+
+
 def _fsdp_module() -> str | None:
     """The class of the FSDP-sharded module whose forward Dynamo is compiling, or None.
 
     FSDP's hooks break the graph at every module it shards, so each graph is the forward of one (its
-    `self`), run on dense weights FSDP gathered for this call and frees after it. Read from the frame
-    Dynamo is translating, which its backend API does not hand over."""
+    `self`), run on dense weights FSDP gathered for this call and frees after it."""
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-        scope = InstructionTranslator.current_tx().output.local_scope
-    except (ImportError, AttributeError, AssertionError):  # no torch.distributed, or no frame (a direct call)
+    except ImportError:  # no torch.distributed
         return None
-    owner = scope.get("self")
+    owner = _frame_locals().get("self")
     return type(owner).__name__ if isinstance(owner, (FSDPModule, FullyShardedDataParallel)) else None
+
+
+def hold_experts_classes() -> None:
+    """Keep the class of each experts module that PEFT's LoRA parametrizes (`experts_class`) among the
+    modules the compiled frame reaches: the experts module itself when the graph is its forward (PEFT's
+    parametrization breaks the graph around it), and every layer's when the graph is the whole model's.
+    The frame's guards are built after this backend returns, so they see the class held."""
+    hold_peft_experts(m for owner in _frame_modules() for m in owner.modules())
 
 
 def refuse_fsdp(sites: list[LinearSite]) -> None:
@@ -140,6 +165,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     codegen.set_kernel_mode(config.kernels)
     graph, gm = gm, linear_forms(gm)
     sites = match_sites(gm, config.skip, config.pack_routers)
+    hold_experts_classes()
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
     refuse_fsdp(sites)

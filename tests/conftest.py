@@ -1,4 +1,5 @@
-"""Test setup: Triton kernels run in the interpreter on CPU machines; each test gets a fresh Dynamo cache."""
+"""Test setup: Triton kernels run in the interpreter on CPU machines; each test gets a fresh Dynamo cache (and
+its recompile limit back)."""
 
 import os
 
@@ -13,7 +14,8 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
-    yield
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):  # lowra may raise it
+        yield
     torch._dynamo.reset()
 
 

@@ -6,12 +6,13 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 import lowra_compile
 from lowra_compile import codegen
 from lowra_compile.passes.release import ReleasedWeight
 
-from .tiny_models import ARCHITECTURES, VOCAB, batch, tiny_peft_model
+from .tiny_models import ARCHITECTURES, batch, tiny_moe, tiny_moe_with_lora_on_the_experts, tiny_peft_model
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
@@ -90,31 +91,12 @@ def test_gpt2_s_packed_base_saves_loads_and_materializes_in_its_own_orientation(
     torch.testing.assert_close(fresh_conv.weight, dense)
 
 
-def _tiny_moe(family: str = "mixtral", experts_implementation: str | None = None, intermediate_size: int = 128,
-              **lora):
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    config_class = {"mixtral": transformers.MixtralConfig, "gpt_oss": transformers.GptOssConfig}[family]
-    config = config_class(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, head_dim=16,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-        **({"experts_implementation": experts_implementation} if experts_implementation else {}),
-    )
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config)
-    if not any(p.dim() == 3 for p in base.parameters()):
-        pytest.skip("this transformers keeps one nn.Linear per expert (those are packed like any other)")
-    lora = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **lora}
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **lora))
-
-
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequantized_model(family, tmp_path):
     # transformers 5 stacks a layer's experts in one tensor, [experts, out, in] (Mixtral) or [experts, in, out]
     # (gpt-oss), and runs them with a grouped product: each stack is packed as one [experts * out, in] matrix
     # and runs lowra's grouped op.
-    model = _tiny_moe(family)
+    model = tiny_moe(family)
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     data = batch(16)
     compiled(**data).loss.backward()
@@ -149,18 +131,18 @@ def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequan
     name = next(iter(experts))
     assert model.state_dict()[name].shape == experts[name].shape
     lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
-    fresh = _tiny_moe(family)
+    fresh = tiny_moe(family)
     lowra_compile.load_quantized(fresh, tmp_path / "base.safetensors")
     assert isinstance(fresh.get_parameter(name), ReleasedWeight)
     torch.testing.assert_close(fresh.get_parameter(name).detach(), experts[name].detach())
-    smaller = _tiny_moe(family, intermediate_size=96)
+    smaller = tiny_moe(family, intermediate_size=96)
     here = tuple(smaller.get_parameter(row.name).shape)
     with pytest.raises(ValueError, match=rf"experts.gate_up_proj' is \({', '.join(map(str, here))}\) here but packed as \(1024, 64\)"):
         lowra_compile.load_quantized(smaller, tmp_path / "base.safetensors")
 
 
 def test_pack_routers_quantizes_a_mixtures_routers_too():
-    model = _tiny_moe("mixtral")
+    model = tiny_moe("mixtral")
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager", "pack_routers": True})
     compiled(**batch(16)).loss.backward()
     routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
@@ -168,7 +150,7 @@ def test_pack_routers_quantizes_a_mixtures_routers_too():
 
 
 def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_to_pack_them():
-    model = _tiny_moe("mixtral", "batched_mm")  # selects each token's experts by indexing the stack
+    model = tiny_moe("mixtral", "batched_mm")  # selects each token's experts by indexing the stack
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})(**batch(16)).loss.backward()
@@ -178,27 +160,14 @@ def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_t
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 8 and not any("experts" in n for n in packed)  # 4 attention linears x 2 (routers: dense)
 
-def _lora_on_the_experts(family: str):
-    """PEFT's LoRA on the stacked experts themselves (target_parameters), and on q_proj."""
-    model = _tiny_moe(family, target_modules=["q_proj"],
-                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    with torch.no_grad():  # B starts at zero: give the experts' adapters a part in the output and the gradients
-        for name, p in model.named_parameters():
-            if "experts" in name and "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
-
-
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized_model(family):
     # PEFT's target_parameters reads each stack through a parametrization, W + s * lhs @ rhs per expert, and
     # caches that sum: lowra packs W and runs the adapter's factors beside the grouped op.
-    model = _lora_on_the_experts(family)
+    model = tiny_moe_with_lora_on_the_experts(family)
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     data = batch(16)
-    # PEFT registers the parametrization anew on every forward, which recompiles every step: said, by layer
-    with pytest.warns(UserWarning, match=r"stacked experts '.*gate_up_proj.*' carry PEFT's LoRA .* recompiles .* every step"):
-        compiled(**data).loss.backward()
+    compiled(**data).loss.backward()
     experts = {n: p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3}
     assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts.values())
     rows = [r for r in lowra_compile.report(model).layers if "experts" in r.name]
@@ -219,47 +188,63 @@ def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized
     assert sum("experts" in n for n in grads) == 8  # A and B of two stacks in two layers
     for name, (got, want) in grads.items():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
-    with torch.no_grad():
-        other = batch(8, seed=1)["input_ids"]
-        torch.testing.assert_close(compiled(input_ids=other).logits, reference(input_ids=other).logits, atol=1e-5, rtol=1e-5)
+    other = batch(16, seed=1)  # other tokens, the same shapes and grad mode: nothing compiles again
+    torch.testing.assert_close(compiled(**other).logits, reference(**other).logits, atol=1e-5, rtol=1e-5)
     assert all(p.untyped_storage().nbytes() == 0 for p in experts.values())  # nothing made them dense again
+
+    # PEFT registers its parametrization anew on every forward: the experts keep one class all the same, so
+    # their frame does not compile again and every step runs the grouped op (it ran eagerly from step 4)
+    stacks = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    classes = {type(m) for m in stacks}
+    for _ in range(3):
+        codegen.clear_log()
+        compiled(**data).loss.backward()
+        assert sum(r["calls"] for r in codegen.kernel_log() if r["op"] == "grouped_linear_backward") == 4
+    assert {type(m) for m in stacks} == classes and len(classes) == 1  # one class, shared by both layers
+    assert not any("parametrizations" in k or "anchor" in k for k in model.state_dict())  # checkpoints as before
 
     merged, merged_reference = lowra_compile.merge(model), reference.merge_and_unload()  # adapters folded in
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=other).logits, merged_reference(input_ids=other).logits,
+        torch.testing.assert_close(merged(**other).logits, merged_reference(**other).logits,
                                    atol=1e-5, rtol=1e-5)
+    assert not any(parametrize.is_parametrized(m) for m in stacks)  # their own class again
 
 
 def test_quantize_ahead_gives_lora_on_the_experts_loss_gradients_across_peft_s_graph_breaks(planned_statistics):
-    # PEFT's parametrization breaks the graph around each stack: compiled, each of the four graphs gets no
-    # loss gradient and plans on E[x^2] alone, on its own budget. quantize_ runs the whole model: every
-    # layer gets its E[g^2], one plan covers them, and the compiled model trains as the dequantized one.
-    model = _lora_on_the_experts("mixtral")
-    with warnings.catch_warnings():
+    # PEFT's parametrization breaks the graph around each stack: compiled, each of the graphs gets no loss
+    # gradient and plans on E[x^2] alone, on its own budget. quantize_ runs the whole model: every layer gets
+    # its E[g^2], one plan covers them, and the compiled model trains as the dequantized one. With more layers
+    # than Dynamo's recompile limit (the experts' frame compiles once per layer), every layer stays fused.
+    model = tiny_moe_with_lora_on_the_experts("mixtral", layers=3)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=2):
         warnings.filterwarnings("error", message=".*no loss gradient")
         lowra_compile.quantize_(model, [batch(16, seed=s) for s in range(2)], {"progress": False})
     [stats] = planned_statistics
-    assert len(stats) == 12 and all(s.g2 is not None and s.tokens > 0 for s in stats)  # 6 in each of 2 layers
+    assert len(stats) == 18 and all(s.g2 is not None and s.tokens > 0 for s in stats)  # 6 in each of 3 layers
     experts = [p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3]
-    assert len(experts) == 4 and all(isinstance(p, ReleasedWeight) for p in experts)
+    assert len(experts) == 6 and all(isinstance(p, ReleasedWeight) for p in experts)
     assert lowra_compile.report(model).code_bits == pytest.approx(2.0, abs=0.01)
 
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     reference = copy.deepcopy(model)
-    data = batch(16, seed=3)
-    loss, ref_loss = compiled(**data).loss, reference(**data).loss
-    loss.backward()
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for step in range(2):
+        data = batch(16, seed=3 + step)
+        codegen.clear_log()
+        loss, ref_loss = compiled(**data).loss, reference(**data).loss
+        loss.backward()
+        ref_loss.backward()
+        assert sum(r["calls"] for r in codegen.kernel_log() if r["op"] == "grouped_linear_backward") == 6, step
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+                p.grad, q.grad = None, None
 
 
 def test_several_adapters_on_the_experts_keep_them_dense_and_say_what_to_change():
     from peft import LoraConfig
 
-    model = _tiny_moe(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    model = tiny_moe(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                           target_parameters=["mlp.experts.gate_up_proj"]))
     model.base_model.set_adapter(["default", "other"])  # PEFT then adds both adapters' dense update to W

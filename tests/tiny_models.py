@@ -74,6 +74,38 @@ def batch(length: int = 16, size: int = 2, seed: int = 0) -> dict:
     return {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
+def tiny_moe(family: str = "mixtral", experts_implementation: str | None = None, intermediate_size: int = 128,
+              layers: int = 2, **lora):
+    """A mixture of 4 experts stacked in one tensor (transformers 5), PEFT's LoRA on attention (or `lora`)."""
+    import pytest
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config_class = {"mixtral": transformers.MixtralConfig, "gpt_oss": transformers.GptOssConfig}[family]
+    config = config_class(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=layers, head_dim=16,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        **({"experts_implementation": experts_implementation} if experts_implementation else {}),
+    )
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    if not any(p.dim() == 3 for p in base.parameters()):
+        pytest.skip("this transformers keeps one nn.Linear per expert (those are packed like any other)")
+    lora = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **lora}
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **lora))
+
+
+def tiny_moe_with_lora_on_the_experts(family: str = "mixtral", layers: int = 2):
+    """PEFT's LoRA on the stacked experts themselves (target_parameters), and on q_proj."""
+    model = tiny_moe(family, layers=layers, target_modules=["q_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with torch.no_grad():  # B starts at zero: give the experts' adapters a part in the output and the gradients
+        for name, p in model.named_parameters():
+            if "experts" in name and "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def capture_graph(fn, *args, **kwargs):
     """The Dynamo graph and real example inputs that a backend would receive for `fn(*args, **kwargs)`."""
     captured = []

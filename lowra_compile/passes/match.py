@@ -344,22 +344,7 @@ def _grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -
         name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
         site = LinearSite(name, node, x, None, None, None, list(packed), group_size, None, (experts * n, k),
                           scope, experts=experts, offsets=offsets, erased=(dequant, source, *chain), experts_lora=lora)
-    if site is not None and lora is not None:
-        _warn_recompiles_every_step(site.name)
     return site
-
-
-def _warn_recompiles_every_step(name: str) -> None:
-    warnings.warn(
-        f"lowra: the stacked experts {name!r} carry PEFT's LoRA on the experts themselves (target_parameters). PEFT "
-        "registers that parametrization on every forward, under a class of its own each time, so Dynamo "
-        "recompiles the experts' code on every step, and after torch._dynamo.config.recompile_limit "
-        f"({torch._dynamo.config.recompile_limit}) compiles runs it eagerly: each stack is then dequantized in "
-        "full on every forward and kept for the backward, as much memory as the dense experts (a 2-layer "
-        "Mixtral ran fused for 3 steps, eagerly from the 4th). For more than a few steps, put the adapters on "
-        "target_modules only (attention, shared experts) and keep the experts frozen.",
-        stacklevel=5,
-    )
 
 
 def _stack_read(wt: fx.Node) -> tuple[fx.Node, int, ExpertsLora | None, tuple[fx.Node, ...]] | None:
