@@ -40,20 +40,15 @@ class _Identity(nn.Module):
         return anchor
 
 
-def hold_peft_experts(modules: Iterable[nn.Module]) -> list[nn.Module]:
+def hold_peft_experts(modules: Iterable[nn.Module]) -> None:
     """Hold the class of every module among `modules` that PEFT's LoRA parametrizes: the base layer of each
     of PEFT's `ParamWrapper`s (a target parameter's owner), and any module PEFT parametrizes now (during the
-    forward of its wrapper). Returns them."""
-    held = {}
+    forward of its wrapper)."""
     for module in modules:
         if type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
-            base = module.get_base_layer()
-            held[id(base)] = base
+            hold_class(module.get_base_layer())
         elif _carries_peft_lora(module):
-            held[id(module)] = module
-    for module in held.values():
-        hold_class(module)
-    return list(held.values())
+            hold_class(module)
 
 
 def _carries_peft_lora(module: nn.Module) -> bool:
