@@ -30,6 +30,7 @@ from .passes.match import LinearSite, match_sites
 from .passes.pipeline import placeholder_values, quantize_sites
 from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
+from .recompile_room import count_layer_quantized
 
 
 def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_options: dict | None = None) -> Callable:
@@ -72,15 +73,21 @@ def shares_storage(weight: torch.Tensor, others: list) -> bool:
     )
 
 
-def _frame_locals() -> dict:
-    """The local variables of the frame Dynamo is compiling (`self`: the module whose forward the graph is);
-    empty outside a compile. Dynamo's backend API does not hand the frame over; its translator does."""
+def _frame():
+    """Dynamo's translator of the frame it is compiling, or None outside a compile (a direct call of the
+    backend). Dynamo's backend API does not hand the frame over; its translator does."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        return InstructionTranslator.current_tx().output.local_scope
-    except (AttributeError, AssertionError):  # no frame (a direct call of the backend)
-        return {}
+        return InstructionTranslator.current_tx()
+    except (AttributeError, AssertionError):
+        return None
+
+
+def _frame_locals() -> dict:
+    """The local variables of the frame Dynamo is compiling (`self`: the module whose forward the graph is)."""
+    tx = _frame()
+    return tx.output.local_scope if tx is not None else {}
 
 
 def _frame_modules() -> list[torch.nn.Module]:
@@ -174,6 +181,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
         quantize_sites(gm, sites, new, example_inputs, config)
+        count_layer_quantized(getattr(_frame(), "f_code", None), example_inputs[sites[new[0]].weight_index])
     weights = {i: example_inputs[sites[i].weight_index] for i in dense}
     packed = {i: list(w._lowra_packed) for i, w in weights.items()}
     group_size = {i: s.group_size if s.packed is not None else weights[i]._lowra_group_size for i, s in enumerate(sites)}

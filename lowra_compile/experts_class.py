@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .recompile_room import leave_room
+
 ANCHOR = "_lowra_class_anchor"
 
 
@@ -59,7 +61,6 @@ def _is_peft(parametrizations: nn.ModuleList) -> bool:
     return any(type(p).__module__.startswith("peft.") for p in parametrizations)
 
 
-_DEFAULT_LIMIT = 8  # torch._dynamo.config.recompile_limit's default
 # a module's own class -> the parametrized class that every held module of it shares
 _SHARED: dict[type, type] = {}
 _HELD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -87,16 +88,9 @@ def hold_class(module: nn.Module) -> None:
             setattr(shared, name, vars(now)[name])
         module.__class__ = shared
     _HELD.add(module)
-    _allow_a_compile_per_layer(len(_HELD))
-
-
-def _allow_a_compile_per_layer(layers: int) -> None:
-    """PEFT reads the stack under `parametrize.cached()`, whose cache key is `id(module)`: Dynamo guards each
-    layer's experts by identity and compiles their frame once per layer (the same graph; at the first step
-    only). Past `recompile_limit` the other layers would run eagerly, every step: raise it to the layers
-    held plus the default's room for other recompiles."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, layers + _DEFAULT_LIMIT)
+    # PEFT reads the stack under `parametrize.cached()`, whose cache key is `id(module)`: Dynamo guards each
+    # layer's experts by identity and compiles their frame once per layer (the same graph; first step only)
+    leave_room(len(_HELD))
 
 
 def release_class(model: nn.Module) -> None:

@@ -232,17 +232,24 @@ def _step_matches_the_dequantized_model(compiled, model, data):
     _matches_the_reference(loss, model, reference, data)
 
 
-def test_a_graph_dynamo_runs_for_every_layer_reads_each_layer_s_own_packed_weights():
+def test_a_graph_break_in_every_layer_of_more_layers_than_the_recompile_limit_packs_and_fuses_them_all():
     # After a graph break inside a layer, Dynamo compiles that layer's frame once per layer on the first
-    # call (the weights turn into ReleasedWeights), then runs the last layer's graph for every layer: the
-    # guards hold for all. Each call must still read its own layer's packed weights.
-    model = tiny_peft_llama()
+    # call (its weights are still dense when its turn comes); past its limit the other layers kept their
+    # dense weights, and ran unfused, for good. Later calls run the last layer's graph for every layer (the
+    # guards hold for all): each call must still read its own layer's packed weights.
+    model = tiny_peft_llama(layers=6)
     _break_the_graph_in_every_mlp(model)
     compiled = _compile(model, bits=2.0)
-    compiled(**batch(16)).loss.backward()  # first call: quantizes layer by layer
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*graph for their own packed weights")
-        _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+    with torch._dynamo.config.patch(recompile_limit=5):  # transformers' own frames take 4 of them
+        compiled(**batch(16)).loss.backward()
+        base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+        assert len(base) == 42 and all(isinstance(p, ReleasedWeight) for p in base.values())
+        lowra_compile.codegen.clear_log()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*graph for their own packed weights")
+            _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+    fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
+    assert sum(e["calls"] for e in fused) == 42  # every LoRA layer of every layer, through the fused op
 
 
 def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_and_a_warning():

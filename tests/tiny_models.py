@@ -17,12 +17,12 @@ def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = Fal
     return LlamaForCausalLM(config)
 
 
-def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, **lora_kwargs):
+def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, layers: int = 2, **lora_kwargs):
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
-    model = get_peft_model(tiny_llama(seed=seed), config)
+    model = get_peft_model(tiny_llama(layers=layers, seed=seed), config)
     model.train()
     return model
 
