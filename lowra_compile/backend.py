@@ -181,6 +181,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
         quantize_sites(gm, sites, new, example_inputs, config)
+        # a frame Dynamo compiles once per layer (a graph break in a repeated module) must reach every layer
         count_layer_quantized(getattr(_frame(), "f_code", None), example_inputs[sites[new[0]].weight_index])
     weights = {i: example_inputs[sites[i].weight_index] for i in dense}
     packed = {i: list(w._lowra_packed) for i, w in weights.items()}
