@@ -30,7 +30,7 @@ from .passes.match import LinearSite, match_sites
 from .passes.pipeline import placeholder_values, quantize_sites
 from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
-from .recompile_room import count_layer_quantized
+from .recompile_room import count_layer
 
 
 def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_options: dict | None = None) -> Callable:
@@ -182,7 +182,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     if new:
         quantize_sites(gm, sites, new, example_inputs, config)
         # a frame Dynamo compiles once per layer (a graph break in a repeated module) must reach every layer
-        count_layer_quantized(getattr(_frame(), "f_code", None), example_inputs[sites[new[0]].weight_index])
+        count_layer(getattr(_frame(), "f_code", None), example_inputs[sites[new[0]].weight_index])
     weights = {i: example_inputs[sites[i].weight_index] for i in dense}
     packed = {i: list(w._lowra_packed) for i, w in weights.items()}
     group_size = {i: s.group_size if s.packed is not None else weights[i]._lowra_group_size for i, s in enumerate(sites)}

@@ -25,14 +25,13 @@ given back has its own class, which pickles whole.
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .recompile_room import leave_room
+from .recompile_room import count_layer
 
 ANCHOR = "_lowra_class_anchor"
 
@@ -63,7 +62,6 @@ def _is_peft(parametrizations: nn.ModuleList) -> bool:
 
 # a module's own class -> the parametrized class that every held module of it shares
 _SHARED: dict[type, type] = {}
-_HELD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def hold_class(module: nn.Module) -> None:
@@ -87,10 +85,9 @@ def hold_class(module: nn.Module) -> None:
         for name in module.parametrizations:
             setattr(shared, name, vars(now)[name])
         module.__class__ = shared
-    _HELD.add(module)
     # PEFT reads the stack under `parametrize.cached()`, whose cache key is `id(module)`: Dynamo guards each
     # layer's experts by identity and compiles their frame once per layer (the same graph; first step only)
-    leave_room(len(_HELD))
+    count_layer(now.__bases__[0], module)
 
 
 def release_class(model: nn.Module) -> None:

@@ -19,28 +19,24 @@ leaves room for each layer plus the default's room for other recompiles; lowra n
 from __future__ import annotations
 
 import weakref
-from types import CodeType
+from typing import Hashable
 
 import torch
 
 DEFAULT_LIMIT = 8  # torch._dynamo.config.recompile_limit's default
 
-# a frame's code -> the first weight each of its compiles quantized (weak: a freed model's layers no longer count)
-_LAYERS_QUANTIZED: dict[CodeType, weakref.WeakValueDictionary[int, torch.Tensor]] = {}
+# a frame -> the layers it compiled for (weak: a freed model's layers no longer count)
+_LAYERS: dict[Hashable, weakref.WeakValueDictionary[int, object]] = {}
 
 
-def leave_room(compiles: int) -> None:
-    """Let one frame compile `compiles` times, plus the default's room for other recompiles."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, compiles + DEFAULT_LIMIT)
-
-
-def count_layer_quantized(code: CodeType | None, weight: torch.Tensor) -> None:
-    """A compile of the frame `code` quantized weights never seen before, `weight` the first of them: when the
-    frame compiled for other layers' weights before, leave room for one compile per layer."""
-    if code is None:
+def count_layer(frame: Hashable | None, layer: object) -> None:
+    """The frame `frame` (its code object, or what else names it) compiles for `layer` (its first weight, its
+    module): when it compiled for other live layers before, leave room for one compile per layer, plus the
+    default's room for other recompiles. Never lowers the limit; `frame` None (no frame) counts nothing."""
+    if frame is None:
         return
-    layers = _LAYERS_QUANTIZED.setdefault(code, weakref.WeakValueDictionary())
-    layers[id(weight)] = weight
+    layers = _LAYERS.setdefault(frame, weakref.WeakValueDictionary())
+    layers[id(layer)] = layer
     if len(layers) > 1:
-        leave_room(len(layers))
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, len(layers) + DEFAULT_LIMIT)
