@@ -1,5 +1,5 @@
-"""Test setup: Triton kernels run in the interpreter on CPU machines; each test gets a fresh Dynamo cache (and
-its recompile limit back)."""
+"""Test setup: Triton kernels run in the interpreter on CPU machines; the cores are shared among xdist's
+workers; each test gets a fresh Dynamo cache (and its recompile limit back)."""
 
 import os
 
@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 
 import pytest  # noqa: E402
+
+# Under pytest-xdist (the default: pyproject's addopts) each worker is one process; torch's default of a
+# thread per core in every worker would oversubscribe the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
