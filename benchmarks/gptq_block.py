@@ -12,12 +12,18 @@ benchmarks/plan_speed.py --rounding gptq (the pushes onto later blocks are GEMMs
 
 from __future__ import annotations
 
-import torch
+import os
+import sys
 
-import lowra_compile  # noqa: F401  (defines the ops)
-from bench_utils import bench, environment, parser, write_json
-from lowra_compile.codegen.gptq_block import gptq_block
-from lowra_compile.runtime import reference
+if "--quick" in sys.argv:  # the kernel runs in Triton's interpreter on the CPU, which must be on before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import lowra_compile  # noqa: E402, F401  (defines the ops)
+from bench_utils import bench, environment, parser, write_json  # noqa: E402
+from lowra_compile.codegen.gptq_block import gptq_block  # noqa: E402
+from lowra_compile.runtime import reference  # noqa: E402
 
 CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 8)]  # (block_n, num_warps)
 BLOCKS_7B = 32 * (6 * 4096 + 11008) // 128
