@@ -23,21 +23,28 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=2, help="calibration windows (one batch)")
 
 
-def _planned_model(args: argparse.Namespace):
-    """SmolLM2 quantized in place at the requested budget, calibrated on one batch of Bible text."""
+def quantize_for_plan(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
+    """`model` frozen and quantized in place at the budget of `args`, calibrated on one batch `ids`."""
     from .api import quantize_
     from .config import LowRAConfig
+
+    config = LowRAConfig(
+        bits=args.bits, bit_choices=tuple(int(b) for b in args.choices.split(",")), calibrate=args.calibrate, loftq_iters=0
+    )
+    # A model loaded for training has trainable weights, which lowra leaves dense: the plan is of the base
+    # that LoRA would train on, so freeze it (the loss gradient still reaches every layer: calibrate.py).
+    model.requires_grad_(False).train()
+    quantize_(model, {"input_ids": ids, "labels": ids, "use_cache": False}, config)
+    return model
+
+
+def _planned_model(args: argparse.Namespace) -> torch.nn.Module:
+    """SmolLM2 quantized in place at the requested budget, calibrated on one batch of Bible text."""
     from .smollm import load_smollm2
     from .texts import kjv_text, token_windows
 
     model, tokenizer = load_smollm2()
-    ids = token_windows(tokenizer, kjv_text(), window=args.window, max_windows=args.windows)
-    config = LowRAConfig(
-        bits=args.bits, bit_choices=tuple(int(b) for b in args.choices.split(",")), calibrate=args.calibrate, loftq_iters=0
-    )
-    model.train()
-    quantize_(model, {"input_ids": ids, "labels": ids, "use_cache": False}, config)
-    return model
+    return quantize_for_plan(model, token_windows(tokenizer, kjv_text(), window=args.window, max_windows=args.windows), args)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -92,7 +99,7 @@ def _bench(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     from . import demo
 
     parser = argparse.ArgumentParser(prog="lowra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in (("m", 512), ("k", 1024), ("n", 1024), ("rank", 16), ("iters", 5)):
         bench.add_argument(f"--{name}", type=int, default=default)
     bench.add_argument("--bits", type=float, default=2.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from . import demo
+
+    args = build_parser().parse_args(argv)
     {"demo": demo.run, "plan": _plan, "report": _report, "bench": _bench}[args.command](args)
 
 
