@@ -38,6 +38,35 @@ def test_every_lora_linear_is_packed_and_gradients_match_the_dequantized_model(a
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_sequence_classifier_packs_its_decoder_and_trains_its_saved_head_as_the_dequantized_model():
+    # PEFT's SEQ_CLS task keeps a trainable copy of the `score` head (modules_to_save): it stays dense and
+    # trains; the decoder's LoRA-wrapped linears are packed; the loss is the classification loss.
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(LlamaForSequenceClassification(config), lora).train()
+    data = {"input_ids": batch(16, size=4)["input_ids"].clamp(min=1), "labels": torch.tensor([0, 1, 2, 1])}
+    compiled = torch.compile(model, backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
+    compiled(**data).loss.backward()
+    assert len(lowra_compile.report(model).layers) == 14  # 7 linears in each of 2 layers
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+    lowra_compile.materialize(reference)
+    loss, ref_loss = compiled(**data).loss, reference(**data).loss
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(got) == 2 * 6 + 1 and any("score" in n for n in got)  # LoRA A and B on 6 linears, the head
+    for name, q in reference.named_parameters():
+        if q.requires_grad:
+            torch.testing.assert_close(got[name], q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("architecture", ["falcon", "gpt2"])
 def test_products_run_the_packed_op_with_its_lora_after_a_recompile_too(architecture, monkeypatch):
     """Falcon's x @ W.T reaches a recompile as a dequantization, GPT-2's Conv1D as the packed op on the
