@@ -344,6 +344,25 @@ def test_gradient_checkpointing_layers_are_quantized_and_gradients_match(inner):
         assert (got[name] - want[name]).abs().max() <= 1e-5, name
 
 
+def test_reentrant_checkpointing_trains_as_the_dequantized_model_and_quantize_ahead_plans_it_on_the_loss():
+    # Reentrant checkpointing (transformers' choice when no kwargs say otherwise in older versions, and
+    # many QLoRA scripts') breaks the graph at every layer. Compiled straight away it still trains exactly,
+    # but no graph has the loss: the warning names both ways out. quantize_ gets every layer's E[g^2].
+    model = tiny_peft_llama(layers=1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    compiled = _compile(model)
+    with pytest.warns(UserWarning, match="no loss gradient.*'use_reentrant': False.*quantize_"):
+        compiled(**batch(16)).loss.backward()
+    assert len([p for p in model.parameters() if isinstance(p, ReleasedWeight)]) == 7
+    _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+
+    model = tiny_peft_llama(layers=1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no loss gradient")
+        lowra_compile.quantize_(model, batch(16), QUIET)
+
+
 def test_a_recompile_of_checkpointed_layers_fuses_their_lora_branches_again(monkeypatch):
     # Another sequence length recompiles; the checkpoint bodies then read the released weights' packed ops.
     import lowra_compile.backend as backend
