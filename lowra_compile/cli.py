@@ -43,6 +43,9 @@ def quantize_for_plan(model: torch.nn.Module, ids: torch.Tensor, args: argparse.
 
 def _planned_model(args: argparse.Namespace) -> torch.nn.Module:
     """SmolLM2 quantized in place at the requested budget, calibrated on Bible text."""
+    if min(args.window, args.windows, args.batch) < 1:  # before the model loads
+        raise SystemExit(f"lowra: --window, --windows and --batch must be at least 1; got {args.window}, "
+                         f"{args.windows}, {args.batch}")
     from .smollm import load_smollm2
     from .texts import kjv_text, token_windows
 

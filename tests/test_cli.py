@@ -30,6 +30,16 @@ def test_plan_quantizes_every_linear_of_a_trainable_model_at_the_budget(bits):
     assert report.code_bits == pytest.approx(bits, abs=0.01)
 
 
+@pytest.mark.parametrize("argv", [("--batch", "0"), ("--windows", "0"), ("--window", "-1")])
+def test_plan_rejects_empty_calibration_before_loading_the_model(argv, monkeypatch):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("lowra_compile.smollm.load_smollm2", no_model)
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        cli.main(["plan", *argv])
+
+
 def test_bench_times_the_packed_op_and_the_dense_step(capsys):
     cli.main(["bench", "--m", "8", "--k", "128", "--n", "64", "--rank", "4", "--iters", "1"])
     result = json.loads(capsys.readouterr().out)
