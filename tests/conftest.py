@@ -35,3 +35,12 @@ def planned_statistics(monkeypatch) -> list:
     monkeypatch.setattr(api, "quantize_layers", lambda layers, stats, *a, **k: seen.append(stats) or
                         quantize_layers(layers, stats, *a, **k))
     return seen
+
+
+@pytest.fixture
+def model_must_not_load(monkeypatch) -> None:
+    """Fails the test if SmolLM2 is loaded: for argument checks that must stop before it."""
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("lowra_compile.smollm.load_smollm2", no_model)

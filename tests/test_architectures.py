@@ -12,7 +12,7 @@ import lowra_compile
 from lowra_compile import codegen
 from lowra_compile.passes.release import ReleasedWeight
 
-from .tiny_models import ARCHITECTURES, batch, tiny_moe, tiny_moe_with_lora_on_the_experts, tiny_peft_model
+from .tiny_models import ARCHITECTURES, batch, tiny_llama, tiny_moe, tiny_moe_with_lora_on_the_experts, tiny_peft_model
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
@@ -42,13 +42,9 @@ def test_a_sequence_classifier_packs_its_decoder_and_trains_its_saved_head_as_th
     # PEFT's SEQ_CLS task keeps a trainable copy of the `score` head (modules_to_save): it stays dense and
     # trains; the decoder's LoRA-wrapped linears are packed; the loss is the classification loss.
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, num_labels=3, pad_token_id=0)
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = get_peft_model(LlamaForSequenceClassification(config), lora).train()
+    model = get_peft_model(tiny_llama(num_labels=3), lora).train()
     data = {"input_ids": batch(16, size=4)["input_ids"].clamp(min=1), "labels": torch.tensor([0, 1, 2, 1])}
     compiled = torch.compile(model, backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
     compiled(**data).loss.backward()

@@ -19,10 +19,6 @@ def test_demo_calibrates_on_several_training_batches_by_default():
 
 
 @pytest.mark.parametrize("argv", [("--calib-batches", "0"), ("--steps", "3", "--calib-batches", "4")])
-def test_demo_rejects_calibration_batches_outside_the_training_batches(argv, monkeypatch):
-    def no_model(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr("lowra_compile.smollm.load_smollm2", no_model)
+def test_demo_rejects_calibration_batches_outside_the_training_batches(argv, model_must_not_load):
     with pytest.raises(SystemExit, match="--calib-batches"):
         demo.run(_args(*argv))

@@ -6,15 +6,17 @@ import torch
 VOCAB = 128
 
 
-def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = False, num_labels: int | None = None):
+    """A causal LM, or with `num_labels` a sequence classifier (padding token 0) on the same decoder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
+    head = {} if num_labels is None else {"num_labels": num_labels, "pad_token_id": 0}
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie, **head,
     )
-    return LlamaForCausalLM(config)
+    return (LlamaForCausalLM if num_labels is None else LlamaForSequenceClassification)(config)
 
 
 def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, layers: int = 2, **lora_kwargs):
