@@ -14,11 +14,12 @@ model, through the eager code between them, on each of its batches, and takes th
 loss once per batch: so the layers of a graph that ends before the loss (a graph break) get their E[g^2]
 too, and each layer's statistics add up under its weight, whichever graph (or graph call) ran it.
 
-For the experts of a mixture stacked in one grouped site, x2 and gram are pooled over the rows of all the
-experts (every token each expert was routed), and g2[e*N + n] sums expert e's rows over all rows, so an
-expert's rows weigh as much as the share of tokens it took. An expert no calibration token reached has
-no g2 of its own: it takes the mean of the others' (with a warning), not zero, which would plan it at the
-lowest width.
+For the experts of a mixture stacked in one grouped site, x2 is [E, K], each expert's own E[x^2] over the
+tokens routed to it, which weighs its codebooks and group scales; gram is pooled over the rows of all the
+experts (each expert's own would take E times the host memory); and g2[e*N + n] sums expert e's rows over
+all rows, so an expert's rows weigh as much as the share of tokens it took. An expert no calibration token
+reached has neither of its own: it takes the other experts' pooled x2 and their mean g2 (with a warning),
+not zero, which would plan it at the lowest width.
 
 Together they give the diagonal-Fisher (OBD) error estimate of DESIGN.md section 6. The gradient is
 taken with `torch.autograd.grad` against the site outputs only, so no `.grad` of any parameter changes
@@ -43,7 +44,7 @@ from .match import LinearSite
 
 @dataclass(frozen=True)
 class SiteStats:
-    x2: Tensor  # [K] float32
+    x2: Tensor  # [K] float32; [E, K] for a grouped site: each expert's own
     g2: Tensor | None  # [N] float32, None when the graph has no loss
     gram: Tensor | None = None  # [K, K] float32 on the CPU, only when asked for
     tokens: int = 0  # rows of x the means are taken over (sets the damping of gram: passes/gptq.py)
@@ -115,9 +116,13 @@ class _Recorder(fx.Interpreter):
             return result
         result = super().run_node(n)
         if n in self.inputs:
+            site = self.sites[self.inputs[n]]
             key, x = self.keys[self.inputs[n]], n.args[0]
             rows = _rows(self.env[x])
-            _add(self.sums.x2, key, rows.pow(2).sum(0))
+            if site.experts:
+                _add(self.sums.x2, key, _expert_sums(rows.pow(2), self.env[site.offsets].long()))
+            else:
+                _add(self.sums.x2, key, rows.pow(2).sum(0))
             self.sums.tokens[key] = self.sums.tokens.get(key, 0) + len(rows)
             if self.want_gram:
                 gram = (x, self.first_reader[x])
@@ -156,30 +161,44 @@ def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, 
     grads = torch.autograd.grad(loss, [p for _, p, _ in probes], allow_unused=True)
     for (key, _, offsets), g in zip(probes, grads):
         if g is not None:
-            _add(sums.g2, key, _per_expert_g2(_rows(g), offsets) if offsets is not None else _rows(g).pow(2).mean(0))
+            if offsets is None:
+                _add(sums.g2, key, _rows(g).pow(2).mean(0))
+            else:  # [E*N]: the mean over all tokens of what each expert's output error costs
+                _add(sums.g2, key, (_expert_sums(_rows(g).pow(2), offsets) / len(g)).reshape(-1))
 
 
-def _per_expert_g2(g: Tensor, offsets: Tensor) -> Tensor:
-    """[E*N]: each expert's sum of (dL/dy)^2 over its rows (sorted by expert, `offsets` their ends), over all
-    rows: the mean over tokens of what the expert's output error costs."""
-    expert = torch.searchsorted(offsets, torch.arange(len(g), device=g.device), right=True)
+def _expert_sums(values: Tensor, offsets: Tensor) -> Tensor:
+    """[E, C]: the sum of `values` [rows, C] over each expert's rows (sorted by expert, `offsets` their ends)."""
+    expert = torch.searchsorted(offsets, torch.arange(len(values), device=values.device), right=True)
     keep = expert < len(offsets)  # rows past the last offset belong to no expert
-    sums = g.new_zeros(len(offsets), g.shape[1]).index_add_(0, expert[keep], g[keep].pow(2))
-    return (sums / len(g)).reshape(-1)
+    return values.new_zeros(len(offsets), values.shape[1]).index_add_(0, expert[keep], values[keep])
+
+
+def _expert_means(sums: _Sums) -> dict[Hashable, Tensor]:
+    """Each grouped layer's x2 [E, K]: every expert's own mean over its rows; an expert no calibration row
+    reached takes the others' pooled mean (no expert reached: the plain weight error, ones)."""
+    means = {}
+    for key, rows in sums.expert_rows.items():
+        x2, rows = sums.x2[key], rows.to(sums.x2[key])  # rows are counted on the CPU
+        reached = rows > 0
+        pooled = x2[reached].sum(0) / rows[reached].sum() if reached.any() else torch.ones_like(x2[0])
+        means[key] = torch.where(reached[:, None], x2 / rows.clamp_min(1)[:, None], pooled)
+    return means
 
 
 def _unreached_experts(names: Mapping[Hashable, str], sums: _Sums) -> None:
-    """Give each expert that no calibration row reached the mean g2 of the other experts, and say so."""
+    """Give each expert that no calibration row reached the mean g2 of the other experts (its x2:
+    `_expert_means`), and say so."""
     for key, rows in sums.expert_rows.items():
         unreached = rows == 0
-        if key not in sums.g2 or not unreached.any():
+        if not unreached.any():
             continue
-        g2 = sums.g2[key].view(len(rows), -1)
-        if not unreached.all():
+        if key in sums.g2 and not unreached.all():
+            g2 = sums.g2[key].view(len(rows), -1)
             g2[unreached] = g2[~unreached].mean(0)
         warnings.warn(
             f"lowra: {int(unreached.sum())} of the {len(rows)} experts of {names[key]!r} received no calibration "
-            "tokens; their widths are planned on the other experts' mean sensitivity. Calibrate on more tokens "
+            "tokens; their codebooks and widths are planned on the other experts' statistics. Calibrate on more tokens "
             "(lowra_compile.quantize_ takes several batches) so that every expert is seen",
             stacklevel=4,
         )
@@ -188,10 +207,11 @@ def _unreached_experts(names: Mapping[Hashable, str], sums: _Sums) -> None:
 def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dict[Hashable, SiteStats]:
     """The means of the totals, per layer key of `names`."""
     _unreached_experts(names, sums)
+    experts = _expert_means(sums)
     grams = {gram: total / sums.gram_tokens[gram] for gram, total in sums.grams.items()}
     return {
         key: SiteStats(
-            sums.x2[key] / sums.tokens[key],
+            experts[key] if key in experts else sums.x2[key] / sums.tokens[key],
             sums.g2[key] / batches if key in sums.g2 else None,
             grams[sums.gram_of[key]] if key in sums.gram_of else None,
             sums.tokens[key],

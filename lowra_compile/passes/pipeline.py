@@ -131,6 +131,16 @@ def site_matrix(site: LinearSite, weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().t().contiguous() if site.transposed else weight.detach()
 
 
+def _row_moments(stats: SiteStats | None, site: LinearSite, device: torch.device) -> torch.Tensor | None:
+    """E[x^2] as the quantizer takes it: [K] for a layer; for a mixture's experts [E*N, K], each row its
+    expert's (a transient the size of the stack in float32, like the quantizer's own)."""
+    if stats is None:
+        return None
+    if stats.x2.dim() == 1:
+        return stats.x2.to(device)
+    return stats.x2.to(device).repeat_interleave(site.shape[0] // site.experts, dim=0)
+
+
 def device_clock(device: torch.device) -> float:
     """Seconds so far, after the device's queued work: CUDA kernels run asynchronously."""
     if device.type == "cuda":
@@ -198,7 +208,7 @@ def quantize_layers(
     for j, layer in enumerate(tqdm(layers, desc="lowra: quantize", disable=not config.progress, unit="layer")):
         site, weight = layer.site, layer.weight
         start = device_clock(weight.device)
-        x2 = stats[j].x2.to(weight.device) if stats[j] is not None else None
+        x2 = _row_moments(stats[j], site, weight.device)
         factor = factors(j, weight.device)
         lq = quantize_layer_cached(
             config.candidates_dir, site_matrix(site, weight), choices, config.group_size, config.codebook, x2,
@@ -226,7 +236,7 @@ def quantize_layers(
         seconds[j]["pack"] = device_clock(weight.device) - start
         start = device_clock(weight.device)
         if layer.scaling is not None and config.loftq_iters > 0:
-            x2 = stats[j].x2.to(weight.device) if stats[j] is not None else None
+            x2 = _row_moments(stats[j], site, weight.device)
             packed, a, b = loftq_init(
                 matrix, packed, bits[j], layer.lora_a.shape[0], layer.scaling, config.loftq_iters, config.group_size,
                 config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds, config.scales == "fitted",

@@ -4,7 +4,9 @@ For a weight W [N, K] (rows = output channels):
 
     absmax[n, g]  = max |W[n, g*G:(g+1)*G]|, double-quantized (runtime.format.quantize_absmax)
     v[n, k]       = W[n, k] / absmax[n, k // G]                    in [-1, 1]
-    u[n, k]       = absmax[n, k // G]^2 * E[x_k^2]                 (E[x^2] = 1 without calibration)
+    u[n, k]       = absmax[n, k // G]^2 * E[x_k^2]                 (E[x^2] = 1 without calibration; [K], or
+                                                                    [N, K] when rows see different inputs:
+                                                                    a mixture's experts)
     levels_b[n]   = 2^b sorted levels per row: weighted Lloyd-Max on (v[n], u[n]) from NormalFloat init,
                     or fixed NF / uniform levels
     error[n, b]   = sum_k u[n, k] * (v[n, k] - levels_b[n][code])^2 = sum_k (dW[n, k])^2 * E[x_k^2]
@@ -112,8 +114,8 @@ def _element_scale(groups: Groups, group_size: int, k: int) -> Tensor:
 
 
 def _importance(absmax: Tensor, x2: Tensor | None) -> Tensor:
-    """u = absmax^2 * E[x^2] per element (x2 None: the plain weight error)."""
-    return absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)[None, :]
+    """u = absmax^2 * E[x^2] per element (x2 [K] or per row [N, K]; None: the plain weight error)."""
+    return absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)
 
 
 def _group_sums(values: Tensor, group_size: int) -> Tensor:
@@ -190,7 +192,7 @@ def fit_group_scales(
 ) -> Groups:
     """Double-quantized group scales that minimise sum_k E[x_k^2] (W[n, k] - s * l_k)^2 per group, l_k the
     level nearest to v = W / absmax (least squares: s = sum E[x^2] W l / sum E[x^2] l^2), within SCALE_RANGE."""
-    x2 = torch.ones_like(v[0]) if x2 is None else x2.float().to(v.device)
+    x2 = torch.ones_like(v[0]) if x2 is None else x2.float().to(v.device)  # [K] or [N, K]
     level = torch.gather(levels, 1, _assign(v, levels))
     num = _group_sums(x2 * weight.float() * level, group_size)
     den = _group_sums(x2 * level * level, group_size)
@@ -348,8 +350,9 @@ def quantize_rows(
     groups, levels = {}, {}
     for bits in widths:
         rows = (bits_per_row == bits).nonzero().squeeze(1)
+        row_x2 = x2[rows] if x2 is not None and x2.dim() == 2 else x2
         row_groups, row_levels, _ = fit_width(
-            weight[rows], x2, bits, codebook, lloyd_iters, group_size, tuple(t[rows] for t in absmax), fit_scales
+            weight[rows], row_x2, bits, codebook, lloyd_iters, group_size, tuple(t[rows] for t in absmax), fit_scales
         )
         groups[bits] = tuple(t.clone() for t in absmax)
         for whole, part in zip(groups[bits], row_groups):

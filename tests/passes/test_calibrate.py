@@ -130,7 +130,7 @@ def test_one_graph_run_for_two_layers_records_each_under_its_own_key():
     assert not torch.allclose(stats["b1"].x2, stats["b2"].x2)
 
 
-def test_stacked_experts_get_per_expert_gradients_and_an_unreached_expert_the_others_mean():
+def test_stacked_experts_get_their_own_statistics_and_an_unreached_expert_the_others():
     model = StackedExperts()
     counts = (3, 0, 5, 2)  # expert 1 gets no row
     x, target = torch.randn(sum(counts), 64), torch.randn(sum(counts), 12)
@@ -146,4 +146,6 @@ def test_stacked_experts_get_per_expert_gradients_and_an_unreached_expert_the_ot
     per_expert = torch.stack([(g[s:e] ** 2).sum(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])]) / len(g)
     per_expert[1] = per_expert[[0, 2, 3]].mean(0)
     torch.testing.assert_close(stats.g2, per_expert.reshape(-1))
-    torch.testing.assert_close(stats.x2, (x**2).mean(0))  # pooled over every expert's rows
+    own = torch.stack([(x[s:e] ** 2).mean(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])])
+    own[1] = (x**2).mean(0)  # the unreached expert: every other expert's rows, pooled
+    torch.testing.assert_close(stats.x2, own)

@@ -6,8 +6,10 @@ import torch
 
 import lowra_compile
 from lowra_compile.passes import candidates, gptq, pipeline, release
+from lowra_compile.passes.quantize import quantize_rows
+from lowra_compile.runtime.reference import dequantize
 
-from ..tiny_models import batch, tiny_peft_llama
+from ..tiny_models import StackedExperts, batch, tiny_peft_llama
 
 
 def _spy(monkeypatch):
@@ -151,3 +153,33 @@ def test_packing_happens_once_per_weight(monkeypatch):
         compiled(**batch(12))
     assert len(seen["x2"]) == 14
     assert lowra_compile.report(compiled).layers
+
+
+def test_each_expert_of_a_mixture_takes_codebooks_weighted_by_its_own_tokens():
+    # every expert's tokens are loud on channels of their own: pooled over the experts, E[x^2] would weigh
+    # each expert's codebooks and group scales by the other experts' loud channels as well
+    counts, starts = (6, 10, 4, 8), (0, 6, 16, 20)
+    x = torch.randn(28, 64, generator=torch.Generator().manual_seed(1))
+    for e, (start, count) in enumerate(zip(starts, counts)):
+        x[start : start + count, 16 * e : 16 * (e + 1)] *= 10
+    offsets = torch.cumsum(torch.tensor(counts), 0, dtype=torch.int32)
+    model = StackedExperts(experts=4, n=12, k=64)
+    dense = model.weight.detach().clone()
+    options = {"bits": 2.5, "rounding": "nearest", "progress": False, "inner": "eager"}
+    torch.compile(model, backend="lowra", options=options)(x, offsets, torch.randn(28, 12)).backward()
+
+    packed = release.packed_weight(model.weight)
+    widths = torch.tensor([b for b, rows in packed.rows_per_width().items() for _ in range(rows)])
+    bits = torch.empty_like(widths).index_put_((packed.perm.long(),), widths).view(4, 12)
+    got = release.dequantized(model.weight).float()
+    own_error = pooled_error = 0.0
+    for e, (start, count) in enumerate(zip(starts, counts)):
+        tokens = x[start : start + count]
+        own = quantize_rows(dense[e], bits[e], 64, "lloyd", (tokens**2).mean(0), 12, fit_scales=True)
+        own = dequantize(own.tensors(), 64, 64, torch.float32)
+        torch.testing.assert_close(got[e], own, msg=f"expert {e}")
+        pooled = quantize_rows(dense[e], bits[e], 64, "lloyd", (x**2).mean(0), 12, fit_scales=True)
+        pooled = dequantize(pooled.tensors(), 64, 64, torch.float32)
+        own_error += ((tokens @ (dense[e] - own).t()) ** 2).sum().item()
+        pooled_error += ((tokens @ (dense[e] - pooled).t()) ** 2).sum().item()
+    assert own_error < pooled_error  # on the tokens each expert runs

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from lowra_compile.passes.gptq import gptq_codes, hessian_factor
-from lowra_compile.passes.quantize import _assign, _normalise, assemble, nf_levels, quantize_layer, uniform_levels
+from lowra_compile.passes.quantize import (
+    _assign, _normalise, assemble, nf_levels, quantize_layer, quantize_rows, uniform_levels,
+)
 from lowra_compile.runtime.reference import dequantize
 
 CHOICES = (1, 2, 3, 4)
@@ -154,3 +156,27 @@ def test_kept_error_feedback_codes_pack_as_rounding_again(refit_rounds):
     for a, b in zip(packed, assemble(again, w, bits, factor, refit_rounds).tensors(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, None, True, keep_codes=True).codes is None  # nearest
+
+
+@pytest.mark.parametrize("fit_scales", [False, True])
+def test_rows_with_their_own_input_moments_quantize_as_layers_of_their_own(fit_scales):
+    # a mixture's experts read different tokens: x2 per row [N, K] weighs each row's codebook and group
+    # scales by its own inputs, exactly as quantizing each block of rows alone on its E[x^2]
+    w, x2 = _layer(n=48, k=136)
+    other = x2.flip(0)
+    per_row = torch.cat([x2.expand(20, -1), other.expand(28, -1)])
+    both = quantize_layer(w, CHOICES, 32, "lloyd", per_row, 6, None, fit_scales)
+    first = quantize_layer(w[:20], CHOICES, 32, "lloyd", x2, 6, None, fit_scales)
+    second = quantize_layer(w[20:], CHOICES, 32, "lloyd", other, 6, None, fit_scales)
+    torch.testing.assert_close(both.error, torch.cat([first.error, second.error]))
+    for b in CHOICES:
+        torch.testing.assert_close(both.levels[b], torch.cat([first.levels[b], second.levels[b]]))
+        for whole, a, c in zip(both.groups[b], first.groups[b], second.groups[b]):
+            torch.testing.assert_close(whole, torch.cat([a, c]))
+    assert not torch.allclose(first.levels[2], quantize_layer(w[:20], CHOICES, 32, "lloyd", other, 6).levels[2])
+
+    bits = torch.arange(48) % 4 + 1  # fixed widths (LoftQ's step) take the moments of their own rows too
+    fixed = dequantize(quantize_rows(w, bits, 32, "lloyd", per_row, 6, fit_scales=fit_scales).tensors(), 136, 32, torch.float32)
+    for rows, moments in ((slice(0, 20), x2), (slice(20, 48), other)):
+        alone = quantize_rows(w[rows], bits[rows], 32, "lloyd", moments, 6, fit_scales=fit_scales)
+        torch.testing.assert_close(fixed[rows], dequantize(alone.tensors(), 136, 32, torch.float32))
