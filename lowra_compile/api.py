@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -15,11 +16,13 @@ from .recording import record_model
 
 def quantize_(
     model: torch.nn.Module,
-    example_batch: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    example_batch: Mapping[str, Any] | Iterable[Mapping[str, Any]],
     config: LowRAConfig | Mapping | None = None,
 ) -> torch.nn.Module:
     """Quantize `model`'s frozen linear weights in place now, calibrating on `example_batch` (kwargs of one
-    forward) or on every batch of a list of them; returns `model`.
+    forward) or on every batch of a list or other iterable of them (a DataLoader: all of it, so give
+    `itertools.islice(loader, n)` for its first n batches); returns `model`. A batch's tensors move to the
+    model's device when its parameters are all on one, as a training loop would move them.
 
     The backend does the same on the first call of `torch.compile(model, backend="lowra")`, one graph at a
     time on that call's batch. This helper runs the whole model on each batch first (training batches with

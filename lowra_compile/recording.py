@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .backend import refuse_fsdp, shares_storage, warn_kept_quantization
@@ -87,8 +88,9 @@ def record_model(
     try:
         with torch.enable_grad() if use_loss else torch.no_grad():
             bar = tqdm(batches, desc="lowra: calibrate", disable=not config.progress or len(batches) == 1, unit="batch")
+            device = _only_device(model)
             for batch in bar:
-                recorder.calibration.end_batch(compiled(**batch))
+                recorder.calibration.end_batch(compiled(**_moved(batch, device)))
     finally:
         torch._dynamo.reset()  # the recording graphs must not keep the model alive or their guards active
     layers = list(recorder.layers.values())
@@ -99,3 +101,18 @@ def record_model(
                                                  for layer in layers})
     stats = loss_weighted_or_not([by_weight[id(layer.weight)] for layer in layers], layers, config, MODEL_FIX)
     return layers, stats, recorder.tied, time.perf_counter() - start
+
+
+def _only_device(model: torch.nn.Module) -> torch.device | None:
+    """The device of all of `model`'s parameters; None when they are spread over several (a model split
+    over devices moves its inputs itself, as accelerate's hooks do)."""
+    devices = {p.device for p in model.parameters()}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _moved(batch: Mapping[str, Any], device: torch.device | None) -> Mapping[str, Any]:
+    """`batch` with its tensors on `device`, as a training loop moves a DataLoader's CPU batches (item by
+    item: a tokenizer's BatchEncoding is a Mapping that pytree does not open)."""
+    if device is None:
+        return batch
+    return {k: tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, v) for k, v in batch.items()}

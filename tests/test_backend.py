@@ -1,6 +1,7 @@
 """End to end: `torch.compile(model, backend="lowra")` on tiny PEFT Llamas and plain linear stacks."""
 
 import copy
+import itertools
 import math
 import warnings
 
@@ -605,6 +606,45 @@ def test_quantize_ahead_rejects_no_batch_and_batches_that_are_not_kwargs():
     with pytest.raises(ValueError, match=r"calibration batch 1 is a Tensor; give each batch as the kwargs"):
         lowra_compile.quantize_(model, [batch(8), batch(8)["input_ids"]])
     assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())  # checked before any work
+
+
+def test_quantize_ahead_takes_the_first_batches_of_a_data_loader():
+    # what a training script has at hand: a DataLoader, cut to its first batches
+    options = {"progress": False, "rounding": "nearest"}
+    first = batch(16, size=2)
+    listed = lowra_compile.quantize_(tiny_peft_llama(), [first, first], options)
+    loader = torch.utils.data.DataLoader([first] * 5, batch_size=None)
+    loaded = lowra_compile.quantize_(tiny_peft_llama(), itertools.islice(loader, 2), options)
+    for a, b in zip(_packed_tensors(listed), _packed_tensors(loaded), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_calibration_batch_s_tensors_move_item_by_item_and_nested_and_the_rest_stays():
+    from transformers import BatchEncoding
+
+    from lowra_compile.recording import _moved
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    encoded = BatchEncoding({"input_ids": ids, "attention_mask": ids})  # a Mapping pytree does not open
+    moved = _moved({**encoded, "past": [ids, (ids, None)], "use_cache": False}, torch.device("meta"))
+    assert moved["input_ids"].is_meta and moved["attention_mask"].is_meta and moved["input_ids"].dtype == torch.long
+    assert moved["past"][0].is_meta and moved["past"][1][0].is_meta and moved["past"][1][1] is None
+    assert moved["use_cache"] is False
+    assert _moved(encoded, torch.device("meta"))["input_ids"].is_meta
+    assert _moved(encoded, None) is encoded  # a model spread over devices moves its inputs itself
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantize_ahead_moves_the_batches_to_the_model_s_gpu():
+    # a DataLoader gives CPU tensors; the training loop moves them, and so does quantize_
+    on_cpu = [batch(16, size=2, seed=s) for s in range(2)]
+    on_gpu = [{k: v.cuda() for k, v in b.items()} for b in on_cpu]
+    options = {"progress": False, "rounding": "nearest"}
+    moved = lowra_compile.quantize_(tiny_peft_llama().cuda(), on_cpu, options)
+    given = lowra_compile.quantize_(tiny_peft_llama().cuda(), on_gpu, options)
+    for a, b in zip(_packed_tensors(moved), _packed_tensors(given), strict=True):
+        assert a.is_cuda
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_peft_s_own_merge_raises_naming_lowra_merge():
