@@ -48,6 +48,7 @@ class SiteStats:
     g2: Tensor | None  # [N] float32, None when the graph has no loss
     gram: Tensor | None = None  # [K, K] float32 on the CPU, only when asked for
     tokens: int = 0  # rows of x the means are taken over (sets the damping of gram: passes/gptq.py)
+    expert_tokens: Tensor | None = None  # [E] int64, of a grouped site: the rows each expert's x2 is over
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -215,6 +216,7 @@ def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dic
             sums.g2[key] / batches if key in sums.g2 else None,
             grams[sums.gram_of[key]] if key in sums.gram_of else None,
             sums.tokens[key],
+            sums.expert_rows.get(key),
         )
         for key in names
     }

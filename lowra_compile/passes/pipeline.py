@@ -10,6 +10,7 @@ the statistics over the ranks and gives every rank rank 0's plan, packed weights
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def loss_weighted_or_not(
         f"activation-weighted error instead. {fix}",
         stacklevel=4,
     )
-    return [SiteStats(s.x2, None, s.gram, s.tokens) for s in stats]
+    return [dataclasses.replace(s, g2=None) for s in stats]
 
 
 def _graph_statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:

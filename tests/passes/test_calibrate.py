@@ -149,3 +149,4 @@ def test_stacked_experts_get_their_own_statistics_and_an_unreached_expert_the_ot
     own = torch.stack([(x[s:e] ** 2).mean(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])])
     own[1] = (x**2).mean(0)  # the unreached expert: every other expert's rows, pooled
     torch.testing.assert_close(stats.x2, own)
+    assert stats.expert_tokens.tolist() == list(counts) and stats.tokens == sum(counts)

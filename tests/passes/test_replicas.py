@@ -32,18 +32,27 @@ def _rank(rank: int, fn, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _statistics_of_rank(rank: int) -> SiteStats:
+def _statistics_of_rank(rank: int) -> list[SiteStats | None]:
     k = rank + 1  # rank 0: 10 tokens of value 1, rank 1: 20 tokens of value 2
     stats = SiteStats(torch.full((3,), float(k)), torch.full((2,), float(k)), torch.full((3, 3), float(k)), 10 * k)
-    return average_statistics([stats, None])
+    # a mixture's 4 experts, each x2 over the tokens it took on this rank: rank 0 routed none to experts 2
+    # and 3, rank 1 none to 0 and 3 (9, 5 and 7, 8: the pooled stand-ins calibrate gave those)
+    routed = torch.tensor([[4, 6, 0, 0], [0, 5, 15, 0]])[rank]
+    own = torch.tensor([[1.0, 2.0, 9.0, 5.0], [7.0, 3.0, 4.0, 8.0]])[rank]
+    experts = SiteStats(own[:, None].expand(4, 2).clone(), None, None, 10 * k, routed)
+    return average_statistics([stats, None, experts])
 
 
 def test_statistics_are_averaged_over_every_rank_s_tokens(tmp_path):
-    for stats, empty in _spawn(_statistics_of_rank, tmp_path):
+    for stats, empty, experts in _spawn(_statistics_of_rank, tmp_path):
         assert empty is None and stats.tokens == 30
         torch.testing.assert_close(stats.x2, torch.full((3,), 50 / 30))  # token-weighted: (10 * 1 + 20 * 2) / 30
         torch.testing.assert_close(stats.gram, torch.full((3, 3), 50 / 30))
         torch.testing.assert_close(stats.g2, torch.full((2,), 1.5))  # mean of the ranks' means
+        # each expert over the tokens it took: expert 0 rank 0's, 1 both (6 x 2 + 5 x 3) / 11, 2 rank 1's; expert
+        # 3, reached by no rank, the token-weighted stand-ins (10 x 5 + 20 x 8) / 30
+        torch.testing.assert_close(experts.x2, torch.tensor([1.0, 27 / 11, 4.0, 7.0])[:, None].expand(4, 2))
+        assert experts.expert_tokens.tolist() == [4, 11, 15, 0]
 
 
 def _train_under_ddp(rank: int) -> dict:
