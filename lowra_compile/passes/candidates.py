@@ -20,6 +20,12 @@ rounding gave at every width (bit-packed), which `assemble` reads back for the p
 rounding them again: 163 MB for SmolLM2-135M's 210 layers at four widths (30 MB without the codes), and
 packing a lowra point of the reduced accuracy grid takes 7 s instead of 33-40 s on 2 cores, the packed
 weights unchanged. A file that cannot be read is quantized again and replaced, with a warning.
+
+Several processes may share one directory (parallel compiles of one model at several budgets: the
+accuracy grid's shards). A layer's candidates are computed under an exclusive lock on `<digest>.lock`
+(`fcntl.flock`, which the system drops if its process dies; the file is removed when done), so a second
+process asking for the same layer waits for the first and loads its file instead of quantizing the layer
+again alongside it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; processes sharing a directory may then quantize a layer twice
+    fcntl = None
 
 import torch
 from safetensors import safe_open
@@ -119,21 +131,52 @@ def quantize_layer_cached(
     # width -> (absmax codes, absmax scales, levels, error). Not torch.load: inside the backend's compile
     # it detects the fake mode of the tracing context and returns meta tensors.
     stored = _load(path, weight.device) if path.exists() else {}
-    missing = tuple(b for b in bit_choices if b not in stored)
-    if missing:
-        new = quantize_layer(weight, missing, group_size, codebook, x2, lloyd_iters, factor, fit_scales, keep_codes=True)
-        flat = {} if not stored else load_file(path)  # the stored widths' tensors, codes included
-        for j, b in enumerate(missing):
-            flat.update({f"{b}.{f}": t for f, t in zip(_FIELDS, (*new.groups[b], new.levels[b], new.error[:, j]))})
-            if new.codes is not None:
-                flat[f"{b}.codes"] = pack_codes(new.codes[b], b)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({name: t.contiguous().cpu() for name, t in flat.items()}, tmp)
-        tmp.replace(path)  # whole files only: another process may be reading the same digest
-        stored.update({b: (*new.groups[b], new.levels[b], new.error[:, j]) for j, b in enumerate(missing)})
+    if any(b not in stored for b in bit_choices):
+        with _one_process_at_a_time(path):
+            # another process may have saved them while this one waited
+            stored = _load(path, weight.device) if path.exists() else {}
+            missing = tuple(b for b in bit_choices if b not in stored)
+            if missing:
+                stored = _quantize_and_save(path, stored, weight, missing, group_size, codebook, x2, lloyd_iters,
+                                            factor, fit_scales)
     codes = None if factor is None else _SavedCodes(path, tuple(bit_choices), weight.shape[1], weight.device)
     return LayerQuant(
         tuple(bit_choices), group_size, fit_scales, {b: tuple(stored[b][:2]) for b in bit_choices},
         {b: stored[b][2] for b in bit_choices}, torch.stack([stored[b][3] for b in bit_choices], 1), codes,
     )
+
+
+@contextmanager
+def _one_process_at_a_time(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path`'s lock file (none where `fcntl` is missing: Windows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    name = path.with_suffix(".lock")
+    with open(name, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            # Gone before it is released: whoever opens the name next makes a new lock, and finds the file
+            # saved under it (at worst, after a failure here, two processes quantize the layer alike).
+            name.unlink(missing_ok=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _quantize_and_save(
+    path: Path, stored: dict[int, tuple[Tensor, ...]], weight: Tensor, missing: tuple[int, ...], group_size: int,
+    codebook: str, x2: Tensor | None, lloyd_iters: int, factor: HessianFactor | None, fit_scales: bool,
+) -> dict[int, tuple[Tensor, ...]]:
+    """Quantize the `missing` widths, save them with the `stored` ones to `path`, and return all of them."""
+    new = quantize_layer(weight, missing, group_size, codebook, x2, lloyd_iters, factor, fit_scales, keep_codes=True)
+    flat = {} if not stored else load_file(path)  # the stored widths' tensors, codes included
+    for j, b in enumerate(missing):
+        flat.update({f"{b}.{f}": t for f, t in zip(_FIELDS, (*new.groups[b], new.levels[b], new.error[:, j]))})
+        if new.codes is not None:
+            flat[f"{b}.codes"] = pack_codes(new.codes[b], b)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({name: t.contiguous().cpu() for name, t in flat.items()}, tmp)
+    tmp.replace(path)  # whole files only: another process may be reading the same digest
+    return {**stored, **{b: (*new.groups[b], new.levels[b], new.error[:, j]) for j, b in enumerate(missing)}}

@@ -1,4 +1,6 @@
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -141,3 +143,35 @@ def test_saved_error_feedback_codes_are_read_back_instead_of_rounding_again(tmp_
     assert all(torch.equal(a, b) for a, b in zip(packed.tensors(), expected.tensors(), strict=True))
     nearest = candidates.quantize_layer_cached(tmp_path, w, (2,), GROUP, "lloyd", x2, 6, None, True)
     assert nearest.codes is None  # nearest rounding is cheap: nothing saved, nothing read
+
+
+@pytest.mark.skipif(candidates.fcntl is None, reason="no file locks here")
+def test_two_compiles_asking_for_one_layer_at_once_quantize_it_once(tmp_path, monkeypatch):
+    # parallel processes sharing a directory (the accuracy grid's shards) must not each quantize the same
+    # layer: the second waits for the first's lock and loads its file. Two threads hold separate locks as
+    # two processes do (flock locks belong to the open file).
+    w, x2, factor = _layer()
+    args = (GROUP, "lloyd", x2, 6, factor, True)
+    calls, inside = [], threading.Event()
+
+    def slow(weight, choices, *a, **kw):
+        calls.append(choices)
+        inside.set()
+        time.sleep(0.5)  # long enough for the other thread to ask while this one holds the lock
+        return quantize_layer(weight, choices, *a, **kw)
+
+    monkeypatch.setattr(candidates, "quantize_layer", slow)
+    results = [None, None]
+
+    def compile_layer(i: int) -> None:
+        results[i] = candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
+
+    first = threading.Thread(target=compile_layer, args=(0,))
+    first.start()
+    assert inside.wait(10)
+    compile_layer(1)
+    first.join()
+    assert calls == [(1, 2, 3, 4)]
+    for bits in (1, 2, 3, 4):
+        _assert_same_width(results[1], results[0], bits)
+        assert torch.equal(results[1].codes[bits], results[0].codes[bits])
