@@ -52,16 +52,16 @@ def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
         tokens = int(_all_reduce_sum(torch.tensor([float(s.tokens)])).item())
         share = s.tokens / tokens
         x2 = _all_reduce_sum(s.x2 * share)
-        experts = None
+        expert_tokens = None
         if s.expert_tokens is not None:  # each expert's mean over the tokens it took on every rank
-            experts = _all_reduce_sum(s.expert_tokens.float()).round().long()
+            expert_tokens = _all_reduce_sum(s.expert_tokens.float()).round().long()
             own = _all_reduce_sum(s.x2 * s.expert_tokens.to(s.x2)[:, None])
             # an expert no rank reached keeps the ranks' average of the pooled E[x^2] it was given
-            reached = (experts > 0).to(x2.device)[:, None]
-            x2 = torch.where(reached, own / experts.clamp_min(1).to(x2)[:, None], x2)
+            reached = (expert_tokens > 0).to(x2.device)[:, None]
+            x2 = torch.where(reached, own / expert_tokens.clamp_min(1).to(x2)[:, None], x2)
         gram = _all_reduce_sum(s.gram * share) if s.gram is not None else None
         g2 = _all_reduce_sum(s.g2) / ranks if s.g2 is not None else None
-        out.append(SiteStats(x2, g2, gram, tokens, experts))
+        out.append(SiteStats(x2, g2, gram, tokens, expert_tokens))
     return out
 
 
