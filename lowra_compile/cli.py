@@ -28,16 +28,15 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 def quantize_for_plan(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
     """`model` frozen and quantized in place at the budget of `args`, calibrated on the windows `ids`, in
     batches of `args.batch`."""
-    from .api import quantize_
     from .config import LowRAConfig
+    from .finetune import quantize_on
 
     config = LowRAConfig(
         bits=args.bits, bit_choices=tuple(int(b) for b in args.choices.split(",")), calibrate=args.calibrate, loftq_iters=0
     )
     # A model loaded for training has trainable weights, which lowra leaves dense: the plan is of the base
     # that LoRA would train on, so freeze it (the loss gradient still reaches every layer: calibrate.py).
-    model.requires_grad_(False).train()
-    quantize_(model, [{"input_ids": b, "labels": b, "use_cache": False} for b in ids.split(args.batch)], config)
+    quantize_on(model.requires_grad_(False), list(ids.split(args.batch)), config)
     return model
 
 

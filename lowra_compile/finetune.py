@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import quantize_
+from .config import LowRAConfig
 
 
 def training_batches(windows: torch.Tensor, steps: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -21,7 +22,9 @@ def training_batches(windows: torch.Tensor, steps: int, batch_size: int, seed: i
     return [windows[order[i * batch_size : (i + 1) * batch_size]] for i in range(steps)]
 
 
-def quantize_on(model: torch.nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], options: Mapping) -> None:
+def quantize_on(
+    model: torch.nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], options: LowRAConfig | Mapping
+) -> None:
     """Quantize `model` (not compiled yet) with `options`, calibrated on `batches` (token ids, or one tensor)
     as training batches with labels, in train mode: the loss gradient weighs the errors (the Fisher
     criterion). `lowra_compile.quantize_` runs them one at a time."""

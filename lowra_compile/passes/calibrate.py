@@ -175,22 +175,16 @@ def _expert_sums(values: Tensor, offsets: Tensor) -> Tensor:
     return values.new_zeros(len(offsets), values.shape[1]).index_add_(0, expert[keep], values[keep])
 
 
-def _expert_means(sums: _Sums) -> dict[Hashable, Tensor]:
-    """Each grouped layer's x2 [E, K]: every expert's own mean over its rows; an expert no calibration row
-    reached takes the others' pooled mean (no expert reached: the plain weight error, ones)."""
+def _expert_x2(names: Mapping[Hashable, str], sums: _Sums) -> dict[Hashable, Tensor]:
+    """Each grouped layer's x2 [E, K]: every expert's own mean over its rows. An expert no calibration row
+    reached takes the others' pooled x2 and mean g2 (set here in place; no expert reached: x2 of ones, the
+    plain weight error), with a warning."""
     means = {}
     for key, rows in sums.expert_rows.items():
-        x2, rows = sums.x2[key], rows.to(sums.x2[key])  # rows are counted on the CPU
-        reached = rows > 0
-        pooled = x2[reached].sum(0) / rows[reached].sum() if reached.any() else torch.ones_like(x2[0])
-        means[key] = torch.where(reached[:, None], x2 / rows.clamp_min(1)[:, None], pooled)
-    return means
-
-
-def _unreached_experts(names: Mapping[Hashable, str], sums: _Sums) -> None:
-    """Give each expert that no calibration row reached the mean g2 of the other experts (its x2:
-    `_expert_means`), and say so."""
-    for key, rows in sums.expert_rows.items():
+        x2, counts = sums.x2[key], rows.to(sums.x2[key])  # rows are counted on the CPU
+        reached = counts > 0
+        pooled = x2[reached].sum(0) / counts[reached].sum() if reached.any() else torch.ones_like(x2[0])
+        means[key] = torch.where(reached[:, None], x2 / counts.clamp_min(1)[:, None], pooled)
         unreached = rows == 0
         if not unreached.any():
             continue
@@ -203,12 +197,12 @@ def _unreached_experts(names: Mapping[Hashable, str], sums: _Sums) -> None:
             "(lowra_compile.quantize_ takes several batches) so that every expert is seen",
             stacklevel=4,
         )
+    return means
 
 
 def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dict[Hashable, SiteStats]:
     """The means of the totals, per layer key of `names`."""
-    _unreached_experts(names, sums)
-    experts = _expert_means(sums)
+    experts = _expert_x2(names, sums)
     grams = {gram: total / sums.gram_tokens[gram] for gram, total in sums.grams.items()}
     return {
         key: SiteStats(

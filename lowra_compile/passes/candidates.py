@@ -157,16 +157,17 @@ def _one_process_at_a_time(path: Path) -> Iterator[None]:
     with open(name, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            locked = True
         except OSError:  # a file system without locks: go on unlocked, as without fcntl
-            yield
-            return
+            locked = False
         try:
             yield
         finally:
-            # Gone before it is released: whoever opens the name next makes a new lock, and finds the file
-            # saved under it (at worst, after a failure here, two processes quantize the layer alike).
-            name.unlink(missing_ok=True)
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if locked:
+                # Gone before it is released: whoever opens the name next makes a new lock, and finds the
+                # file saved under it (at worst, after a failure here, two processes quantize the layer alike).
+                name.unlink(missing_ok=True)
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _quantize_and_save(
