@@ -47,6 +47,35 @@ ARCHITECTURES = {
                             "resid_pdrop": 0.0}, ["c_attn", "c_proj", "c_fc"]),  # Conv1D: addmm on (in, out)
     "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "gemma3_text": ("Gemma3TextConfig", {**_GQA, "head_dim": 16}, _ATTENTION_MLP),
+    "olmo2": ("Olmo2Config", _GQA, _ATTENTION_MLP),  # q/k norms over the whole projection
+    "cohere": ("CohereConfig", _GQA, _ATTENTION_MLP),  # parallel attention and MLP
+    "starcoder2": ("Starcoder2Config", {**_GQA, "residual_dropout": 0.0},
+                   ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]),
+    "phi": ("PhiConfig", {**_GQA, "resid_pdrop": 0.0, "embd_pdrop": 0.0},  # partial rotary, fc1/fc2
+            ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    "gptj": ("GPTJConfig", {"n_embd": 64, "n_head": 4, "rotary_dim": 8, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                            "attn_pdrop": 0.0}, ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]),
+    "bloom": ("BloomConfig", {"hidden_size": 64, "n_head": 4},  # ALiBi
+              ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "mpt": ("MptConfig", {"d_model": 64, "n_heads": 4}, ["Wqkv", "out_proj", "up_proj", "down_proj"]),
+    "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 64, "n_head": 4, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                                         "resid_pdrop": 0.0}, ["c_attn", "c_proj", "c_fc"]),  # multi-query
+    "biogpt": ("BioGptConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                                "activation_dropout": 0.0}, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    # a 1-output linear (the shared expert's gate) beside the routed experts, which stay without adapters
+    "qwen2_moe": ("Qwen2MoeConfig", {**_GQA, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+                                     "num_experts": 4, "num_experts_per_tok": 2},
+                  [*_ATTENTION_MLP, "shared_expert_gate"]),
+    # multi-head latent attention (kv_b_proj has 16 inputs, a quarter of a scale group); the MLPs, shared and
+    # routed experts are packed without adapters (given the MLP's names, PEFT 0.21 wraps the routed experts'
+    # parameters instead of the dense and shared MLPs)
+    "deepseek_v3": ("DeepseekV3Config", {**_GQA, "num_key_value_heads": 4, "moe_intermediate_size": 32,
+                                         "n_routed_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                                         "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16,
+                                         "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16},
+                    ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
 }
 
 
