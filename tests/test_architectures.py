@@ -12,30 +12,17 @@ import lowra_compile
 from lowra_compile import codegen
 from lowra_compile.passes.release import ReleasedWeight
 
+from .dequantized import assert_trains_as_dequantized
 from .tiny_models import ARCHITECTURES, batch, tiny_llama, tiny_moe, tiny_moe_with_lora_on_the_experts, tiny_peft_model
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_every_lora_linear_is_packed_and_gradients_match_the_dequantized_model(architecture):
     model = tiny_peft_model(architecture)
-    compiled = torch.compile(model, backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
-    data = batch(16)
-    compiled(**data).loss.backward()  # the first call quantizes
+    got = assert_trains_as_dequantized(model, batch(16))
     base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
     assert base and all(isinstance(p, ReleasedWeight) for p in base.values()), architecture
-
-    model.zero_grad(set_to_none=True)
-    reference = copy.deepcopy(model)  # dense dequantized weights
-    loss = compiled(**data).loss
-    loss.backward()
-    ref_loss = reference(**data).loss
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    want = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert got.keys() == want.keys() and len(got) == 2 * len(base)  # LoRA A and B per layer, in both models
-    for name in got:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert len(got) == 2 * len(base)  # LoRA A and B per layer
 
 
 def test_a_sequence_classifier_packs_its_decoder_and_trains_its_saved_head_as_the_dequantized_model():
@@ -46,21 +33,9 @@ def test_a_sequence_classifier_packs_its_decoder_and_trains_its_saved_head_as_th
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     model = get_peft_model(tiny_llama(num_labels=3), lora).train()
     data = {"input_ids": batch(16, size=4)["input_ids"].clamp(min=1), "labels": torch.tensor([0, 1, 2, 1])}
-    compiled = torch.compile(model, backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
-    compiled(**data).loss.backward()
+    got = assert_trains_as_dequantized(model, data)
     assert len(lowra_compile.report(model).layers) == 14  # 7 linears in each of 2 layers
-    model.zero_grad(set_to_none=True)
-    reference = copy.deepcopy(model)
-    lowra_compile.materialize(reference)
-    loss, ref_loss = compiled(**data).loss, reference(**data).loss
-    loss.backward()
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert len(got) == 2 * 6 + 1 and any("score" in n for n in got)  # LoRA A and B on 6 linears, the head
-    for name, q in reference.named_parameters():
-        if q.requires_grad:
-            torch.testing.assert_close(got[name], q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("architecture", ["falcon", "gpt2"])

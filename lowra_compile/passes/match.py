@@ -76,6 +76,7 @@ class LoraBranch:
     scaling: float | fx.Node
     nodes: tuple[fx.Node, ...]  # linear(A), linear(B), mul, add: replaced by the fused op
     add: fx.Node
+    b_bias: fx.Node | None = None  # B's bias (PEFT's lora_bias), added after the fused op times the scaling
 
 
 @dataclass
@@ -154,7 +155,8 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def _match_lora(base: fx.Node) -> LoraBranch | None:
-    """The LoRA branch added onto `base`, if `base`'s only user is `add(base, mul(linear(linear(xl, A), B), s))`."""
+    """The LoRA branch added onto `base`, if `base`'s only user is `add(base, mul(linear(linear(xl, A), B, bB), s))`
+    (bB, B's bias, may be None)."""
     add = _only_user(base)
     if add is None or add.op != "call_function" or add.target not in _ADD or len(add.args) != 2:
         return None
@@ -167,14 +169,16 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
     if not isinstance(lin_b, fx.Node) or not _is_linear(lin_b) or len(lin_b.users) != 1:
         return None
     h, lora_b, b_bias = _linear_args(lin_b)
-    if b_bias is not None or not _is_linear(h) or len(h.users) != 1 or not _trainable_placeholder(lora_b):
+    if not isinstance(b_bias, (fx.Node, type(None))) or not _is_linear(h) or len(h.users) != 1:
+        return None
+    if not _trainable_placeholder(lora_b):
         return None
     x_lora, lora_a, a_bias = _linear_args(h)
     if a_bias is not None or not _trainable_placeholder(lora_a):
         return None
     if not isinstance(scaling, (int, float, fx.Node)):
         return None
-    return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, other, add), add)
+    return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, other, add), add, b_bias)
 
 
 def checkpoint_bodies(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.GraphModule]]:

@@ -26,6 +26,7 @@ beside the packed experts; the update PEFT caches is rebuilt from the packed wei
 
 (experts stored (E, K, N), read without the transpose: %h = grouped_mm(%x, %lhs), %z = grouped_mm(%h, %rhs)).
 
+B's bias (PEFT's `lora_bias`), if any, stays outside the op: `%o = add(lowra.lora_linear(..), mul(%bB, 2.0))`.
 Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
 too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
 keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
@@ -86,14 +87,25 @@ def _body_copy(new_gm: fx.GraphModule, call: fx.Node, bodies: dict) -> tuple[fx.
     return bodies[call]
 
 
-def _replace(old_out: fx.Node, op, args: tuple, replaced: list[fx.Node]) -> None:
+def _replace(old_out: fx.Node, op, args: tuple, replaced: list[fx.Node]) -> fx.Node:
     """Put `op(*args)` in place of `old_out`, then drop the nodes of `replaced` (in graph order) and
-    `old_out` that nothing reads any more, the last first."""
+    `old_out` that nothing reads any more, the last first. Returns the new node."""
     with old_out.graph.inserting_before(old_out):
         fused = old_out.graph.call_function(op, args)
     fused.meta = dict(old_out.meta)
     old_out.replace_all_uses_with(fused)
     _erase_unread(replaced if old_out in replaced else [*replaced, old_out])
+    return fused
+
+
+def _add_scaled(fused: fx.Node, bias: fx.Node, scaling: float | fx.Node) -> None:
+    """`fused + bias * scaling` in place of `fused` for its readers: B's bias, which the op does not take."""
+    graph = fused.graph
+    with graph.inserting_after(fused):
+        scaled = graph.call_function(operator.mul, (bias, scaling))
+    with graph.inserting_after(scaled):
+        out = graph.call_function(operator.add, (fused, scaled))
+    fused.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
 def _erase_unread(nodes: list[fx.Node]) -> None:
@@ -188,7 +200,9 @@ def rewrite(
         )
         transpose = [nodes[site.base].args[1]] if site.transposed else []  # t(W) of an (in, out) weight
         replaced = [*transpose, nodes[site.base], *(nodes[n] for n in (lora.nodes if lora else ()))]
-        _replace(nodes[site.output], torch.ops.lowra.lora_linear.default, args, replaced)
+        fused = _replace(nodes[site.output], torch.ops.lowra.lora_linear.default, args, replaced)
+        if lora is not None and lora.b_bias is not None:
+            _add_scaled(fused, nodes[lora.b_bias], args[-1])
     # Placeholders must keep their relative order: the appended ones come after Dynamo's.
     for body, _ in bodies.values():
         body.graph.lint()

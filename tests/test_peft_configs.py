@@ -1,0 +1,45 @@
+"""PEFT's LoRA options under the backend: each variant of the adapters (biases, per-layer ranks and scalings,
+initialisation, dropout, trainable heads and embeddings) packs the base linears and trains with the loss and
+gradients of the same model on the dequantized weights."""
+
+import pytest
+import torch
+
+from lowra_compile.passes.release import ReleasedWeight
+
+from .dequantized import assert_trains_as_dequantized
+from .tiny_models import batch, tiny_llama
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# LoraConfig options, and the trainable tensors each adds to LoRA's A and B on the 14 linears
+VARIANTS = {
+    "lora_bias": ({"lora_bias": True}, 14),  # a bias on each B
+    "rank_pattern": ({"rank_pattern": {"q_proj": 8, "down_proj": 2}, "alpha_pattern": {"v_proj": 32}}, 0),
+    "layers_to_transform": ({"layers_to_transform": [1]}, -14),  # layer 0 keeps no adapters
+    # the adapters start at W's principal part, the base is the residual: lowra packs the residual and keeps
+    # the adapters (LoftQ only starts adapters whose B is zero)
+    "pissa_init": ({"init_lora_weights": "pissa"}, 0),
+    "dropout": ({"lora_dropout": 0.1}, 0),
+    "lm_head_saved": ({"modules_to_save": ["lm_head"]}, 1),  # a trainable copy of the head, dense
+    "embeddings_adapted": ({"target_modules": [*LINEARS, "embed_tokens"]}, 2),  # LoRA on the (dense) embedding
+    "new_token_rows": ({"trainable_token_indices": [3, 5]}, 1),  # trainable rows of the embedding
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_lora_variant_packs_the_base_and_trains_as_the_dequantized_model(variant):
+    from peft import LoraConfig, get_peft_model
+
+    options, extra = VARIANTS[variant]
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": LINEARS, **options})
+    model = get_peft_model(tiny_llama(), config).train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n and n.endswith("weight")}
+    got = assert_trains_as_dequantized(model, batch(16))
+    kept = [torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start]
+    assert all(kept) if variant == "pissa_init" else not any(kept)  # LoftQ started every zero B
+    base = [p for n, p in model.named_parameters() if n.endswith("base_layer.weight") and "embed_tokens" not in n]
+    assert len(base) == 14 if variant != "layers_to_transform" else 7
+    packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
+    assert len(packed) == 14  # adapted or not, every decoder linear is packed
+    assert len(got) == 2 * 14 + extra
