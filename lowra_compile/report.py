@@ -4,7 +4,9 @@ Per quantized layer: shape, output channels per bit width, code bits and effecti
 (codes + codebooks + scales + permutation), bytes before and after, and the kernel path(s) the
 codegen log recorded for that layer's shape (with time and throughput when timing was requested), and
 the seconds spent quantizing it per stage (calibrate, quantize, plan, pack, loftq; the whole-model
-stages shared equally between the layers they covered).
+stages shared equally between the layers they covered). Then the frozen linear weights that stay dense:
+skipped (`skip`, lm_head by default), left dense with a warning, or never seen by the backend because the
+model calls them outside any compiled graph (PEFT's DoRA, LoHa and LoKr layers call their base layer so).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class LayerRow:
 class KernelReport:
     layers: tuple[LayerRow, ...]
     kernels: tuple[dict, ...] = field(default_factory=tuple)
+    dense: tuple[str, ...] = ()  # frozen linear weights left dense
 
     @property
     def params(self) -> int:
@@ -81,6 +84,7 @@ class KernelReport:
             "bytes_packed": self.bytes_packed,
             "channels_per_bits": {b: sum(r.channels_per_bits[b] for r in self.layers) for b in BIT_WIDTHS},
             "seconds": {stage: round(t, 3) for stage, t in self.seconds.items()},
+            "dense": list(self.dense),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -118,7 +122,14 @@ class KernelReport:
             f"{s['effective_bits']:.3f} effective bits per weight; "
             f"{s['bytes_dense'] / 2**20:.1f} MiB dense -> {s['bytes_packed'] / 2**20:.1f} MiB packed"
             + self._seconds_text()
+            + self._dense_text()
         )
+
+    def _dense_text(self) -> str:
+        if not self.dense:
+            return ""
+        listed = ", ".join(self.dense[:3]) + (f" and {len(self.dense) - 3} more" if len(self.dense) > 3 else "")
+        return f"\n{len(self.dense)} frozen linear weight(s) stay dense: {listed}"
 
     def _seconds_text(self) -> str:
         if not self.seconds:
@@ -201,4 +212,17 @@ def report(model: torch.nn.Module) -> KernelReport:
                 seconds=dict(getattr(p, "_lowra_seconds", {})),
             )
         )
-    return KernelReport(tuple(rows), tuple(log))
+    return KernelReport(tuple(rows), tuple(log), _dense_linears(model))
+
+
+def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers' Conv1D)
+    that have no packed form."""
+    names = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if (linear and isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.requires_grad
+                and weight.dtype.is_floating_point and packed_weight(weight) is None):
+            names.append(f"{name.removeprefix('_orig_mod.')}.weight")
+    return tuple(names)

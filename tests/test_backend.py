@@ -273,6 +273,8 @@ def test_dora_layers_stay_dense_and_train():
     magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
     assert magnitudes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
     assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())
+    dense = lowra_compile.report(model).dense  # the report names them
+    assert len(dense) == 15 and sum("base_layer" in n for n in dense) == 14
     _compiled_matches_eager(model, compiled, batch(8, seed=1))
 
 
@@ -416,10 +418,12 @@ def test_report_table_json_and_markdown():
     assert rep.effective_bits > rep.code_bits and rep.bytes_packed < rep.bytes_dense / 8
     text = str(rep)
     assert "q_proj" in text and "effective bits" in text
+    assert rep.dense == ("base_model.model.lm_head.weight",)  # skipped by default: the one frozen linear left
+    assert "1 frozen linear weight(s) stay dense: base_model.model.lm_head.weight" in text
     import json
 
     data = json.loads(rep.to_json())
-    assert data["summary"]["layers"] == 14
+    assert data["summary"]["layers"] == 14 and data["summary"]["dense"] == ["base_model.model.lm_head.weight"]
     assert rep.to_markdown().startswith("| layer |")
     # quantize time per stage: the whole-model stages are shared equally between the layers
     stages = {"calibrate", "quantize", "plan", "pack", "loftq"}
