@@ -454,11 +454,16 @@ def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch
     torch.testing.assert_close(got, want)
 
 
-def _kept_quantization_warnings(fn) -> list[str]:
+def _warnings_saying(text: str, fn) -> list[str]:
+    """The messages of the warnings that `fn()` raises and that contain `text`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fn()
-    return [str(w.message) for w in caught if "quantized earlier" in str(w.message)]
+    return [str(w.message) for w in caught if text in str(w.message)]
+
+
+def _kept_quantization_warnings(fn) -> list[str]:
+    return _warnings_saying("quantized earlier", fn)
 
 
 def test_a_compile_asking_other_quantizing_options_of_a_packed_model_warns(tmp_path):
@@ -792,10 +797,7 @@ def test_state_dict_of_a_gpu_model_never_holds_the_dense_base_on_the_gpu():
 
 
 def _calibration_hints(quantize) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quantize()
-    return [str(w.message) for w in caught if "calibrating on" in str(w.message)]
+    return _warnings_saying("calibrating on", quantize)
 
 
 def _quantize_ahead(batches):
