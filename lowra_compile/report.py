@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import codegen
+from .passes.match import is_frozen_matrix
 from .passes.release import ReleasedWeight, packed_weight
 from .runtime.format import BIT_WIDTHS
 
@@ -222,7 +223,6 @@ def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-        if (linear and isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.requires_grad
-                and weight.dtype.is_floating_point and packed_weight(weight) is None):
+        if linear and is_frozen_matrix(weight) and packed_weight(weight) is None:
             names.append(f"{name.removeprefix('_orig_mod.')}.weight")
     return tuple(names)

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 import lowra_compile
 from lowra_compile.passes.release import ReleasedWeight, packed_weight
 
+from .dequantized import matches_the_reference, step_matches_the_dequantized_model
 from .tiny_models import ExpertsWithLora, batch, tiny_llama, tiny_peft_llama
 
 QUIET = {"progress": False, "inner": "eager"}
@@ -215,24 +216,6 @@ def _break_the_graph_in_every_mlp(model):
         layer.mlp.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
 
 
-def _matches_the_reference(loss, model, reference, data):
-    """`loss` and the gradients its backward left on `model`'s adapters are those of `reference` on `data`."""
-    ref_loss = reference(**data).loss
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    want = _lora_grads(reference)
-    for name, grad in _lora_grads(model).items():
-        torch.testing.assert_close(grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-def _step_matches_the_dequantized_model(compiled, model, data):
-    model.zero_grad(set_to_none=True)
-    reference = copy.deepcopy(model)  # dense dequantized weights, the same adapters
-    loss = compiled(**data).loss
-    loss.backward()
-    _matches_the_reference(loss, model, reference, data)
-
-
 def test_a_graph_break_in_every_layer_of_more_layers_than_the_recompile_limit_packs_and_fuses_them_all():
     # After a graph break inside a layer, Dynamo compiles that layer's frame once per layer on the first
     # call (its weights are still dense when its turn comes); past its limit the other layers kept their
@@ -248,7 +231,7 @@ def test_a_graph_break_in_every_layer_of_more_layers_than_the_recompile_limit_pa
         lowra_compile.codegen.clear_log()
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*graph for their own packed weights")
-            _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+            step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
     fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
     assert sum(e["calls"] for e in fused) == 42  # every LoRA layer of every layer, through the fused op
 
@@ -261,7 +244,7 @@ def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_an
     for p in model.base_model.model.model.layers[0].parameters():
         p.__dict__.pop("_lowra_graphs", None)  # as if its graphs were compiled for other weights
     with pytest.warns(UserWarning, match="graph break inside a repeated module"):
-        _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+        step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
 
 
 def test_dora_layers_stay_dense_and_train():
@@ -357,7 +340,7 @@ def test_reentrant_checkpointing_trains_as_the_dequantized_model_and_quantize_ah
     with pytest.warns(UserWarning, match="no loss gradient.*'use_reentrant': False.*quantize_"):
         compiled(**batch(16)).loss.backward()
     assert len([p for p in model.parameters() if isinstance(p, ReleasedWeight)]) == 7
-    _step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
+    step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
 
     model = tiny_peft_llama(layers=1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -557,7 +540,7 @@ def test_quantize_ahead_calibrates_across_graph_breaks_and_plans_the_whole_model
     assert lowra_compile.report(model).code_bits == pytest.approx(2.0, abs=0.01)
     lowra_compile.codegen.clear_log()
     with torch._dynamo.config.patch(recompile_limit=5):  # transformers' own frames take 4 of them
-        _step_matches_the_dequantized_model(_compile(model), model, batch(16, seed=3))
+        step_matches_the_dequantized_model(_compile(model), model, batch(16, seed=3))
     # Each layer's packed tensors have their own row counts, and yet one graph of the MLP's frame (and of the
     # attention's) serves every layer: all 6 ran their LoRA fused into the packed op. Before, that frame
     # recompiled per layer and, past Dynamo's recompile limit, layers ran eagerly, their LoRA apart.
@@ -726,7 +709,7 @@ def test_a_compiled_step_with_compiled_autograd_matches_the_eager_model():
 
     with torch._dynamo.config.patch(compiled_autograd=True):  # read by torch.compile, not by the call
         loss = torch.compile(step, backend="lowra", options=QUIET)()
-    _matches_the_reference(loss, model, reference, data)
+    matches_the_reference(loss, model, reference, data)
 
 
 def test_fsdp_sharded_layers_raise_naming_the_module_and_what_to_use(tmp_path):

@@ -168,8 +168,8 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
         lin_b, scaling = scaling, lin_b
     if not isinstance(lin_b, fx.Node) or not _is_linear(lin_b) or len(lin_b.users) != 1:
         return None
-    h, lora_b, b_bias = _linear_args(lin_b)
-    if not isinstance(b_bias, (fx.Node, type(None))) or not _is_linear(h) or len(h.users) != 1 or not _trainable_placeholder(lora_b):
+    h, lora_b, b_bias = _linear_args(lin_b)  # b_bias: a node, or None
+    if not _is_linear(h) or len(h.users) != 1 or not _trainable_placeholder(lora_b):
         return None
     x_lora, lora_a, a_bias = _linear_args(h)
     if a_bias is not None or not _trainable_placeholder(lora_a):
