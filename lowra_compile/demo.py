@@ -30,15 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training batches the backend calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
     )
     parser.add_argument("--inner", default="eager", help="compiler run on the rewritten graph (inductor compiles slowly on CPU)")
+    parser.add_argument("--dora", action="store_true", help="PEFT's DoRA (a magnitude per output channel) instead of plain LoRA")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def lora_model(model: torch.nn.Module, rank: int, seed: int = 0) -> torch.nn.Module:
-    """PEFT LoRA (alpha = 2 * rank, dropout 0.05) on all attention and MLP projections, seeded."""
+def lora_model(model: torch.nn.Module, rank: int, seed: int = 0, dora: bool = False) -> torch.nn.Module:
+    """PEFT LoRA (alpha = 2 * rank, dropout 0.05) on all attention and MLP projections, seeded; DoRA's if `dora`."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+                        use_dora=dora)
     return get_peft_model(model, config)
 
 
@@ -58,8 +60,9 @@ def run(args: argparse.Namespace) -> None:
     train = token_windows(tokenizer, split_text(split["train"]), args.window)
     heldout = token_windows(tokenizer, split_text(split["heldout"]), args.window, args.eval_windows)
     batches = training_batches(train, args.steps, args.batch_size, args.seed)
-    model = lora_model(model, args.rank, args.seed)
-    print(f"SmolLM2-135M + LoRA r={args.rank}; KJV: {len(train)} training windows, {len(heldout)} held-out windows of {args.window} tokens")
+    model = lora_model(model, args.rank, args.seed, args.dora)
+    adapter = "DoRA" if args.dora else "LoRA"
+    print(f"SmolLM2-135M + {adapter} r={args.rank}; KJV: {len(train)} training windows, {len(heldout)} held-out windows of {args.window} tokens")
 
     ppl = {"unquantized": perplexity(model, heldout, desc="perplexity, unquantized")}
     print(f"held-out perplexity, unquantized: {ppl['unquantized']:.2f}")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     rows = {
         "unquantized (fp32)": ppl["unquantized"],
         f"lowra {args.bits:g} bits, before fine-tuning": ppl["quantized"],
-        f"lowra {args.bits:g} bits, after {args.steps} LoRA steps": ppl["fine-tuned"],
+        f"lowra {args.bits:g} bits, after {args.steps} {adapter} steps": ppl["fine-tuned"],
     }
     print(f"\nheld-out KJV perplexity ({len(heldout)} windows x {args.window} tokens):")
     for label, value in rows.items():

@@ -6,7 +6,7 @@ codegen log recorded for that layer's shape (with time and throughput when timin
 the seconds spent quantizing it per stage (calibrate, quantize, plan, pack, loftq; the whole-model
 stages shared equally between the layers they covered). Then the frozen linear weights that stay dense:
 skipped (`skip`, lm_head by default), left dense with a warning, or never seen by the backend because the
-model calls them outside any compiled graph (PEFT's DoRA, LoHa and LoKr layers call their base layer so).
+model calls them outside any compiled graph (PEFT's LoHa and LoKr layers call their base layer so).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class KernelReport:
     layers: tuple[LayerRow, ...]
     kernels: tuple[dict, ...] = field(default_factory=tuple)
     dense: tuple[str, ...] = ()  # frozen linear weights left dense
+    dense_note: str = ""  # why some of them stay dense, and the fix, where the report can tell
 
     @property
     def params(self) -> int:
@@ -86,6 +87,7 @@ class KernelReport:
             "channels_per_bits": {b: sum(r.channels_per_bits[b] for r in self.layers) for b in BIT_WIDTHS},
             "seconds": {stage: round(t, 3) for stage, t in self.seconds.items()},
             "dense": list(self.dense),
+            "dense_note": self.dense_note,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -130,7 +132,8 @@ class KernelReport:
         if not self.dense:
             return ""
         listed = ", ".join(self.dense[:3]) + (f" and {len(self.dense) - 3} more" if len(self.dense) > 3 else "")
-        return f"\n{len(self.dense)} frozen linear weight(s) stay dense: {listed}"
+        note = f"\n{self.dense_note}" if self.dense_note else ""
+        return f"\n{len(self.dense)} frozen linear weight(s) stay dense: {listed}{note}"
 
     def _seconds_text(self) -> str:
         if not self.seconds:
@@ -213,7 +216,8 @@ def report(model: torch.nn.Module) -> KernelReport:
                 seconds=dict(getattr(p, "_lowra_seconds", {})),
             )
         )
-    return KernelReport(tuple(rows), tuple(log), _dense_linears(model))
+    dense = _dense_linears(model)
+    return KernelReport(tuple(rows), tuple(log), dense, _dense_note(model, dense))
 
 
 def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
@@ -226,3 +230,22 @@ def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
         if linear and is_frozen_matrix(weight) and packed_weight(weight) is None:
             names.append(f"{name.removeprefix('_orig_mod.')}.weight")
     return tuple(names)
+
+
+# PEFT's DoRA clears a cache dict on its module on every call: a side effect Dynamo refuses inside a
+# checkpointed region, so the whole region runs eagerly. Clearing an empty cache again in the backward's
+# recomputation changes nothing, so skipping it there is safe for DoRA (Dynamo's own hint).
+_DORA_UNDER_CHECKPOINTING = (
+    "PEFT's DoRA layers under activation checkpointing run outside the compiled graphs (DoRA clears a cache on "
+    "every call, a side effect Dynamo refuses inside a checkpointed region), so their base weights stay dense. "
+    "Set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before the first step, or "
+    "train DoRA without gradient checkpointing."
+)
+
+
+def _dense_note(model: torch.nn.Module, dense: tuple[str, ...]) -> str:
+    """Why weights of `dense` stay dense, where a known cause applies: DoRA layers under checkpointing."""
+    modules = {name.removeprefix("_orig_mod."): module for name, module in model.named_modules()}
+    dora = [n for n in dense if getattr(modules.get(n.removesuffix(".base_layer.weight")), "lora_magnitude_vector", None)]
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in modules.values())
+    return _DORA_UNDER_CHECKPOINTING if dora and checkpointing else ""

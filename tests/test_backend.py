@@ -3,6 +3,8 @@
 import copy
 import itertools
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -13,7 +15,7 @@ from torch._dynamo.utils import counters
 import lowra_compile
 from lowra_compile.passes.release import ReleasedWeight, packed_weight
 
-from .dequantized import matches_the_reference, step_matches_the_dequantized_model
+from .dequantized import assert_trains_as_dequantized, matches_the_reference, step_matches_the_dequantized_model
 from .tiny_models import ExpertsWithLora, batch, tiny_llama, tiny_peft_llama
 
 QUIET = {"progress": False, "inner": "eager"}
@@ -247,18 +249,77 @@ def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_an
         step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
 
 
-def test_dora_layers_stay_dense_and_train():
-    # PEFT's DoRA calls its base layer outside any graph Dynamo captures (graph breaks), so the backend
-    # never sees those linears: they stay dense and exact, and the model still trains.
+def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model():
+    # PEFT's DoRA breaks the graph in every layer under plain Dynamo (`peft_tracing`); through lowra its base
+    # linears reach one graph, are packed and their norms read the packed weights
     model = tiny_peft_llama(use_dora=True)
+    assert torch._dynamo.explain(model)(**batch(8)).graph_break_count == 0
+    torch._dynamo.reset()
     compiled = _compile(model)
     compiled(**batch(8)).loss.backward()
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+    assert lowra_compile.report(model).dense == ("base_model.model.lm_head.weight",)
+    step_matches_the_dequantized_model(compiled, model, batch(8, seed=1))
     magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
-    assert magnitudes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
-    assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())
-    dense = lowra_compile.report(model).dense  # the report names them
-    assert len(dense) == 15 and sum("base_layer" in n for n in dense) == 14
-    _compiled_matches_eager(model, compiled, batch(8, seed=1))
+    assert len(magnitudes) == 14 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+
+
+def test_dora_magnitudes_start_at_the_norms_of_the_quantized_layers_with_their_loftq_adapters():
+    model = tiny_peft_llama(use_dora=True)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if "magnitude" in n}
+    lowra_compile.quantize_(model, batch(16), {**QUIET, "bits": 2.0})
+    reference = copy.deepcopy(model)
+    lowra_compile.materialize(reference)
+    for name, module in reference.named_modules():
+        if hasattr(module, "lora_magnitude_vector"):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            assert b.abs().sum() > 0  # LoftQ started the adapter
+            norms = torch.linalg.norm(module.base_layer.weight + 2.0 * b @ a, dim=1)
+            magnitude = module.lora_magnitude_vector["default"].weight
+            torch.testing.assert_close(magnitude, norms)  # DoRA's scale starts at 1: the quantized layer
+            assert not torch.allclose(magnitude, dense[f"{name}.lora_magnitude_vector.default.weight"], rtol=1e-3)
+
+
+def _checkpointed_dora():
+    model = tiny_peft_llama(use_dora=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    return model
+
+
+def test_dora_under_checkpointing_stays_dense_the_report_names_the_fix_and_the_fix_packs_it():
+    model = _checkpointed_dora()
+    _compile(model)(**batch(8)).loss.backward()
+    report = lowra_compile.report(model)
+    assert len(report.dense) == 15 and "skip_fwd_side_effects_in_bwd_under_checkpoint = True" in str(report)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        model = _checkpointed_dora()
+        assert_trains_as_dequantized(model, batch(8))
+    report = lowra_compile.report(model)
+    assert report.dense == ("base_model.model.lm_head.weight",) and report.dense_note == ""
+
+
+class _ForeignWeight(torch.nn.Parameter):
+    """A weight class of another library (bitsandbytes' Params4bit, say): PEFT's own function dequantizes it."""
+
+
+def test_a_dora_layer_on_a_weight_of_another_class_goes_through_peft_s_function_outside_the_graph():
+    model = tiny_peft_llama(use_dora=True, layers=1)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    layer.weight = _ForeignWeight(layer.weight.detach(), requires_grad=False)
+    assert torch._dynamo.explain(model)(**batch(8)).graph_break_count >= 1
+
+
+def test_peft_s_dora_is_traced_whichever_of_peft_and_lowra_is_imported_first():
+    script = (
+        "import lowra_compile, torch\n"
+        "from peft.utils.integrations import dequantize_module_weight\n"
+        "layer = torch.nn.Linear(4, 4)\n"
+        "f = torch.compile(lambda m: dequantize_module_weight(m) * 2, backend='eager', fullgraph=True)\n"
+        "assert torch.equal(f(layer), layer.weight * 2)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
 
 
 class _ReadsWeight(torch.nn.Module):
@@ -646,8 +707,9 @@ def test_peft_s_own_merge_raises_naming_lowra_merge():
         model.merge_and_unload()
 
 
-def test_merge_folds_adapters_into_the_dequantized_base():
-    model = tiny_peft_llama()
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_folds_adapters_into_the_dequantized_base(dora):
+    model = tiny_peft_llama(use_dora=dora)
     compiled = _compile(model)
     data = batch(8)
     compiled(**data).loss.backward()  # LoftQ makes the adapters non-zero

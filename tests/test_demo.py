@@ -22,3 +22,12 @@ def test_demo_calibrates_on_several_training_batches_by_default():
 def test_demo_rejects_calibration_batches_outside_the_training_batches(argv, model_must_not_load):
     with pytest.raises(SystemExit, match="--calib-batches"):
         demo.run(_args(*argv))
+
+
+@pytest.mark.parametrize("argv,dora_layers", [((), 0), (("--dora",), 14)])
+def test_demo_adapts_every_projection_with_lora_or_with_dora(argv, dora_layers):
+    from .tiny_models import tiny_llama
+
+    model = demo.lora_model(tiny_llama(), rank=4, dora=_args(*argv).dora)
+    adapted = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    assert len(adapted) == 14 and sum(len(m.lora_magnitude_vector) for m in adapted) == dora_layers

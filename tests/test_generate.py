@@ -10,9 +10,9 @@ import lowra_compile
 from .tiny_models import batch, tiny_peft_llama
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_greedy_generation_on_the_packed_base_matches_the_dequantized_model(compiled):
-    model = tiny_peft_llama()
+@pytest.mark.parametrize("compiled,dora", [(False, False), (True, False), (True, True)])
+def test_greedy_generation_on_the_packed_base_matches_the_dequantized_model(compiled, dora):
+    model = tiny_peft_llama(use_dora=dora)
     options = {"progress": False, "inner": "eager", "bits": 2.0}
     if compiled:  # the Trainer's way (README): nn.Module.compile, one training step
         model.compile(backend="lowra", options=options)

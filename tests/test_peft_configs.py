@@ -24,6 +24,9 @@ VARIANTS = {
     "lm_head_saved": ({"modules_to_save": ["lm_head"]}, 1),  # a trainable copy of the head, dense
     "embeddings_adapted": ({"target_modules": [*LINEARS, "embed_tokens"]}, 2),  # LoRA on the (dense) embedding
     "new_token_rows": ({"trainable_token_indices": [3, 5]}, 1),  # trainable rows of the embedding
+    # a magnitude per layer; the norm of W + s B A reads the packed W, and LoftQ starts the adapters
+    "dora": ({"use_dora": True}, 14),
+    "dora_dropout": ({"use_dora": True, "lora_dropout": 0.1}, 14),  # the base runs again on the dropped-out input
 }
 
 

@@ -10,6 +10,13 @@ has the codebooks of every width already and would otherwise fit the planned wid
 
 PEFT initialises B to zero, so without this the adapters start by adding nothing and fine-tuning first
 has to undo the quantization error; with it the first step already starts from W.
+
+DoRA scales each output row by magnitude / ||row of W + s * B @ A||, its magnitude initialised by PEFT to the
+dense W's row norms. On the quantized layer that would scale each row of deq(Q) + s * B @ A up to W's norm,
+which is not the least-squares scale (least-squares fitted levels and scales shrink a row's norm): SmolLM2 at
+2 bits measured 59.49 held-out KJV perplexity before fine-tuning against 43.42 with LoRA. `dora_magnitude`
+starts it from the quantized layer's own norms instead, as PEFT's DoRA on a 4-bit base does, so the layer
+starts as the quantized layer with its LoftQ adapter.
 """
 
 from __future__ import annotations
@@ -68,3 +75,11 @@ def loftq_init(
         residual = (w - dequantize(packed.tensors(), k, group_size, torch.float32)) / scaling
         a, b = _low_rank(residual, rank)
     return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, group_size), a, b
+
+
+@torch.no_grad()
+def dora_magnitude(packed: PackedWeight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """DoRA's magnitude for a layer that starts as deq(Q) + s * B @ A: the norm of each of its rows (fp32)."""
+    w = dequantize(packed.tensors(), packed.shape[1], packed.group_size, torch.float32)
+    w += scaling * lora_b.float() @ lora_a.float()
+    return torch.linalg.norm(w, dim=1)

@@ -35,12 +35,12 @@ output); lhs and rhs are views of the adapter's A and B:
 
 `match_sites` only reads the graph; `rewrite` turns each site into one `lowra.lora_linear` call, or one
 `lowra.grouped_linear` call for a grouped site.
-A weight is only a site when every use of it in the graph is such a linear; anything else (DoRA's norm of
-W, a tied embedding) leaves the layer dense, with one warning that names it. Products that compute a
-linear layer another way (`x @ W.T`, `x @ W`, GPT-2's Conv1D `addmm(b, x, W)`) are made linears
-beforehand (`linear_forms`); frozen weights that still reach a matrix product (a batched or scaled one,
-einsum, a grouped product this module does not recognise) stay dense, with one warning per graph that
-names them.
+A weight is only a site when every use of it in the graph is such a linear, or PEFT's DoRA reading it again
+(`DoraRead`); anything else (a tied embedding) leaves the layer dense, with one warning that names it.
+Products that compute a linear layer another way (`x @ W.T`, `x @ W`, GPT-2's Conv1D `addmm(b, x, W)`) are
+made linears beforehand (`linear_forms`); frozen weights that still reach a matrix product (a batched or
+scaled one, einsum, a grouped product this module does not recognise) stay dense, with one warning per
+graph that names them.
 """
 
 from __future__ import annotations
@@ -80,6 +80,31 @@ class LoraBranch:
 
 
 @dataclass
+class DoraRead:
+    """PEFT's DoRA reads its layer's frozen W once more, cast to the input's dtype (a cast to W's own dtype
+    here), for the norm of each row of W + s * B A, which it detaches, and, in training with lora_dropout,
+    for the base output of the dropped-out input:
+
+        %wc = to(%W, torch.float32)
+        %l  = getattr(linear(linear(eye(K), %A, None), %B, None), "T")      # B A, PEFT's lora_weight
+        %ws = add(%wc, mul(2.0, detach(to(%l, torch.float32))))
+        %n  = linalg_norm(%ws, dim=1)
+        %yd = linear(%xd, %wc, None)                                        # lora_dropout > 0 only
+        %s  = truediv(%magnitude, detach(to(%n, torch.float32)))            # the norm's reader
+
+    `rewrite` reads the casts from the packed weight (each `%yd` a packed op, the norm's W one dequantization
+    per call, as PEFT's DoRA dequantizes a 4-bit base). `lora_a`, `lora_b` and `scaling` are the adapter
+    whose B A the norm adds, which LoftQ starts, and `magnitude` the one the norm divides, which the pipeline
+    sets to the quantized layer's norms (None where the chain reads otherwise)."""
+
+    casts: tuple[fx.Node, ...]
+    lora_a: fx.Node | None = None
+    lora_b: fx.Node | None = None
+    scaling: float | fx.Node | None = None
+    magnitude: fx.Node | None = None
+
+
+@dataclass
 class ExpertsLora:
     """PEFT's LoRA on a mixture's stacked experts: the grouped product reads `update` = W + scaling * lhs @ rhs,
     through a transpose when `transposed` (so each expert's rows get x @ (lhs @ rhs)^T, or x @ lhs @ rhs)."""
@@ -114,6 +139,15 @@ class LinearSite:
     offsets: fx.Node | None = None  # of a grouped site: each expert's cumulative end row in x
     erased: tuple[fx.Node, ...] = ()  # of a grouped site: (dequant, view,) transpose of its weight, to drop
     experts_lora: ExpertsLora | None = None  # of a grouped site: PEFT's LoRA on the experts themselves
+    dora: DoraRead | None = None  # PEFT's DoRA reads of the weight besides the linear
+
+    @property
+    def adapter(self) -> LoraBranch | DoraRead | None:
+        """The LoRA factors on this layer that LoftQ may start: the fused branch's, or DoRA's (with its
+        magnitude)."""
+        if self.lora is not None:
+            return self.lora
+        return self.dora if self.dora is not None and self.dora.magnitude is not None else None
 
     @property
     def output(self) -> fx.Node:
@@ -285,7 +319,8 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                     stacklevel=3,
                 )
             shape = tuple(value.shape[::-1] if transposed else value.shape)
-            sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, shape, scope, transposed))
+            sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, shape, scope, transposed,
+                                    dora=_dora_read(w)))
         elif is_lowra_op(node) and node.args[5] is None:
             x, _, packed, group_size, bias = node.args[:5]
             shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
@@ -508,9 +543,78 @@ def _unsupported(w: fx.Node, transposed: bool) -> str | None:
     weights = [t for t in w.users if _is_transpose(t)] if transposed else [w]
     others = [u for u in w.users if u not in weights] if transposed else []
     others += [u for n in weights for u in n.users if not (_is_linear(u) and u.args[1] is n)]
+    others = [u for u in others if transposed or not _is_dora_cast(u)]
     if any(u.target is F.embedding for u in others):
         return "it is tied to an embedding table (F.embedding needs the dense rows)"
     if others:
         ops = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
-        return f"its weight is also read outside F.linear ({', '.join(ops)}), e.g. DoRA or a tied embedding"
+        return f"its weight is also read outside F.linear ({', '.join(ops)}), e.g. by a tied embedding"
     return None
+
+
+_ROW_NORMS = (torch.linalg.norm, torch._C._linalg.linalg_norm, torch.linalg.vector_norm, torch._C._linalg.linalg_vector_norm)
+
+
+def _is_dora_cast(node: fx.Node) -> bool:
+    """A cast of a weight to its own dtype and device (`W.to(x.dtype)`) read only by linears, as their weight,
+    and by `add`s whose one reader is a row norm (`DoraRead`)."""
+    w = node.args[0] if node.args else None
+    if node.op != "call_method" or node.target != "to" or not isinstance(w, fx.Node):
+        return False
+    value, cast = example_value(w), example_value(node)
+    if not isinstance(cast, torch.Tensor) or (cast.dtype, cast.device) != (value.dtype, value.device):
+        return False
+    return all((_is_linear(u) and u.args[0] is not node and u.args[1] is node) or _row_norm_of(u) for u in node.users)
+
+
+def _row_norm_of(node: fx.Node) -> bool:
+    """`node` is an add whose only reader is the norm of each of its rows, `linalg_norm(node, dim=1)`."""
+    norm = _only_user(node)
+    return (
+        node.op == "call_function" and node.target in _ADD and norm is not None and norm.op == "call_function"
+        and norm.target in _ROW_NORMS and norm.args == (node,) and norm.kwargs == {"dim": 1}
+    )
+
+
+def _dora_read(w: fx.Node) -> DoraRead | None:
+    """PEFT DoRA's reads of the frozen weight `w`, if it has any (`DoraRead`)."""
+    casts = tuple(u for u in w.users if _is_dora_cast(u))
+    if not casts:
+        return None
+    sums = [u for cast in casts for u in cast.users if _row_norm_of(u)]
+    factors = _norm_adapter(sums[0]) if len(sums) == 1 else None
+    magnitude = _norm_magnitude(_only_user(sums[0])) if factors else None
+    return DoraRead(casts, *factors, magnitude) if magnitude is not None else DoraRead(casts)
+
+
+def _norm_magnitude(norm: fx.Node) -> fx.Node | None:
+    """The trainable magnitude that DoRA divides by the row norm `norm`: `truediv(%m, detach(to(norm)))`."""
+    node = norm
+    while (reader := _only_user(node)) is not None and reader.op == "call_method" and reader.target in ("detach", "to"):
+        node = reader
+    if reader is None or reader.target is not operator.truediv or reader.args[1] is not node:
+        return None
+    return reader.args[0] if _trainable_placeholder(reader.args[0]) else None
+
+
+def _norm_adapter(add: fx.Node) -> tuple[fx.Node, fx.Node, float | fx.Node] | None:
+    """(A, B, s) of the `add(%wc, mul(s, detach(to(getattr(linear(linear(eye, A), B), "T")))))` that DoRA
+    takes the norm of, or None."""
+    scaled = next((a for a in add.args if isinstance(a, fx.Node) and a.target in _MUL), None)
+    if scaled is None or len(scaled.args) != 2:
+        return None
+    node, scaling = scaled.args if isinstance(scaled.args[0], fx.Node) else scaled.args[::-1]
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("detach", "to"):
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.target is getattr and node.args[1] == "T"):
+        return None
+    lin_b = node.args[0]
+    if not _is_linear(lin_b) or not _is_linear(lin_b.args[0]):
+        return None
+    h, lora_b, b_bias = _linear_args(lin_b)
+    eye, lora_a, a_bias = _linear_args(h)
+    if not isinstance(eye, fx.Node) or eye.target is not torch.eye or a_bias is not None or b_bias is not None:
+        return None
+    if not (_trainable_placeholder(lora_a) and _trainable_placeholder(lora_b) and isinstance(scaling, (int, float, fx.Node))):
+        return None
+    return lora_a, lora_b, scaling

@@ -23,7 +23,7 @@ from ..config import LowRAConfig
 from .calibrate import SiteStats, calibrate
 from .candidates import quantize_layer_cached
 from .gptq import HessianFactor, LatestFactor
-from .loftq import loftq_init
+from .loftq import dora_magnitude, loftq_init
 from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
 from .quantize import assemble
@@ -53,13 +53,15 @@ def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> f
 @dataclass(frozen=True)
 class Layer:
     """A frozen linear to quantize: its site, its weight and, for LoftQ, its LoRA factors and their scaling
-    (scaling None: B is not zero, LoftQ leaves the adapter as it is)."""
+    (scaling None: B is not zero, LoftQ leaves the adapter as it is), and DoRA's magnitude, set after LoftQ
+    (None: no DoRA, or B is not zero)."""
 
     site: LinearSite
     weight: torch.Tensor
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     scaling: float | None = None
+    magnitude: torch.Tensor | None = None
 
 
 def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int], inputs: list) -> list[Layer]:
@@ -69,12 +71,15 @@ def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int]
     layers = []
     for i in indices:
         site, weight = sites[i], inputs[sites[i].weight_index]
-        if site.lora is None:
+        adapter = site.adapter
+        if adapter is None:
             layers.append(Layer(site, weight))
             continue
-        lora_a, lora_b = values[site.lora.lora_a], values[site.lora.lora_b]
-        scaling = None if lora_b.any() else _scaling_value(site.lora.scaling, values)
-        layers.append(Layer(site, weight, lora_a, lora_b, scaling))
+        lora_a, lora_b = values[adapter.lora_a], values[adapter.lora_b]
+        fresh = not lora_b.any()
+        scaling = _scaling_value(adapter.scaling, values) if fresh else None
+        magnitude = values[adapter.magnitude] if fresh and adapter is site.dora else None
+        layers.append(Layer(site, weight, lora_a, lora_b, scaling, magnitude))
     return layers
 
 
@@ -244,10 +249,13 @@ def quantize_layers(
             )
             layer.lora_a.copy_(a.to(layer.lora_a.dtype))
             layer.lora_b.copy_(b.to(layer.lora_b.dtype))
+        if layer.magnitude is not None:
+            layer.magnitude.copy_(dora_magnitude(packed, layer.lora_a, layer.lora_b, layer.scaling))
         seconds[j]["loftq"] = device_clock(weight.device) - start
         attach(weight, packed.to(weight.device), seconds[j], site.transposed, config.quantizing())
         candidates[j] = None  # free the candidate codes of every width as we go
     if replicated():
         adapters = [layer.lora_a for layer in layers if layer.lora_a is not None]
         adapters += [layer.lora_b for layer in layers if layer.lora_b is not None]
+        adapters += [layer.magnitude for layer in layers if layer.magnitude is not None]
         share_first_rank([layer.weight for layer in layers], adapters)

@@ -27,6 +27,14 @@ beside the packed experts; the update PEFT caches is rebuilt from the packed wei
 (experts stored (E, K, N), read without the transpose: %h = grouped_mm(%x, %lhs), %z = grouped_mm(%h, %rhs)).
 
 B's bias (PEFT's `lora_bias`), if any, stays outside the op: `%o = add(lowra.lora_linear(..), mul(%bB, 2.0))`.
+PEFT's DoRA reads of W (`match.DoraRead`) read the packed weight; its adapter runs as ordinary ops, since
+DoRA scales the base output and the adapter's by the magnitude over the norm:
+
+    %wc = to(%W, torch.float32)                       %wd = lowra.dequant([%p0..%p10], K, 64, torch.float32)
+    %ws = add(%wc, %sBA)                              %ws = add(%wd, %sBA)
+    %n  = linalg_norm(%ws, dim=1)                     %n  = linalg_norm(%ws, dim=1)
+    %yd = linear(%xd, %wc, None)                      %yd = lowra.lora_linear(%xd, %xd, [%p0..%p10], 64, None,
+                                                                              None, None, 0.0)
 Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
 too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
 keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
@@ -39,6 +47,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .match import LinearSite, example_value
@@ -106,6 +115,25 @@ def _add_scaled(fused: fx.Node, bias: fx.Node, scaling: float | fx.Node) -> None
     with graph.inserting_after(scaled):
         out = graph.call_function(operator.add, (fused, scaled))
     fused.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+
+def _read_dora_casts(site: LinearSite, nodes: dict, packed: list[fx.Node], group_size: int) -> None:
+    """DoRA's casts of the site's weight (`match.DoraRead`) read from its packed form instead: a linear of a
+    cast becomes the packed op, anything else reads one dequantization (its row norm: no dense W is kept)."""
+    dtype = example_value(site.weight).dtype
+    for cast in (nodes[c] for c in site.dora.casts):
+        graph, dense = cast.graph, None
+        for user in list(cast.users):
+            if user.target is F.linear:
+                x, _, *bias = user.args
+                args = (x, x, packed, group_size, bias[0] if bias else user.kwargs.get("bias"), None, None, 0.0)
+                _replace(user, torch.ops.lowra.lora_linear.default, args, [])
+                continue
+            if dense is None:
+                with graph.inserting_before(cast):
+                    dense = graph.call_function(torch.ops.lowra.dequant.default, (packed, site.shape[1], group_size, dtype))
+            user.replace_input_with(cast, dense)
+        graph.erase_node(cast)
 
 
 def _erase_unread(nodes: list[fx.Node]) -> None:
@@ -203,6 +231,8 @@ def rewrite(
         fused = _replace(nodes[site.output], torch.ops.lowra.lora_linear.default, args, replaced)
         if lora is not None and lora.b_bias is not None:
             _add_scaled(fused, nodes[lora.b_bias], args[-1])
+        if site.dora is not None:
+            _read_dora_casts(site, nodes, packed_nodes, group_size[i])
     # Placeholders must keep their relative order: the appended ones come after Dynamo's.
     for body, _ in bodies.values():
         body.graph.lint()

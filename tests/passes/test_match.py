@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lowra_compile.passes.linear_forms import linear_forms
 from lowra_compile.passes.match import match_sites
+from lowra_compile.passes.sources import placeholder_name
 
 from ..tiny_models import ExpertsWithLora, batch, capture_graph, tiny_llama, tiny_peft_llama
 
@@ -24,6 +25,37 @@ def test_finds_every_frozen_linear_and_its_lora_branch(dropout):
             assert s.lora.x_lora.target is F.dropout and s.lora.x_lora.args[0] is s.x
         else:
             assert s.lora.x_lora is s.x
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_s_reads_of_the_weight_belong_to_its_site_with_the_adapter_whose_norm_they_take(dropout):
+    model = tiny_peft_llama(use_dora=True, dropout=dropout)
+    gm, inputs = capture_graph(model, **batch(8))  # one graph: peft_tracing takes Dynamo through PEFT's DoRA
+    sites = match_sites(gm, skip=("lm_head",))
+    assert len(sites) == 14 and all(s.lora is None and s.dora is not None for s in sites)
+    for s in sites:
+        layer = s.name.removesuffix("base_layer.weight")
+        assert [placeholder_name(getattr(s.dora, f)) for f in ("lora_a", "lora_b", "magnitude")] == [
+            f"{layer}lora_A.default.weight", f"{layer}lora_B.default.weight", f"{layer}lora_magnitude_vector.default.weight"]
+        assert s.dora.scaling == 2.0 and s.adapter is s.dora
+        readers = [u.target for cast in s.dora.casts for u in cast.users]
+        assert (F.linear in readers) == bool(dropout)  # the base again, on the dropped-out input
+
+
+class _CastAndSummed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64).requires_grad_(False)
+
+    def forward(self, x):
+        w = self.proj.weight.to(torch.float32)
+        return F.linear(x, self.proj.weight) + torch.linalg.norm(w + 1, dim=0)  # columns, not DoRA's rows
+
+
+def test_a_cast_weight_read_otherwise_than_by_dora_stays_dense_with_a_warning():
+    gm, _ = capture_graph(_CastAndSummed(), torch.randn(4, 64))
+    with pytest.warns(UserWarning, match=r"layer 'proj.weight' stays dense: its weight is also read outside F.linear \(to\)"):
+        assert match_sites(gm) == []
 
 
 def test_skip_patterns_and_plain_linears():

@@ -1,0 +1,76 @@
+"""Let Dynamo trace PEFT's DoRA layers, so that their base linears reach the graphs lowra packs.
+
+PEFT's DoRA forward reads its base weight through `peft.utils.integrations.dequantize_module_weight`, which
+asks `type(module.weight).__module__.startswith("torchao.")`. Dynamo (torch 2.11 and 2.13) cannot trace that
+call and breaks the graph there, in every DoRA layer, so the base linear runs outside any graph and keeps
+its dense weight. For a weight lowra can pack (a plain floating Parameter, or one it released) the function
+only returns `module.weight`; `torch._dynamo.substitute_in_graph` has Dynamo trace a stand-in that does
+just that. Any other weight (bitsandbytes, HQQ, torchao) goes to PEFT's own function outside the graph, as
+before, and eager calls are unchanged.
+
+PEFT is not imported for this: the stand-in is registered when `peft.tuners.lora.dora` (which calls the
+function) is imported, or at once if it already is.
+
+(DoRA's `_cache_clear`, a dict's `clear()` on every training call, still stops Dynamo inside activation
+checkpointing; a stand-in does not reach it, because Dynamo inlines a module's own methods without looking
+for one. The report names the fix: docs/design.md, "DoRA".)
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from .passes.release import ReleasedWeight
+
+_PEFT_DORA = "peft.tuners.lora.dora"
+_PLAIN_WEIGHTS = (torch.nn.Parameter, ReleasedWeight, torch.Tensor)
+
+
+def _register(dora: ModuleType) -> None:
+    original = dora.dequantize_module_weight
+    outside_the_graph = torch._dynamo.disable(original)  # another function: Dynamo does not substitute it again
+
+    @torch._dynamo.substitute_in_graph(original)
+    def dequantize_module_weight(module: torch.nn.Module) -> torch.nn.Parameter:
+        weight = module.weight
+        if not hasattr(module, "W_q") and type(weight) in _PLAIN_WEIGHTS:
+            return weight
+        return outside_the_graph(module)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `action(module)` right after the module `name` is first imported: a finder ahead of the others
+    that hands the import to them and wraps the loader it gets back."""
+
+    def __init__(self, name: str, action: Callable[[ModuleType], None]):
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; and the lookup below must not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_act(module: ModuleType) -> None:
+            exec_module(module)
+            self.action(module)
+
+        spec.loader.exec_module = exec_then_act
+        return spec
+
+
+def trace_peft_dora() -> None:
+    """Register the stand-in now if PEFT's DoRA is imported, else as soon as it is."""
+    if _PEFT_DORA in sys.modules:
+        _register(sys.modules[_PEFT_DORA])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_PEFT_DORA, _register))
