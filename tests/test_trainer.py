@@ -30,8 +30,9 @@ def _adapters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_trainer_trains_evaluates_checkpoints_the_adapters_and_resumes_on_the_saved_base(tmp_path):
-    model = tiny_peft_llama()
+@pytest.mark.parametrize("dora", [False, True])
+def test_trainer_trains_evaluates_checkpoints_the_adapters_and_resumes_on_the_saved_base(tmp_path, dora):
+    model = tiny_peft_llama(use_dora=dora)
     start = _adapters(model)
     model.compile(backend="lowra", options=OPTIONS)
     rows = batch(16, size=16)["input_ids"]
@@ -52,13 +53,15 @@ def test_trainer_trains_evaluates_checkpoints_the_adapters_and_resumes_on_the_sa
 
     saved = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
     assert saved and all("lora_" in key for key in saved)  # no dequantized base weights in the checkpoint
-    for key, value in saved.items():
-        torch.testing.assert_close(value, trained[key.replace(".weight", ".default.weight")])
+    for key, value in saved.items():  # PEFT saves DoRA's magnitude without its parameter's ".weight"
+        name = f"{key}.default.weight" if key.endswith("magnitude_vector") else key.replace(".weight", ".default.weight")
+        torch.testing.assert_close(value, trained[name])
+    assert len(saved) == len(trained)
 
     # Resume halfway in a new model: the adapters belong to this quantization, so the packed base comes along.
     lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
     torch._dynamo.reset()
-    resumed = lowra_compile.load_quantized(tiny_peft_llama(), tmp_path / "base.safetensors")
+    resumed = lowra_compile.load_quantized(tiny_peft_llama(use_dora=dora), tmp_path / "base.safetensors")
     resumed.compile(backend="lowra", options=OPTIONS)
     _trainer(resumed, data, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     for name, value in _adapters(resumed).items():
