@@ -79,8 +79,9 @@ ARCHITECTURES = {
 }
 
 
-def tiny_peft_model(architecture: str, seed: int = 0):
-    """A 2-layer model of `architecture` (a key of ARCHITECTURES) with LoRA on every decoder linear."""
+def tiny_peft_model(architecture: str, seed: int = 0, **lora_kwargs):
+    """A 2-layer model of `architecture` (a key of ARCHITECTURES) with LoRA on every decoder linear (more
+    LoraConfig options in `lora_kwargs`)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -90,7 +91,7 @@ def tiny_peft_model(architecture: str, seed: int = 0):
         eos_token_id=2, **sizes,
     )
     torch.manual_seed(seed)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **lora_kwargs)
     base = transformers.AutoModelForCausalLM.from_config(config)
     # GPT2LMHeadModel's name maps to no loss type: its first loss logs a warning, and that breaks the graph
     # before the loss (what a user of GPT-2 sets too: README)
