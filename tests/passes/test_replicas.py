@@ -1,7 +1,9 @@
 """Data-parallel replicas quantize as one: two gloo ranks on CPU, each with its own batches."""
 
+import functools
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -55,10 +57,10 @@ def test_statistics_are_averaged_over_every_rank_s_tokens(tmp_path):
         assert experts.expert_tokens.tolist() == [4, 11, 15, 0]
 
 
-def _train_under_ddp(rank: int) -> dict:
+def _train_under_ddp(rank: int, dora: bool = False) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = tiny_peft_llama()
+    model = tiny_peft_llama(use_dora=dora)
     compiled = torch.compile(
         DistributedDataParallel(model), backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"}
     )
@@ -79,10 +81,11 @@ def _same_on_both_ranks(first: dict, second: dict, key: str, count: int, **toler
         torch.testing.assert_close(value, second[key][name], msg=name, **tolerance)
 
 
-def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path):
-    first, second = _spawn(_train_under_ddp, tmp_path)
+@pytest.mark.parametrize("dora", [False, True])
+def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path, dora):
+    first, second = _spawn(functools.partial(_train_under_ddp, dora=dora), tmp_path)
     _same_on_both_ranks(first, second, "packed", 14, rtol=0, atol=0)
-    _same_on_both_ranks(first, second, "adapters", 28, rtol=0, atol=0)
+    _same_on_both_ranks(first, second, "adapters", 42 if dora else 28, rtol=0, atol=0)  # DoRA: magnitudes too
 
 
 def _quantize_ahead_under_ddp(rank: int) -> dict:
