@@ -249,13 +249,14 @@ def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_an
         step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
 
 
-def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model(inner):
     # PEFT's DoRA breaks the graph in every layer under plain Dynamo (`peft_tracing`); through lowra its base
     # linears reach one graph, are packed and their norms read the packed weights
     model = tiny_peft_llama(use_dora=True)
     assert torch._dynamo.explain(model)(**batch(8)).graph_break_count == 0
     torch._dynamo.reset()
-    compiled = _compile(model)
+    compiled = _compile(model, inner=inner)
     compiled(**batch(8)).loss.backward()
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
     assert lowra_compile.report(model).dense == ("base_model.model.lm_head.weight",)
