@@ -33,15 +33,24 @@ _PLAIN_WEIGHTS = (torch.nn.Parameter, ReleasedWeight, torch.Tensor)
 
 
 def _register(dora: ModuleType) -> None:
-    original = dora.dequantize_module_weight
+    """Register the stand-in for `dora.dequantize_module_weight`. A PEFT whose DoRA has no such function, or
+    one of another signature, is left as it is (its DoRA layers stay dense, as the report lists): this runs
+    inside PEFT's import, which must not fail for it."""
+    original = getattr(dora, "dequantize_module_weight", None)
+    if original is None:
+        return
     outside_the_graph = torch._dynamo.disable(original)  # another function: Dynamo does not substitute it again
 
-    @torch._dynamo.substitute_in_graph(original)
     def dequantize_module_weight(module: torch.nn.Module) -> torch.nn.Parameter:
         weight = module.weight
         if not hasattr(module, "W_q") and type(weight) in _PLAIN_WEIGHTS:
             return weight
         return outside_the_graph(module)
+
+    try:
+        torch._dynamo.substitute_in_graph(original)(dequantize_module_weight)
+    except (TypeError, ValueError):  # the signature differs
+        return
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
