@@ -6,7 +6,9 @@ call and breaks the graph there, in every DoRA layer, so the base linear runs ou
 its dense weight. For a weight lowra can pack (a plain floating Parameter, or one it released) the function
 only returns `module.weight`; `torch._dynamo.substitute_in_graph` has Dynamo trace a stand-in that does
 just that. Any other weight (bitsandbytes, HQQ, torchao) goes to PEFT's own function outside the graph, as
-before, and eager calls are unchanged.
+before. For a weight stored (in, out) (GPT-2's Conv1D) DoRA then calls `peft.utils.other.transpose`, which
+makes a new Parameter of W.T, another graph break; its stand-in gives W.T detached. Eager calls are
+unchanged.
 
 PEFT is not imported for this: the stand-in is registered when `peft.tuners.lora.dora` (which calls the
 function) is imported, or at once if it already is.
@@ -47,10 +49,22 @@ def _register(dora: ModuleType) -> None:
             return weight
         return outside_the_graph(module)
 
-    try:
-        torch._dynamo.substitute_in_graph(original)(dequantize_module_weight)
-    except (TypeError, ValueError):  # the signature differs
-        return
+    # PEFT's `transpose` of a Parameter (a weight stored (in, out), GPT-2's Conv1D) makes a new Parameter of
+    # W.T, which Dynamo refuses inside a graph; W.T detached from W is the same value and, for every tensor but
+    # that throwaway Parameter, the same gradients
+    def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+        if not fan_in_fan_out:
+            return weight
+        return weight.T.detach() if isinstance(weight, torch.nn.Parameter) else weight.T
+
+    stand_ins = [(original, dequantize_module_weight), (getattr(dora, "transpose", None), transpose)]
+    for peft_function, stand_in in stand_ins:
+        if peft_function is None:
+            continue
+        try:
+            torch._dynamo.substitute_in_graph(peft_function)(stand_in)
+        except (TypeError, ValueError):  # the signature differs
+            continue
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

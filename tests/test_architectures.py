@@ -26,14 +26,17 @@ def test_every_lora_linear_is_packed_and_gradients_match_the_dequantized_model(a
 
 
 # DoRA where the layers differ from Llama's: x @ W.T (Falcon), fused q/k/v (Phi-3, GPT-NeoX), biased q/k/v
-# (Qwen2); a one-off run of all 22 families packed and matched too (README)
-@pytest.mark.parametrize("architecture", ["falcon", "gpt_neox", "phi3", "qwen2"])
+# (Qwen2), weights stored (in, out) that PEFT's DoRA transposes (GPT-2's Conv1D); a one-off run of all 22
+# families packed and matched too (README)
+@pytest.mark.parametrize("architecture", ["falcon", "gpt2", "gpt_neox", "phi3", "qwen2"])
 def test_every_dora_linear_is_packed_and_gradients_match_the_dequantized_model(architecture):
     model = tiny_peft_model(architecture, use_dora=True)
     got = assert_trains_as_dequantized(model, batch(16))
     base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
     assert base and all(isinstance(p, ReleasedWeight) for p in base.values()), architecture
     assert len(got) == 3 * len(base)  # LoRA A and B and DoRA's magnitude per layer
+    lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
+    assert len(lora_b) == len(base) and all(p.any() for p in lora_b)  # LoftQ started every adapter
 
 
 def test_a_sequence_classifier_packs_its_decoder_and_trains_its_saved_head_as_the_dequantized_model():

@@ -92,12 +92,14 @@ class DoraRead:
         %yd = linear(%xd, %wc, None)                                        # lora_dropout > 0 only
         %s  = truediv(%magnitude, detach(to(%n, torch.float32)))            # the norm's reader
 
-    `rewrite` reads the casts from the packed weight (each `%yd` a packed op, the norm's W one dequantization
+    For a weight stored (in, out) (GPT-2's Conv1D) each reader of `%wc` reads `detach(getattr(%wc, "T"))`
+    instead, PEFT's transpose. `reads` are the nodes holding the (out, in) matrix (`%wc`, or those transposes);
+    `rewrite` serves them from the packed weight (each `%yd` a packed op, the norm's W one dequantization
     per call, as PEFT's DoRA dequantizes a 4-bit base). `lora_a`, `lora_b` and `scaling` are the adapter
     whose B A the norm adds, which LoftQ starts, and `magnitude` the one the norm divides, which the pipeline
     sets to the quantized layer's norms (None where the chain reads otherwise)."""
 
-    casts: tuple[fx.Node, ...]
+    reads: tuple[fx.Node, ...]
     lora_a: fx.Node | None = None
     lora_b: fx.Node | None = None
     scaling: float | fx.Node | None = None
@@ -320,7 +322,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                 )
             shape = tuple(value.shape[::-1] if transposed else value.shape)
             sites.append(LinearSite(name, node, x, bias, w, index[outer[w]], None, None, lora, shape, scope, transposed,
-                                    dora=_dora_read(w)))
+                                    dora=_dora_read(w, transposed)))
         elif is_lowra_op(node) and node.args[5] is None:
             x, _, packed, group_size, bias = node.args[:5]
             shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
@@ -543,7 +545,7 @@ def _unsupported(w: fx.Node, transposed: bool) -> str | None:
     weights = [t for t in w.users if _is_transpose(t)] if transposed else [w]
     others = [u for u in w.users if u not in weights] if transposed else []
     others += [u for n in weights for u in n.users if not (_is_linear(u) and u.args[1] is n)]
-    others = [u for u in others if transposed or not _is_dora_cast(u)]
+    others = [u for u in others if not _is_dora_cast(u, transposed)]
     if any(u.target is F.embedding for u in others):
         return "it is tied to an embedding table (F.embedding needs the dense rows)"
     if others:
@@ -555,16 +557,36 @@ def _unsupported(w: fx.Node, transposed: bool) -> str | None:
 _ROW_NORMS = (torch.linalg.norm, torch._C._linalg.linalg_norm, torch.linalg.vector_norm, torch._C._linalg.linalg_vector_norm)
 
 
-def _is_dora_cast(node: fx.Node) -> bool:
-    """A cast of a weight to its own dtype and device (`W.to(x.dtype)`) read only by linears, as their weight,
-    and by `add`s whose one reader is a row norm (`DoraRead`)."""
+def _is_dora_cast(node: fx.Node, transposed: bool) -> bool:
+    """A cast of a weight to its own dtype and device (`W.to(x.dtype)`) whose (out, in) reads (`_dora_reads`)
+    are read only by linears, as their weight, and by `add`s whose one reader is a row norm (`DoraRead`)."""
     w = node.args[0] if node.args else None
     if node.op != "call_method" or node.target != "to" or not isinstance(w, fx.Node):
         return False
     value, cast = example_value(w), example_value(node)
     if not isinstance(cast, torch.Tensor) or (cast.dtype, cast.device) != (value.dtype, value.device):
         return False
-    return all((_is_linear(u) and u.args[0] is not node and u.args[1] is node) or _row_norm_of(u) for u in node.users)
+    reads = _dora_reads(node, transposed)
+    return reads is not None and all(
+        (_is_linear(u) and u.args[0] is not read and u.args[1] is read) or _row_norm_of(u)
+        for read in reads for u in read.users
+    )
+
+
+def _dora_reads(cast: fx.Node, transposed: bool) -> list[fx.Node] | None:
+    """The nodes that hold a DoRA cast of W as the (out, in) matrix: the cast itself, or, for a weight stored
+    (in, out) (GPT-2's Conv1D), each `detach(getattr(cast, "T"))` that PEFT's transpose makes of it (with
+    lowra's stand-in, `peft_tracing`); None if the cast is read otherwise."""
+    if not transposed:
+        return [cast]
+    reads = []
+    for view in cast.users:
+        read = _only_user(view)
+        if not (view.target is getattr and view.args[1] == "T" and read is not None
+                and read.op == "call_method" and read.target == "detach"):
+            return None
+        reads.append(read)
+    return reads
 
 
 def _row_norm_of(node: fx.Node) -> bool:
@@ -576,15 +598,15 @@ def _row_norm_of(node: fx.Node) -> bool:
     )
 
 
-def _dora_read(w: fx.Node) -> DoraRead | None:
+def _dora_read(w: fx.Node, transposed: bool) -> DoraRead | None:
     """PEFT DoRA's reads of the frozen weight `w`, if it has any (`DoraRead`)."""
-    casts = tuple(u for u in w.users if _is_dora_cast(u))
-    if not casts:
+    reads = tuple(r for u in w.users if _is_dora_cast(u, transposed) for r in _dora_reads(u, transposed))
+    if not reads:
         return None
-    sums = [u for cast in casts for u in cast.users if _row_norm_of(u)]
+    sums = [u for read in reads for u in read.users if _row_norm_of(u)]
     factors = _norm_adapter(sums[0]) if len(sums) == 1 else None
     magnitude = _norm_magnitude(_only_user(sums[0])) if factors else None
-    return DoraRead(casts, *factors, magnitude) if magnitude is not None else DoraRead(casts)
+    return DoraRead(reads, *factors, magnitude) if magnitude is not None else DoraRead(reads)
 
 
 def _norm_magnitude(norm: fx.Node) -> fx.Node | None:

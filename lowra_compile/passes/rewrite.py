@@ -28,7 +28,8 @@ beside the packed experts; the update PEFT caches is rebuilt from the packed wei
 
 B's bias (PEFT's `lora_bias`), if any, stays outside the op: `%o = add(lowra.lora_linear(..), mul(%bB, 2.0))`.
 PEFT's DoRA reads of W (`match.DoraRead`) read the packed weight; its adapter runs as ordinary ops, since
-DoRA scales the base output and the adapter's by the magnitude over the norm:
+DoRA scales the base output and the adapter's by the magnitude over the norm (for a weight stored (in, out),
+the same after `detach(getattr(%wc, "T"))`):
 
     %wc = to(%W, torch.float32)                       %wd = lowra.dequant([%p0..%p10], K, 64, torch.float32)
     %ws = add(%wc, %sBA)                              %ws = add(%wd, %sBA)
@@ -117,23 +118,27 @@ def _add_scaled(fused: fx.Node, bias: fx.Node, scaling: float | fx.Node) -> None
     fused.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
-def _read_dora_casts(site: LinearSite, nodes: dict, packed: list[fx.Node], group_size: int) -> None:
-    """DoRA's casts of the site's weight (`match.DoraRead`) read from its packed form instead: a linear of a
-    cast becomes the packed op, anything else reads one dequantization (its row norm: no dense W is kept)."""
-    dtype = example_value(site.weight).dtype
-    for cast in (nodes[c] for c in site.dora.casts):
-        graph, dense = cast.graph, None
-        for user in list(cast.users):
+def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node], group_size: int) -> None:
+    """DoRA's reads of the site's weight (`match.DoraRead`) served by its packed form: a linear of one becomes
+    the packed op, anything else reads one dequantization (its row norm: no dense W is kept); the casts and
+    transposes between W and the reads go."""
+    dtype, weight = example_value(site.weight).dtype, nodes[site.weight]
+    for read in (nodes[r] for r in site.dora.reads):
+        graph, dense = read.graph, None
+        for user in list(read.users):
             if user.target is F.linear:
                 x, _, *bias = user.args
                 args = (x, x, packed, group_size, bias[0] if bias else user.kwargs.get("bias"), None, None, 0.0)
                 _replace(user, torch.ops.lowra.lora_linear.default, args, [])
                 continue
             if dense is None:
-                with graph.inserting_before(cast):
+                with graph.inserting_before(read):
                     dense = graph.call_function(torch.ops.lowra.dequant.default, (packed, site.shape[1], group_size, dtype))
-            user.replace_input_with(cast, dense)
-        graph.erase_node(cast)
+            user.replace_input_with(read, dense)
+        while read is not weight and not read.users:  # the read, then its transpose and cast once unread
+            source = read.args[0]
+            graph.erase_node(read)
+            read = source
 
 
 def _erase_unread(nodes: list[fx.Node]) -> None:
@@ -232,7 +237,7 @@ def rewrite(
         if lora is not None and lora.b_bias is not None:
             _add_scaled(fused, nodes[lora.b_bias], args[-1])
         if site.dora is not None:
-            _read_dora_casts(site, nodes, packed_nodes, group_size[i])
+            _read_dora_from_packed(site, nodes, packed_nodes, group_size[i])
     # Placeholders must keep their relative order: the appended ones come after Dynamo's.
     for body, _ in bodies.values():
         body.graph.lint()

@@ -38,7 +38,7 @@ def test_dora_s_reads_of_the_weight_belong_to_its_site_with_the_adapter_whose_no
         assert [placeholder_name(getattr(s.dora, f)) for f in ("lora_a", "lora_b", "magnitude")] == [
             f"{layer}lora_A.default.weight", f"{layer}lora_B.default.weight", f"{layer}lora_magnitude_vector.default.weight"]
         assert s.dora.scaling == 2.0 and s.adapter is s.dora
-        readers = [u.target for cast in s.dora.casts for u in cast.users]
+        readers = [u.target for read in s.dora.reads for u in read.users]
         assert (F.linear in readers) == bool(dropout)  # the base again, on the dropped-out input
 
 
