@@ -35,9 +35,9 @@ _PLAIN_WEIGHTS = (torch.nn.Parameter, ReleasedWeight, torch.Tensor)
 
 
 def _register(dora: ModuleType) -> None:
-    """Register the stand-in for `dora.dequantize_module_weight`. A PEFT whose DoRA has no such function, or
-    one of another signature, is left as it is (its DoRA layers stay dense, as the report lists): this runs
-    inside PEFT's import, which must not fail for it."""
+    """Register the stand-ins for `dora.dequantize_module_weight` and `dora.transpose`. A PEFT whose DoRA has
+    no such function, or one of another signature, is left as it is (its DoRA layers stay dense, as the
+    report lists): this runs inside PEFT's import, which must not fail for it."""
     original = getattr(dora, "dequantize_module_weight", None)
     if original is None:
         return
