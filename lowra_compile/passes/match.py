@@ -172,7 +172,7 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+def linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     x, w = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return x, w, bias
@@ -204,10 +204,10 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
         lin_b, scaling = scaling, lin_b
     if not isinstance(lin_b, fx.Node) or not _is_linear(lin_b) or len(lin_b.users) != 1:
         return None
-    h, lora_b, b_bias = _linear_args(lin_b)  # b_bias: a node, or None
+    h, lora_b, b_bias = linear_args(lin_b)  # b_bias: a node, or None
     if not _is_linear(h) or len(h.users) != 1 or not _trainable_placeholder(lora_b):
         return None
-    x_lora, lora_a, a_bias = _linear_args(h)
+    x_lora, lora_a, a_bias = linear_args(h)
     if a_bias is not None or not _trainable_placeholder(lora_a):
         return None
     if not isinstance(scaling, (int, float, fx.Node)):
@@ -294,7 +294,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
         elif node.op == "placeholder" and node in outer and is_parameter(outer[node]) and is_frozen_matrix(example_value(node), dims=(3,)):
             stacked[node] = placeholder_name(outer[node])
         if _is_linear(node):
-            x, w, bias = _linear_args(node)
+            x, w, bias = linear_args(node)
             transposed = _is_transpose(w) and w.args[0] in outer
             if transposed:
                 w = w.args[0]
@@ -545,7 +545,7 @@ def _unsupported(w: fx.Node, transposed: bool) -> str | None:
     weights = [t for t in w.users if _is_transpose(t)] if transposed else [w]
     others = [u for u in w.users if u not in weights] if transposed else []
     others += [u for n in weights for u in n.users if not (_is_linear(u) and u.args[1] is n)]
-    others = [u for u in others if not _is_dora_cast(u, transposed)]
+    others = [u for u in others if _dora_cast_reads(u, transposed) is None]
     if any(u.target is F.embedding for u in others):
         return "it is tied to an embedding table (F.embedding needs the dense rows)"
     if others:
@@ -557,20 +557,23 @@ def _unsupported(w: fx.Node, transposed: bool) -> str | None:
 _ROW_NORMS = (torch.linalg.norm, torch._C._linalg.linalg_norm, torch.linalg.vector_norm, torch._C._linalg.linalg_vector_norm)
 
 
-def _is_dora_cast(node: fx.Node, transposed: bool) -> bool:
-    """A cast of a weight to its own dtype and device (`W.to(x.dtype)`) whose (out, in) reads (`_dora_reads`)
-    are read only by linears, as their weight, and by `add`s whose one reader is a row norm (`DoraRead`)."""
+def _dora_cast_reads(node: fx.Node, transposed: bool) -> list[fx.Node] | None:
+    """The (out, in) reads (`_dora_reads`) of `node` if it is DoRA's cast of a weight to its own dtype and device
+    (`W.to(x.dtype)`) whose reads are read only by linears, as their weight, and by `add`s whose one reader is
+    a row norm (`DoraRead`); else None."""
     w = node.args[0] if node.args else None
     if node.op != "call_method" or node.target != "to" or not isinstance(w, fx.Node):
-        return False
+        return None
     value, cast = example_value(w), example_value(node)
     if not isinstance(cast, torch.Tensor) or (cast.dtype, cast.device) != (value.dtype, value.device):
-        return False
+        return None
     reads = _dora_reads(node, transposed)
-    return reads is not None and all(
+    if reads is None or not all(
         (_is_linear(u) and u.args[0] is not read and u.args[1] is read) or _row_norm_of(u)
         for read in reads for u in read.users
-    )
+    ):
+        return None
+    return reads
 
 
 def _dora_reads(cast: fx.Node, transposed: bool) -> list[fx.Node] | None:
@@ -600,7 +603,7 @@ def _row_norm_of(node: fx.Node) -> bool:
 
 def _dora_read(w: fx.Node, transposed: bool) -> DoraRead | None:
     """PEFT DoRA's reads of the frozen weight `w`, if it has any (`DoraRead`)."""
-    reads = tuple(r for u in w.users if _is_dora_cast(u, transposed) for r in _dora_reads(u, transposed))
+    reads = tuple(r for u in w.users for r in _dora_cast_reads(u, transposed) or ())
     if not reads:
         return None
     sums = [u for read in reads for u in read.users if _row_norm_of(u)]
@@ -633,8 +636,8 @@ def _norm_adapter(add: fx.Node) -> tuple[fx.Node, fx.Node, float | fx.Node] | No
     lin_b = node.args[0]
     if not _is_linear(lin_b) or not _is_linear(lin_b.args[0]):
         return None
-    h, lora_b, b_bias = _linear_args(lin_b)
-    eye, lora_a, a_bias = _linear_args(h)
+    h, lora_b, b_bias = linear_args(lin_b)
+    eye, lora_a, a_bias = linear_args(h)
     if not isinstance(eye, fx.Node) or eye.target is not torch.eye or a_bias is not None or b_bias is not None:
         return None
     if not (_trainable_placeholder(lora_a) and _trainable_placeholder(lora_b) and isinstance(scaling, (int, float, fx.Node))):

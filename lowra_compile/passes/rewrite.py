@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from .match import LinearSite, example_value
+from .match import LinearSite, example_value, linear_args
 from .release import in_stored_shape
 
 _DYNAMO_ATTRS = ("meta", "_param_name_to_source")
@@ -127,8 +127,8 @@ def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node],
         graph, dense = read.graph, None
         for user in list(read.users):
             if user.target is F.linear:
-                x, _, *bias = user.args
-                args = (x, x, packed, group_size, bias[0] if bias else user.kwargs.get("bias"), None, None, 0.0)
+                x, _, bias = linear_args(user)
+                args = (x, x, packed, group_size, bias, None, None, 0.0)
                 _replace(user, torch.ops.lowra.lora_linear.default, args, [])
                 continue
             if dense is None:
