@@ -279,6 +279,34 @@ def test_dora_magnitudes_start_at_the_norms_of_the_quantized_layers_with_their_l
             assert not torch.allclose(magnitude, dense[f"{name}.lora_magnitude_vector.default.weight"], rtol=1e-3)
 
 
+@pytest.mark.parametrize("bf16", ["model", "autocast"])
+def test_dora_in_bfloat16_matches_the_dequantized_model(bf16):
+    # PEFT's DoRA casts W to the input's dtype: a bf16 model's norm reads a bf16 dequantization; under autocast
+    # (a float32 model, Trainer(bf16=True)) the norm stays float32 while the packed linears compute in bf16
+    model = tiny_peft_llama(use_dora=True, dropout=0.1)
+    if bf16 == "model":
+        model = model.to(torch.bfloat16)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 == "autocast")
+    compiled, data = _compile(model), batch(16)
+    with precision:
+        compiled(**data).loss.backward()  # quantizes
+    assert lowra_compile.report(model).dense == ("base_model.model.lm_head.weight",)
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+    losses = []
+    for run in (compiled, reference):
+        torch.manual_seed(1)  # the same dropout masks
+        with precision:
+            out = run(**data)
+        out.loss.backward()
+        assert out.logits.dtype == torch.bfloat16
+        losses.append(out.loss)
+    torch.testing.assert_close(*losses, atol=0, rtol=0)  # eager glue computes what the eager model does
+    want = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        assert (grad - want[name]).abs().max() <= 3e-2 * want[name].abs().max(), name
+
+
 def _checkpointed_dora():
     model = tiny_peft_llama(use_dora=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
