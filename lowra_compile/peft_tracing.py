@@ -13,13 +13,18 @@ unchanged.
 PEFT is not imported for this: the stand-in is registered when `peft.tuners.lora.dora` (which calls the
 function) is imported, or at once if it already is.
 
-(DoRA's `_cache_clear`, a dict's `clear()` on every training call, still stops Dynamo inside activation
-checkpointing; a stand-in does not reach it, because Dynamo inlines a module's own methods without looking
-for one. The report names the fix: docs/design.md, "DoRA".)
+DoRA's layers also call `_cache_clear` on every training call: `clear()` of a cache that only eval fills
+(with PEFT's `ENABLE_DORA_CACHING`), so in training an empty dict. That write is a side effect, which Dynamo
+refuses inside activation checkpointing (the whole checkpointed region then runs eager and dense), and a
+stand-in does not reach it, because Dynamo inlines a module's own methods without looking for one. So the
+layer class gets a `_cache_clear` that clears only a cache that holds something: in eager the same, in a
+graph no write at all. A PEFT without that method keeps its own; the report then names Dynamo's flag that
+lets the write through (docs/design.md, "DoRA").
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -57,6 +62,7 @@ def _register(dora: ModuleType) -> None:
             return weight
         return weight.T.detach() if isinstance(weight, torch.nn.Parameter) else weight.T
 
+    _clear_only_a_filled_cache(getattr(dora, "DoraLinearLayer", None))
     stand_ins = [(original, dequantize_module_weight), (getattr(dora, "transpose", None), transpose)]
     for peft_function, stand_in in stand_ins:
         if peft_function is None:
@@ -65,6 +71,22 @@ def _register(dora: ModuleType) -> None:
             torch._dynamo.substitute_in_graph(peft_function)(stand_in)
         except (TypeError, ValueError):  # the signature differs
             continue
+
+
+def _clear_only_a_filled_cache(layer: type | None) -> None:
+    """Give PEFT's DoRA layer class (its subclasses inherit it) a `_cache_clear` that calls PEFT's only when the
+    cache holds something (module docstring); the class keeps its own if it has no such method or cache."""
+    original = getattr(layer, "_cache_clear", None)
+    if original is None or getattr(original, "_clears_only_a_filled_cache", False):
+        return
+
+    @functools.wraps(original)  # PEFT's stays reachable as `__wrapped__`
+    def _cache_clear(self) -> None:
+        if getattr(self, "_dora_cache", True):  # a PEFT that keeps no `_dora_cache` clears as it did
+            original(self)
+
+    _cache_clear._clears_only_a_filled_cache = True
+    layer._cache_clear = _cache_clear
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -314,7 +314,20 @@ def _checkpointed_dora():
     return model
 
 
-def test_dora_under_checkpointing_stays_dense_the_report_names_the_fix_and_the_fix_packs_it():
+def test_dora_under_checkpointing_is_packed_and_trains_as_the_dequantized_model():
+    # PEFT's DoRA clears an (empty) cache on every training call; lowra's `_cache_clear` writes nothing then
+    # (`peft_tracing`), so Dynamo keeps the checkpointed layers in its graphs
+    model = _checkpointed_dora()
+    assert_trains_as_dequantized(model, batch(8))
+    report = lowra_compile.report(model)
+    assert report.dense == ("base_model.model.lm_head.weight",) and report.dense_note == ""
+
+
+def test_dora_under_checkpointing_with_peft_s_own_cache_clear_stays_dense_and_the_report_names_the_fix(monkeypatch):
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    # as with a PEFT whose DoRA `peft_tracing` does not know: the write is refused inside the checkpoint
+    monkeypatch.setattr(DoraLinearLayer, "_cache_clear", DoraLinearLayer._cache_clear.__wrapped__)
     model = _checkpointed_dora()
     _compile(model)(**batch(8)).loss.backward()
     report = lowra_compile.report(model)

@@ -1,5 +1,6 @@
 """`peft_tracing`: Dynamo traces PEFT's DoRA through lowra's stand-in for plain weights only, whichever of PEFT
-and lowra_compile is imported first, and a PEFT without the function it stands in for imports as before."""
+and lowra_compile is imported first, and a PEFT without the function it stands in for imports as before; DoRA's
+cache is cleared only when it holds something."""
 
 import subprocess
 import sys
@@ -45,3 +46,38 @@ def test_a_peft_without_the_function_or_with_another_signature_is_left_as_it_is(
     peft_tracing._register(changed)  # no error: PEFT's import goes on
     peft_tracing._register(types.ModuleType("peft_without_it"))
     assert not hasattr(dequantize_module_weight, "__torch_dynamo_polyfill__")
+
+
+def test_dora_s_cache_is_cleared_only_when_it_holds_something_and_the_class_is_changed_once():
+    class Layer:
+        clears = 0
+
+        def __init__(self):
+            self._dora_cache = {}
+
+        def _cache_clear(self):
+            self.clears += 1
+            getattr(self, "_dora_cache", {}).clear()
+
+    peft_tracing._clear_only_a_filled_cache(Layer)
+    changed = Layer._cache_clear
+    peft_tracing._clear_only_a_filled_cache(Layer)
+    assert Layer._cache_clear is changed and changed.__wrapped__.__name__ == "_cache_clear"
+    layer = Layer()
+    layer._cache_clear()
+    assert layer.clears == 0  # an empty cache: nothing written, so nothing for Dynamo to refuse
+    layer._dora_cache["weight-norm-default"] = torch.ones(2)  # eval with PEFT's DoRA caching on
+    layer._cache_clear()
+    assert layer.clears == 1 and layer._dora_cache == {}
+    del layer._dora_cache  # a PEFT that keeps its cache elsewhere clears as it did
+    layer._cache_clear()
+    assert layer.clears == 2
+
+
+def test_a_dora_layer_class_without_a_cache_clear_is_left_as_it_is():
+    class Layer:
+        pass
+
+    peft_tracing._clear_only_a_filled_cache(Layer)
+    peft_tracing._clear_only_a_filled_cache(None)
+    assert not hasattr(Layer, "_cache_clear")
