@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_run.sh kernels    # layer_step.py, decode.py and grouped_step.py, side by side with the baselines
 #   bash benchmarks/gpu_run.sh plan       # plan_speed 7B (nearest, gptq) and the gptq_block kernel
 #   bash benchmarks/gpu_run.sh train      # train_step.py (bf16 LoRA, bnb QLoRA, lowra 2.0 / 1.5), Llama 7B and Mixtral
+#   bash benchmarks/gpu_run.sh dora       # train_step.py --dora (bf16 DoRA, bnb QDoRA, lowra 2.0 DoRA), Llama 7B
 #   bash benchmarks/gpu_run.sh stash      # keep .gpu's first GGUF half and token windows for later calls,
 #                                         # and build the grid's kernels into the compile caches
 #   bash benchmarks/gpu_run.sh accuracy [accuracy.py args]   # the accuracy grid, JOBS processes on the GPU
@@ -31,7 +32,7 @@ if compgen -G ".gpu/*.whl" > /dev/null; then python -m pip install -q --no-deps 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
-stage="${1:?stage: tests | kernels | plan | train | stash | accuracy}"
+stage="${1:?stage: tests | kernels | plan | train | dora | stash | accuracy}"
 shift
 case "$stage" in
   tests)
@@ -48,6 +49,9 @@ case "$stage" in
   train)
     python benchmarks/train_step.py 2>&1 | tail -n 40 > "$out/train_step.txt"
     python benchmarks/train_step.py --model mixtral 2>&1 | tail -n 20 >> "$out/train_step.txt"
+    ;;
+  dora)
+    python benchmarks/train_step.py --dora 2>&1 | tail -n 20 > "$out/train_step_dora.txt"
     ;;
   plan)
     python benchmarks/plan_speed.py --model llama-2-7b --out "$out/plan_speed_7b.json" 2>&1 | tail -n 3 > "$out/plan_speed.txt"

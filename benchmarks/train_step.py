@@ -10,6 +10,8 @@ Variants:
     bf16 LoRA          the PEFT model as is (eager)
     bnb QLoRA NF4      every projection replaced by bitsandbytes Linear4bit (when importable)
     lowra 2.0 / 1.5    torch.compile(model, backend="lowra", options={"bits": b})
+and with `--dora`, PEFT's DoRA (use_dora=True) on the same three bases: bf16 DoRA, bnb QDoRA NF4, lowra 2.0
+DoRA (lora_dropout is 0 throughout: with dropout PEFT's DoRA runs each base linear a second time).
 Each variant runs in its own process so peak memory is its own. Reported: steady-state peak memory
 and median step time over the timed steps, the first step's time (for lowra: quantization, plan,
 LoftQ and compilation, the one-off cost), the peak memory and time of saving the adapters with PEFT's
@@ -19,6 +21,7 @@ LoftQ and compilation, the one-off cost), the peak memory and time of saving the
     python benchmarks/train_step.py --variants "lowra 2.0"   # a subset
     python benchmarks/train_step.py --quick                  # tiny model on CPU, smoke test
     python benchmarks/train_step.py --model mixtral          # the mixture of experts (--quick: a tiny one)
+    python benchmarks/train_step.py --dora                   # the DoRA variants
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lowra_compile.passes.release import packed_weight
 from bench_utils import bnb_available, device_and_dtype, environment, parser, write_json
 
 VARIANTS = ["bf16 LoRA", "bnb QLoRA NF4", "lowra 2.0", "lowra 1.5"]
+DORA_VARIANTS = ["bf16 DoRA", "bnb QDoRA NF4", "lowra 2.0 DoRA"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -95,14 +99,16 @@ def run_variant(variant: str, quick: bool, inner: str | None, mixtral: bool = Fa
     device, dtype = device_and_dtype(quick)
     cuda = device.type == "cuda"
     model = build_model(quick, device, dtype, mixtral)
-    if variant == "bnb QLoRA NF4":
+    if variant.startswith("bnb"):
         to_nf4(model, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers adds an input-requires-grad hook; non-reentrant checkpointing does not need it, and
     # under torch.compile it breaks the graph before the first layer (the lowra plan would lose E[g^2]).
     model.disable_input_require_grads()
     targets = ATTENTION if mixtral else TARGETS
-    model = get_peft_model(model, LoraConfig(r=4 if quick else 64, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    config = LoraConfig(r=4 if quick else 64, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                        use_dora=variant.endswith("DoRA"))
+    model = get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -150,7 +156,8 @@ def run_variant(variant: str, quick: bool, inner: str | None, mixtral: bool = Fa
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS}")
+    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS + DORA_VARIANTS}")
+    p.add_argument("--dora", action="store_true", help=f"run {DORA_VARIANTS} instead of the LoRA variants")
     p.add_argument("--inner", help="the lowra backend's inner compiler (default: its own default)")
     p.add_argument("--model", choices=["llama-2-7b", "mixtral"], default="llama-2-7b")
     p.add_argument("--variant", help="run one variant in this process and print its result (used internally)")
@@ -160,9 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(run_variant(args.variant, args.quick, args.inner, mixtral)), flush=True)
         return
     device, _ = device_and_dtype(args.quick)
-    variants = args.variants or [v for v in VARIANTS if v != "bnb QLoRA NF4" or (bnb_available() and not mixtral)]
+    variants = args.variants or [v for v in (DORA_VARIANTS if args.dora else VARIANTS)
+                                 if not v.startswith("bnb") or (bnb_available() and not mixtral)]
     if args.quick:
-        variants = [v for v in variants if v in ("bf16 LoRA", "lowra 2.0")]
+        variants = [v for v in variants if not v.startswith(("bnb", "lowra 1.5"))]
     rows = []
     for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model] + (["--quick"] if args.quick else [])
@@ -172,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-    name = "train_step" + ("_mixtral" if mixtral else "") + "".join("_" + v.replace(" ", "-") for v in args.variants or [])
+    name = "train_step" + ("_mixtral" if mixtral else "") + ("_dora" if args.dora else "")
+    name += "".join("_" + v.replace(" ", "-") for v in args.variants or [])
     write_json(name, {"benchmark": "train_step", "model": args.model, "env": environment(device), "quick": args.quick,
                       "rows": rows}, args.out)
 
