@@ -75,7 +75,8 @@ def _register(dora: ModuleType) -> None:
 
 def _clear_only_a_filled_cache(layer: type | None) -> None:
     """Give PEFT's DoRA layer class (its subclasses inherit it) a `_cache_clear` that calls PEFT's only when the
-    cache holds something (module docstring); the class keeps its own if it has no such method or cache."""
+    cache holds something (module docstring). A class without the method keeps what it has; an instance
+    without a `_dora_cache` always goes to PEFT's."""
     original = getattr(layer, "_cache_clear", None)
     if original is None or getattr(original, "_clears_only_a_filled_cache", False):
         return

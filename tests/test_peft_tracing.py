@@ -33,6 +33,8 @@ def test_peft_s_dora_is_traced_whichever_of_peft_and_lowra_is_imported_first(imp
         "layer = torch.nn.Linear(4, 4)\n"
         "f = torch.compile(lambda m: dequantize_module_weight(m) * 2, backend='eager', fullgraph=True)\n"
         "assert torch.equal(f(layer), layer.weight * 2)\n"
+        "from peft.tuners.lora.dora import DoraLinearLayer\n"
+        "assert DoraLinearLayer._cache_clear._clears_only_a_filled_cache\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
 
