@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -86,6 +87,22 @@ def write_json(name: str, result: dict, out: Path | None) -> Path:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return out
+
+
+RESULT = "RESULT "
+
+
+def print_result(row: dict) -> None:
+    """Print a variant's row from its own process, for `variant_in_process` to read back."""
+    print(RESULT + json.dumps(row), flush=True)
+
+
+def variant_in_process(cmd: list[str], variant: str) -> dict:
+    """Run `cmd` (a benchmark script told to run one variant) in its own process, so that its peak memory
+    and compiled graphs are its own, and return the row it printed with `print_result` (else the error)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    return json.loads(lines[-1][len(RESULT):]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
 
 
 def bnb_available() -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 import lowra_compile
-from bench_utils import environment, write_json
+from bench_utils import environment, print_result, variant_in_process, write_json
 
 VARIANTS = {"lora": (False, 0.05), "dora": (True, 0.05), "dora-nodrop": (True, 0.0)}
 
@@ -77,14 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 4:
         raise SystemExit("--steps must be at least 4: the first three are not timed")
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.variant, args.steps)), flush=True)
+        print_result(run_variant(args.variant, args.steps))
         return
     rows = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        rows.append(json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-3000:]})
+        rows.append(variant_in_process(cmd, variant))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "steps_s"}), flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     write_json("dora_dropout", {"benchmark": "dora_dropout", "env": environment(device), "rows": rows}, args.out)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,8 @@ import torch
 
 import lowra_compile
 from lowra_compile.passes.release import packed_weight
-from bench_utils import bnb_available, device_and_dtype, environment, parser, write_json
+from bench_utils import (bnb_available, device_and_dtype, environment, parser, print_result, variant_in_process,
+                         write_json)
 
 VARIANTS = ["bf16 LoRA", "bnb QLoRA NF4", "lowra 2.0", "lowra 1.5"]
 DORA_VARIANTS = ["bf16 DoRA", "bnb QDoRA NF4", "lowra 2.0 DoRA"]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     mixtral = args.model == "mixtral"
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.variant, args.quick, args.inner, mixtral)), flush=True)
+        print_result(run_variant(args.variant, args.quick, args.inner, mixtral))
         return
     device, _ = device_and_dtype(args.quick)
     variants = args.variants or [v for v in (DORA_VARIANTS if args.dora else VARIANTS)
@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model] + (["--quick"] if args.quick else [])
         cmd += ["--inner", args.inner or "aot_eager"] if args.quick else (["--inner", args.inner] if args.inner else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
+        row = variant_in_process(cmd, variant)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
     name = "train_step" + ("_mixtral" if mixtral else "") + ("_dora" if args.dora else "")
