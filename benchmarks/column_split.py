@@ -37,9 +37,10 @@ from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 from lowra_compile.perplexity import perplexity
 from lowra_compile.runtime.reference import dequantize
-from rotation import calibrated_smollm2
+from rotation import FIT, calibrated_smollm2
 
 BITS, GROUP = (1, 2, 3, 4), 64
+FIT = FIT  # the default options: Lloyd-Max levels, fitted scales
 FRACTIONS = {"one set": 0.0, "hot 1/8": 1 / 8, "hot 1/4": 1 / 4}
 BUDGETS = (2.5, 2.0)
 STEPS, RANK = 10, 16
@@ -71,7 +72,7 @@ def main() -> None:
             for cols in column_sets(grams[name].diagonal(), fraction):
                 weight, gram = dense[name][:, cols], grams[name][cols][:, cols]
                 factor = hessian_factor(gram, damping(len(cols), batch.numel()))
-                parts.append((name, cols, weight, factor, quantize_layer(weight, BITS, GROUP, "lloyd", gram.diagonal(), 12, factor, True)))
+                parts.append((name, cols, weight, factor, quantize_layer(weight, BITS, FIT, gram.diagonal(), factor)))
         for budget in BUDGETS:
             plan = plan_bits([lq.error * g2[name][:, None] for name, _, _, _, lq in parts], [len(c) for _, c, *_ in parts], BITS, budget)
             rebuilt = {n: torch.empty_like(w) for n, w in dense.items()}

@@ -35,11 +35,11 @@ from gptq_damping import write_layer_study
 from lowra_compile.finetune import training_batches
 from lowra_compile.passes.gptq import damping, hessian_factor
 from lowra_compile.passes.plan import plan_bits
-from lowra_compile.passes.quantize import assemble, quantize_layer
+from lowra_compile.passes.quantize import CodebookFit, assemble, quantize_layer
 from lowra_compile.runtime.reference import dequantize
 from lowra_compile.smollm import load_smollm2
 from lowra_compile.texts import load_split, split_text, token_windows
-from rotation import moments
+from rotation import FIT, moments
 
 RANK, GROUP, BITS = 16, 64, (1, 2, 3, 4)
 FIXED = {"nf 4": ("nf", 4), "nf 3": ("nf", 3), "rtn 4": ("uniform", 4)}
@@ -64,15 +64,15 @@ def weight_errors(dense: dict, grams: dict, g2: dict, tokens: int) -> dict[str, 
     gptq, nearest, outside = {}, {}, {}
     for name, w in tqdm(dense.items(), desc="quantize"):
         for method, (codebook, bits) in FIXED.items():
-            lq = quantize_layer(w, (bits,), GROUP, codebook, None, 0)
+            lq = quantize_layer(w, (bits,), CodebookFit(GROUP, codebook, 0))
             packed = assemble(lq, w, torch.full((w.shape[0],), bits))
             errors[method][name] = dequantize(packed.tensors(), w.shape[1], GROUP, torch.float32) - w
         factor = hessian_factor(grams[name], damping(w.shape[1], tokens))
-        gptq[name] = (factor, quantize_layer(w, BITS, GROUP, "lloyd", grams[name].diagonal(), 12, factor, True, True))
-        nearest[name] = quantize_layer(w, BITS, GROUP, "lloyd", grams[name].diagonal(), 12, None, True)
+        gptq[name] = (factor, quantize_layer(w, BITS, FIT, grams[name].diagonal(), factor, keep_codes=True))
+        nearest[name] = quantize_layer(w, BITS, FIT, grams[name].diagonal())
         gram = deflated(grams[name], input_subspace(grams[name]))
         factor = hessian_factor(gram, damping(w.shape[1], tokens))
-        outside[name] = (factor, quantize_layer(w, BITS, GROUP, "lloyd", gram.diagonal(), 12, factor, True, True))
+        outside[name] = (factor, quantize_layer(w, BITS, FIT, gram.diagonal(), factor, keep_codes=True))
     sizes = [w.shape[1] for w in dense.values()]
     plans = {m: plan_bits([gptq[n][1].error * g2[n][:, None] for n in dense], sizes, BITS, b) for m, b in PLANNED.items()}
     plans["lowra 2.5, nearest"] = plan_bits([nearest[n].error * g2[n][:, None] for n in dense], sizes, BITS, 2.5)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bench_utils import RESULTS, device_name
 from lowra_compile.finetune import training_batches
 from lowra_compile.passes.gptq import damping, hessian_factor, output_error
-from lowra_compile.passes.quantize import assemble, quantize_layer
+from lowra_compile.passes.quantize import CodebookFit, assemble, quantize_layer
 from lowra_compile.runtime.reference import dequantize
 from lowra_compile.smollm import load_smollm2
 from lowra_compile.texts import load_split, split_text, token_windows
@@ -89,7 +89,7 @@ def held_out_error(
     refit_rounds: int = 0,
 ) -> float:
     """Output error on the held-out E[x x^T] of `weight` packed at `bits` (nearest rounding when `factor` is None)."""
-    lq = quantize_layer(weight, (bits,), GROUP, "lloyd", x2, 12, factor, fit_scales)
+    lq = quantize_layer(weight, (bits,), CodebookFit(GROUP, "lloyd", 12, fit_scales=fit_scales), x2, factor)
     packed = assemble(lq, weight, torch.full((weight.shape[0],), bits), factor, refit_rounds)
     delta = weight - dequantize(packed.tensors(), weight.shape[1], GROUP, torch.float32)
     return output_error(delta, held).sum().item()

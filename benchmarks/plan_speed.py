@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from bench_utils import RESULTS, device_name
 from lowra_compile.config import SCALES, LowRAConfig
 from lowra_compile.passes.gptq import LatestFactor
-from lowra_compile.passes.pipeline import device_clock
+from lowra_compile.passes.pipeline import codebook_fit, device_clock
 from lowra_compile.passes.plan import plan_bits
 from lowra_compile.passes.quantize import assemble, quantize_layer
 
@@ -70,10 +70,7 @@ def time_model(model: str, device: torch.device, config: LowRAConfig) -> dict:
         t0 = device_clock(device)
         layer_factor = factor(k, input_id)  # the random E[x x^T] is built inside the timing
         x2 = layer_factor.gram.diagonal() if gptq else x2
-        lq = quantize_layer(
-            weight, config.allowed_bits, config.group_size, config.codebook, x2, config.lloyd_iters, layer_factor,
-            config.scales == "fitted",
-        )
+        lq = quantize_layer(weight, config.allowed_bits, codebook_fit(config), x2, layer_factor)
         errors.append(lq.error * g2[:, None])
         seconds["quantize"] += device_clock(device) - t0
         layers.append((lq, weight, k, input_id))  # 7B in bf16 is ~13 GB: kept on the GPU for packing

@@ -25,13 +25,14 @@ from gptq_damping import write_layer_study
 from lowra_compile.finetune import training_batches
 from lowra_compile.passes.gptq import damping, hessian_factor
 from lowra_compile.passes.plan import plan_bits
-from lowra_compile.passes.quantize import assemble, quantize_layer
+from lowra_compile.passes.quantize import CodebookFit, assemble, quantize_layer
 from lowra_compile.perplexity import perplexity
 from lowra_compile.runtime.reference import dequantize
 from lowra_compile.smollm import load_smollm2
 from lowra_compile.texts import load_split, split_text, token_windows
 
 BITS, GROUP, BLOCK = (1, 2, 3, 4), 64, 64
+FIT = CodebookFit(GROUP, "lloyd", 12, fit_scales=True)  # the default options: Lloyd-Max levels, fitted scales
 SETTINGS = {"one width, 3 bits": 3, "one width, 2 bits": 2, "plan, 2.5 bits": 2.5, "plan, 2.0 bits": 2.0}
 ROTATIONS = {"none": None, "block 64, seed 0": 0, "block 64, seed 1": 1}
 
@@ -92,7 +93,7 @@ def main() -> None:
             r = torch.eye(k) if seed is None else block_rotation(k, seed)
             weight, gram = dense[name] @ r, r.t() @ grams[name] @ r
             factor = hessian_factor(gram, damping(k, batch.numel()))
-            candidates[name] = (r, weight, factor, quantize_layer(weight, BITS, GROUP, "lloyd", gram.diagonal(), 12, factor, True))
+            candidates[name] = (r, weight, factor, quantize_layer(weight, BITS, FIT, gram.diagonal(), factor))
         for setting, bits in SETTINGS.items():
             if isinstance(bits, int):
                 plan = [torch.full((dense[n].shape[0],), bits) for n in linears]

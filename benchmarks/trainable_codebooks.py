@@ -33,12 +33,13 @@ from lowra_compile.demo import lora_model
 from lowra_compile.finetune import finetune, training_batches
 from lowra_compile.passes.gptq import damping, hessian_factor
 from lowra_compile.passes.plan import plan_bits
-from lowra_compile.passes.quantize import assemble, quantize_layer, quantize_rows
+from lowra_compile.passes.quantize import CodebookFit, assemble, quantize_layer, quantize_rows
 from lowra_compile.perplexity import perplexity
 from lowra_compile.runtime.format import BIT_WIDTHS, dequantize_absmax, unpack_codes
-from rotation import calibrated_smollm2
+from rotation import FIT, calibrated_smollm2
 
 BITS, GROUP = (1, 2, 3, 4), 64
+FIT = FIT  # the default options: Lloyd-Max levels, fitted scales
 BUDGETS = (2.5, 2.0)
 TRAINABLE = {"adapters only": (), "+ levels": ("levels",), "+ scales": ("scale",), "+ levels and scales": ("levels", "scale")}
 STEPS, RANK = 10, 16
@@ -96,14 +97,14 @@ def main() -> None:
         return {"quantized": before, "after_finetune": {c: perplexity(tuned, w) for c, w in held.items()}, "losses": losses, "extra_trainable": extra}
 
     results = {}
-    nf4 = {n: quantize_rows(dense[n], torch.full((dense[n].shape[0],), 4), GROUP, "nf", None, 0).tensors() for n in names}
+    nf4 = {n: quantize_rows(dense[n], torch.full((dense[n].shape[0],), 4), CodebookFit(GROUP, "nf", 0)).tensors() for n in names}
     for label, trainable in {"adapters only": (), "+ scales": ("scale",)}.items():
         results[f"nf 4-bit, {label}"] = finetuned(nf4, trainable)
         print("nf 4-bit", label, results[f"nf 4-bit, {label}"]["after_finetune"], flush=True)
     candidates = {}
     for name in tqdm(names, desc="quantize"):
         factor = hessian_factor(grams[name], damping(dense[name].shape[1], batch.numel()))
-        candidates[name] = (factor, quantize_layer(dense[name], BITS, GROUP, "lloyd", grams[name].diagonal(), 12, factor, True))
+        candidates[name] = (factor, quantize_layer(dense[name], BITS, FIT, grams[name].diagonal(), factor))
     for budget in BUDGETS:
         plan = plan_bits([candidates[n][1].error * g2[n][:, None] for n in names], [dense[n].shape[1] for n in names], BITS, budget)
         packed = {n: assemble(candidates[n][1], dense[n], rows, candidates[n][0], 0).tensors() for n, rows in zip(names, plan)}

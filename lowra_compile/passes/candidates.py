@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..runtime.format import pack_codes, unpack_codes
 from .gptq import HessianFactor
-from .quantize import LayerQuant, quantize_layer
+from .quantize import CodebookFit, LayerQuant, quantize_layer
 
 _FIELDS = ("absmax_codes", "absmax_scale", "levels", "error")  # per width; and "codes" with error feedback
 # the code whose results the files hold (read, not imported: passes do not depend on codegen); editing any
@@ -61,14 +61,11 @@ _SOURCES = hashlib.blake2b(b"".join(
 ))
 
 
-def _digest(
-    weight: Tensor, x2: Tensor | None, factor: HessianFactor | None, group_size: int, codebook: str,
-    lloyd_iters: int, fit_scales: bool,
-) -> str:
+def _digest(weight: Tensor, fit: CodebookFit, x2: Tensor | None, factor: HessianFactor | None) -> str:
     h = hashlib.blake2b(digest_size=20)
     h.update(_SOURCES.digest())
-    options = (torch.__version__, weight.device.type, tuple(weight.shape), str(weight.dtype), group_size, codebook,
-               lloyd_iters, fit_scales, None if factor is None else factor.ridge)
+    options = (torch.__version__, weight.device.type, tuple(weight.shape), str(weight.dtype), fit,
+               None if factor is None else factor.ridge)
     h.update(repr(options).encode())
     for t in (weight, x2, None if factor is None else factor.gram):
         # a copy: numpy() of the tensor itself would mark the weight's storage not resizable, and the
@@ -117,17 +114,14 @@ def quantize_layer_cached(
     directory: str | Path | None,
     weight: Tensor,
     bit_choices: tuple[int, ...],
-    group_size: int,
-    codebook: str,
-    x2: Tensor | None,
-    lloyd_iters: int,
+    fit: CodebookFit,
+    x2: Tensor | None = None,
     factor: HessianFactor | None = None,
-    fit_scales: bool = False,
 ) -> LayerQuant:
     """`quantize_layer` with its widths loaded from / saved to `directory` (None: no cache)."""
     if directory is None:
-        return quantize_layer(weight, bit_choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales)
-    path = Path(directory) / f"{_digest(weight, x2, factor, group_size, codebook, lloyd_iters, fit_scales)}.safetensors"
+        return quantize_layer(weight, bit_choices, fit, x2, factor)
+    path = Path(directory) / f"{_digest(weight, fit, x2, factor)}.safetensors"
     # width -> (absmax codes, absmax scales, levels, error). Not torch.load: inside the backend's compile
     # it detects the fake mode of the tracing context and returns meta tensors.
     stored = _load(path, weight.device) if path.exists() else {}
@@ -137,11 +131,10 @@ def quantize_layer_cached(
             stored = _load(path, weight.device) if path.exists() else {}
             missing = tuple(b for b in bit_choices if b not in stored)
             if missing:
-                stored = _quantize_and_save(path, stored, weight, missing, group_size, codebook, x2, lloyd_iters,
-                                            factor, fit_scales)
+                stored = _quantize_and_save(path, stored, weight, missing, fit, x2, factor)
     codes = None if factor is None else _SavedCodes(path, tuple(bit_choices), weight.shape[1], weight.device)
     return LayerQuant(
-        tuple(bit_choices), group_size, fit_scales, {b: tuple(stored[b][:2]) for b in bit_choices},
+        tuple(bit_choices), fit.group_size, fit.fit_scales, {b: tuple(stored[b][:2]) for b in bit_choices},
         {b: stored[b][2] for b in bit_choices}, torch.stack([stored[b][3] for b in bit_choices], 1), codes,
     )
 
@@ -171,11 +164,11 @@ def _one_process_at_a_time(path: Path) -> Iterator[None]:
 
 
 def _quantize_and_save(
-    path: Path, stored: dict[int, tuple[Tensor, ...]], weight: Tensor, missing: tuple[int, ...], group_size: int,
-    codebook: str, x2: Tensor | None, lloyd_iters: int, factor: HessianFactor | None, fit_scales: bool,
+    path: Path, stored: dict[int, tuple[Tensor, ...]], weight: Tensor, missing: tuple[int, ...], fit: CodebookFit,
+    x2: Tensor | None, factor: HessianFactor | None,
 ) -> dict[int, tuple[Tensor, ...]]:
     """Quantize the `missing` widths, save them with the `stored` ones to `path`, and return all of them."""
-    new = quantize_layer(weight, missing, group_size, codebook, x2, lloyd_iters, factor, fit_scales, keep_codes=True)
+    new = quantize_layer(weight, missing, fit, x2, factor, keep_codes=True)
     flat = {} if not stored else load_file(path)  # the stored widths' tensors, codes included
     for j, b in enumerate(missing):
         flat.update({f"{b}.{f}": t for f, t in zip(_FIELDS, (*new.groups[b], new.levels[b], new.error[:, j]))})

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..runtime.format import PackedWeight
 from ..runtime.reference import dequantize
 from .gptq import HessianFactor
-from .quantize import quantize_rows
+from .quantize import CodebookFit, quantize_rows
 
 _FULL_SVD_MAX = 2048  # above this, a randomised low-rank SVD is much faster and as accurate for rank r
 
@@ -50,16 +50,14 @@ def loftq_init(
     rank: int,
     scaling: float,
     iters: int,
-    group_size: int,
-    codebook: str,
-    x2: Tensor | None,
-    lloyd_iters: int,
+    fit: CodebookFit,
+    x2: Tensor | None = None,
     factor: HessianFactor | None = None,
     refit_rounds: int = 0,
-    fit_scales: bool = False,
 ) -> tuple[PackedWeight, Tensor, Tensor]:
     """(packed Q, lora_A [rank, K], lora_B [N, rank]) after `iters` >= 1 alternating steps, in fp32; `first`
-    is `weight` quantized at `bits_per_row` (the first step's Q)."""
+    is `weight` quantized at `bits_per_row` (the first step's Q), each later Q quantized as `quantize_rows`
+    does with these options."""
     if iters < 1 or scaling == 0:
         raise ValueError("lowra: LoftQ needs iters >= 1 and a non-zero LoRA scaling")
     w = weight.float()
@@ -69,12 +67,10 @@ def loftq_init(
     for step in range(iters):
         if step:
             target = w - scaling * b @ a
-            packed = quantize_rows(
-                target, bits_per_row, group_size, codebook, x2, lloyd_iters, factor, refit_rounds, fit_scales
-            )
-        residual = (w - dequantize(packed.tensors(), k, group_size, torch.float32)) / scaling
+            packed = quantize_rows(target, bits_per_row, fit, x2, factor, refit_rounds)
+        residual = (w - dequantize(packed.tensors(), k, fit.group_size, torch.float32)) / scaling
         a, b = _low_rank(residual, rank)
-    return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, group_size), a, b
+    return PackedWeight.from_tensors(packed.tensors(), packed.shape, weight.dtype, fit.group_size), a, b
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from .gptq import HessianFactor, LatestFactor
 from .loftq import dora_magnitude, loftq_init
 from .match import LinearSite, body_inputs, checkpoint_bodies
 from .plan import plan_bits
-from .quantize import assemble
+from .quantize import CodebookFit, assemble
 from .release import attach
 from .replicas import average_statistics, first_rank_plan, replicated, share_first_rank
 
@@ -147,6 +147,11 @@ def _row_moments(stats: SiteStats | None, site: LinearSite, device: torch.device
     return stats.x2.to(device).repeat_interleave(site.shape[0] // site.experts, dim=0)
 
 
+def codebook_fit(config: LowRAConfig) -> CodebookFit:
+    """The options of `config` that say how each width's levels and group scales are fitted."""
+    return CodebookFit(config.group_size, config.codebook, config.lloyd_iters, config.scales == "fitted")
+
+
 def device_clock(device: torch.device) -> float:
     """Seconds so far, after the device's queued work: CUDA kernels run asynchronously."""
     if device.type == "cuda":
@@ -208,7 +213,7 @@ def quantize_layers(
         stats = average_statistics(stats)
     _hint_more_calibration(stats, batches)
     factors = _HessianFactors(stats)  # None for every layer unless rounding="gptq"
-    choices = config.allowed_bits
+    choices, fit = config.allowed_bits, codebook_fit(config)
     seconds = [{"calibrate": calibrate_seconds / len(layers)} for _ in layers]
     candidates, errors = [], []
     for j, layer in enumerate(tqdm(layers, desc="lowra: quantize", disable=not config.progress, unit="layer")):
@@ -216,10 +221,7 @@ def quantize_layers(
         start = device_clock(weight.device)
         x2 = _row_moments(stats[j], site, weight.device)
         factor = factors(j, weight.device)
-        lq = quantize_layer_cached(
-            config.candidates_dir, site_matrix(site, weight), choices, config.group_size, config.codebook, x2,
-            config.lloyd_iters, factor, config.scales == "fitted",
-        )
+        lq = quantize_layer_cached(config.candidates_dir, site_matrix(site, weight), choices, fit, x2, factor)
         err = lq.error
         if stats[j] is not None and stats[j].g2 is not None:
             err = err * stats[j].g2.to(err.device)[:, None]
@@ -244,8 +246,8 @@ def quantize_layers(
         if layer.scaling is not None and config.loftq_iters > 0:
             x2 = _row_moments(stats[j], site, weight.device)
             packed, a, b = loftq_init(
-                matrix, packed, bits[j], layer.lora_a.shape[0], layer.scaling, config.loftq_iters, config.group_size,
-                config.codebook, x2, config.lloyd_iters, factor, config.refit_rounds, config.scales == "fitted",
+                matrix, packed, bits[j], layer.lora_a.shape[0], layer.scaling, config.loftq_iters, fit, x2, factor,
+                config.refit_rounds,
             )
             layer.lora_a.copy_(a.to(layer.lora_a.dtype))
             layer.lora_b.copy_(b.to(layer.lora_b.dtype))

@@ -75,6 +75,19 @@ Groups = tuple[Tensor, Tensor]  # double-quantized group scales: uint8 codes [N,
 
 
 @dataclass(frozen=True)
+class CodebookFit:
+    """How every width's levels and group scales are fitted (LowRAConfig's group_size, codebook,
+    lloyd_iters and scales): groups of `group_size` input channels; levels "lloyd" (weighted Lloyd-Max,
+    `lloyd_iters` steps from NF), "nf" or "uniform"; group scales fitted to the codes (`fit_scales`) or
+    the absmax."""
+
+    group_size: int = 64
+    codebook: str = "lloyd"
+    lloyd_iters: int = 12
+    fit_scales: bool = False
+
+
+@dataclass(frozen=True)
 class LayerQuant:
     """Candidates of one layer. Tensors per width b: groups {b: (uint8 [N, G], float32 [N, ceil(G/256)])}
     (the group scales, stored as the format's absmax; the same for every width unless fitted), levels
@@ -206,20 +219,19 @@ def _bounded(scales: Tensor, absmax: Tensor) -> Groups:
 
 
 def fit_width(
-    weight: Tensor, x2: Tensor | None, bits: int, codebook: str, lloyd_iters: int, group_size: int, absmax: Groups,
-    fit_scales: bool,
+    weight: Tensor, x2: Tensor | None, bits: int, fit: CodebookFit, absmax: Groups
 ) -> tuple[Groups, Tensor, Tensor]:
     """Group scales, levels [N, 2^b] (fp16-exact) and weighted error [N] of one width for all rows (see the
     module docstring)."""
-    v, scale = _normalise(weight, group_size, absmax)
+    v, scale = _normalise(weight, fit.group_size, absmax)
     u = _importance(scale, x2)
-    levels, error = fit_levels(v, u, bits, codebook, lloyd_iters)
-    if not fit_scales:
+    levels, error = fit_levels(v, u, bits, fit.codebook, fit.lloyd_iters)
+    if not fit.fit_scales:
         return absmax, levels, error
-    groups = fit_group_scales(weight, v, x2, levels, group_size, absmax)
-    v, scale = _normalise(weight, group_size, groups, clip=False)
+    groups = fit_group_scales(weight, v, x2, levels, fit.group_size, absmax)
+    v, scale = _normalise(weight, fit.group_size, groups, clip=False)
     u = _importance(scale, x2)
-    refit = _fp16_exact(_lloyd(v, u, levels, 1).clamp(-1.0, 1.0)) if codebook == "lloyd" else levels
+    refit = _fp16_exact(_lloyd(v, u, levels, 1).clamp(-1.0, 1.0)) if fit.codebook == "lloyd" else levels
     refit_error = _weighted_error(v, u, refit)
     better = refit_error < error
     groups = tuple(torch.where(better[:, None], new, old) for new, old in zip(groups, absmax))
@@ -255,22 +267,20 @@ def _padded(levels: Tensor) -> Tensor:
 def quantize_layer(
     weight: Tensor,
     bit_choices: tuple[int, ...],
-    group_size: int,
-    codebook: str,
-    x2: Tensor | None,
-    lloyd_iters: int,
+    fit: CodebookFit,
+    x2: Tensor | None = None,
     factor: HessianFactor | None = None,
-    fit_scales: bool = False,
     keep_codes: bool = False,
 ) -> LayerQuant:
-    """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring); with a
-    Hessian factor and `keep_codes`, also the error-feedback codes of every width."""
-    absmax = _prepare(weight, bit_choices, group_size)
+    """Codebooks and errors of `weight` at every width in `bit_choices` (see the module docstring), weighted
+    by the input's E[x^2] `x2` (None: 1); with a Hessian factor, rounded with error feedback, and with
+    `keep_codes` the codes of every width kept."""
+    absmax = _prepare(weight, bit_choices, fit.group_size)
     groups, levels, errors = {}, {}, []
     for bits in bit_choices:
-        groups[bits], levels[bits], err = fit_width(weight, x2, bits, codebook, lloyd_iters, group_size, absmax, fit_scales)
+        groups[bits], levels[bits], err = fit_width(weight, x2, bits, fit, absmax)
         errors.append(err)
-    lq = LayerQuant(tuple(bit_choices), group_size, fit_scales, groups, levels, None)
+    lq = LayerQuant(tuple(bit_choices), fit.group_size, fit.fit_scales, groups, levels, None)
     if factor is None:
         return dataclasses.replace(lq, error=torch.stack(errors, 1))
     error, codes = _feedback_error(weight, lq, factor)
@@ -334,30 +344,25 @@ def assemble(
 def quantize_rows(
     weight: Tensor,
     bits_per_row: Tensor,
-    group_size: int,
-    codebook: str,
-    x2: Tensor | None,
-    lloyd_iters: int,
+    fit: CodebookFit,
+    x2: Tensor | None = None,
     factor: HessianFactor | None = None,
     refit_rounds: int = 0,
-    fit_scales: bool = False,
 ) -> PackedWeight:
     """Quantize with the widths already fixed per row (LoftQ's inner step): each width's scales and levels
     are fitted on its own rows only, and no errors are computed."""
     widths = tuple(sorted(set(bits_per_row.tolist())))
-    absmax = _prepare(weight, widths, group_size)
+    absmax = _prepare(weight, widths, fit.group_size)
     bits_per_row = bits_per_row.to(weight.device)
     groups, levels = {}, {}
     for bits in widths:
         rows = (bits_per_row == bits).nonzero().squeeze(1)
         row_x2 = x2[rows] if x2 is not None and x2.dim() == 2 else x2
-        row_groups, row_levels, _ = fit_width(
-            weight[rows], row_x2, bits, codebook, lloyd_iters, group_size, tuple(t[rows] for t in absmax), fit_scales
-        )
+        row_groups, row_levels, _ = fit_width(weight[rows], row_x2, bits, fit, tuple(t[rows] for t in absmax))
         groups[bits] = tuple(t.clone() for t in absmax)
         for whole, part in zip(groups[bits], row_groups):
             whole[rows] = part
         levels[bits] = torch.zeros(weight.shape[0], 2**bits, device=weight.device)
         levels[bits][rows] = row_levels
-    lq = LayerQuant(widths, group_size, fit_scales, groups, levels, None)
+    lq = LayerQuant(widths, fit.group_size, fit.fit_scales, groups, levels, None)
     return assemble(lq, weight, bits_per_row, factor, refit_rounds)

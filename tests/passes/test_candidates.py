@@ -7,11 +7,13 @@ import torch
 
 from lowra_compile.passes import candidates, quantize, release
 from lowra_compile.passes.gptq import damping, hessian_factor
-from lowra_compile.passes.quantize import quantize_layer
+from lowra_compile.passes.quantize import CodebookFit, quantize_layer
 
 from ..tiny_models import batch
 from .layer_data import GROUP, correlated_inputs
 from .test_pipeline import _first_step, _spy
+
+FIT = CodebookFit(GROUP, "lloyd", 6, fit_scales=True)
 
 
 def _layer(seed: int = 0):
@@ -43,7 +45,7 @@ def _assert_same_width(a, b, bits: int, rtol: float = 0.0) -> None:
 def test_a_saved_layer_loads_as_quantized_and_subsets_skip_quantizing(tmp_path, monkeypatch, rounding):
     w, x2, factor = _layer()
     factor = factor if rounding == "gptq" else None
-    args = (GROUP, "lloyd", x2, 6, factor, True)
+    args = (FIT, x2, factor)
     direct = quantize_layer(w, (1, 2, 3, 4), *args)
     calls = _calls(monkeypatch)
     first = candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
@@ -58,7 +60,7 @@ def test_a_saved_layer_loads_as_quantized_and_subsets_skip_quantizing(tmp_path, 
 
 def test_only_missing_widths_are_quantized_and_added(tmp_path, monkeypatch):
     w, x2, factor = _layer()
-    args = (GROUP, "lloyd", x2, 6, factor, True)
+    args = (FIT, x2, factor)
     calls = _calls(monkeypatch)
     candidates.quantize_layer_cached(tmp_path, w, (2,), *args)
     both = candidates.quantize_layer_cached(tmp_path, w, (1, 2), *args)
@@ -70,29 +72,29 @@ def test_only_missing_widths_are_quantized_and_added(tmp_path, monkeypatch):
         _assert_same_width(both, alone, bits, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["weight", "x2", "gram", "group_size", "codebook", "fit_scales"])
+@pytest.mark.parametrize("change", ["weight", "x2", "gram", "group_size", "codebook", "lloyd_iters", "fit_scales"])
 def test_any_change_of_the_inputs_misses(tmp_path, monkeypatch, change):
     w, x2, factor = _layer()
-    base = dict(group_size=GROUP, codebook="lloyd", x2=x2, lloyd_iters=6, factor=factor, fit_scales=True)
     calls = _calls(monkeypatch)
-    candidates.quantize_layer_cached(tmp_path, w, (2,), *base.values())
-    changed = dict(base)
+    candidates.quantize_layer_cached(tmp_path, w, (2,), FIT, x2, factor)
+    fit = FIT
     if change == "weight":
         w = w.clone()
         w[3, 5] += 1e-3
     elif change == "x2":
-        changed["x2"] = x2 * 1.001
+        x2 = x2 * 1.001
     elif change == "gram":
-        changed["factor"] = hessian_factor(factor.gram * 1.001, damping(48, 96))
+        factor = hessian_factor(factor.gram * 1.001, damping(48, 96))
     else:
-        changed[change] = {"group_size": 8, "codebook": "nf", "fit_scales": False}[change]
-    candidates.quantize_layer_cached(tmp_path, w, (2,), *changed.values())
+        other = {"group_size": 8, "codebook": "nf", "lloyd_iters": 7, "fit_scales": False}[change]
+        fit = dataclasses.replace(FIT, **{change: other})
+    candidates.quantize_layer_cached(tmp_path, w, (2,), fit, x2, factor)
     assert len(calls) == 2
 
 
 def test_an_unreadable_file_is_quantized_again_with_a_warning(tmp_path, monkeypatch):
     w, x2, factor = _layer()
-    args = (GROUP, "lloyd", x2, 6, factor, True)
+    args = (FIT, x2, factor)
     calls = _calls(monkeypatch)
     first = candidates.quantize_layer_cached(tmp_path, w, (2,), *args)
     (saved,) = tmp_path.iterdir()
@@ -126,7 +128,7 @@ def test_compiling_again_at_another_budget_plans_from_the_saved_candidates(tmp_p
 
 def test_saved_error_feedback_codes_are_read_back_instead_of_rounding_again(tmp_path, monkeypatch):
     w, x2, factor = _layer()
-    args = (GROUP, "lloyd", x2, 6, factor, True)
+    args = (FIT, x2, factor)
     candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
     loaded = candidates.quantize_layer_cached(tmp_path, w, (2, 3), *args)
     direct = quantize_layer(w, (2, 3), *args, keep_codes=True)
@@ -141,7 +143,7 @@ def test_saved_error_feedback_codes_are_read_back_instead_of_rounding_again(tmp_
     expected = quantize.assemble(dataclasses.replace(direct, codes=None), w, bits, factor)
     assert not rounded
     assert all(torch.equal(a, b) for a, b in zip(packed.tensors(), expected.tensors(), strict=True))
-    nearest = candidates.quantize_layer_cached(tmp_path, w, (2,), GROUP, "lloyd", x2, 6, None, True)
+    nearest = candidates.quantize_layer_cached(tmp_path, w, (2,), FIT, x2)
     assert nearest.codes is None  # nearest rounding is cheap: nothing saved, nothing read
 
 
@@ -151,7 +153,7 @@ def test_two_compiles_asking_for_one_layer_at_once_quantize_it_once(tmp_path, mo
     # layer: the second waits for the first's lock and loads its file. Two threads hold separate locks as
     # two processes do (flock locks belong to the open file).
     w, x2, factor = _layer()
-    args = (GROUP, "lloyd", x2, 6, factor, True)
+    args = (FIT, x2, factor)
     calls, inside = [], threading.Event()
 
     def slow(weight, choices, *a, **kw):

@@ -3,7 +3,7 @@ import torch
 
 from lowra_compile.passes.gptq import hessian_factor
 from lowra_compile.passes.loftq import loftq_init
-from lowra_compile.passes.quantize import assemble, quantize_layer, quantize_rows
+from lowra_compile.passes.quantize import CodebookFit, assemble, quantize_layer, quantize_rows
 from lowra_compile.runtime.reference import dequantize
 
 
@@ -13,11 +13,12 @@ def test_loftq_factors_reduce_the_quantization_error():
     low_rank = torch.randn(n, rank) @ torch.randn(rank, k) * 0.05
     w = torch.randn(n, k) * 0.02 + low_rank
     bits = torch.tensor([1, 2] * (n // 2))
-    plain = quantize_rows(w, bits, 64, "lloyd", None, 6)
+    fit = CodebookFit(64, "lloyd", 6)
+    plain = quantize_rows(w, bits, fit)
     plain_error = (w - dequantize(plain.tensors(), k, 64, torch.float32)).norm()
     errors = []
     for iters in (1, 3):
-        packed, a, b = loftq_init(w, plain, bits, rank, s, iters, 64, "lloyd", None, 6)
+        packed, a, b = loftq_init(w, plain, bits, rank, s, iters, fit)
         assert a.shape == (rank, k) and b.shape == (n, rank)
         assert packed.rows_per_width() == {1: n // 2, 2: n // 2, 3: 0, 4: 0}
         errors.append((w - dequantize(packed.tensors(), k, 64, torch.float32) - s * b @ a).norm())
@@ -37,7 +38,8 @@ def test_the_pipelines_first_quantization_is_what_loftq_would_fit_itself(gptq, f
     x2 = (x**2).mean(0)
     factor = hessian_factor(x.t() @ x / 512, 0.1) if gptq else None
     bits = torch.tensor([1, 2, 3, 4] * (n // 4))
-    from_all = assemble(quantize_layer(w, (1, 2, 3, 4), 64, "lloyd", x2, 6, factor, fit_scales), w, bits, factor, 2 * gptq)
-    own = quantize_rows(w, bits, 64, "lloyd", x2, 6, factor, 2 * gptq, fit_scales)
+    fit = CodebookFit(64, "lloyd", 6, fit_scales=fit_scales)
+    from_all = assemble(quantize_layer(w, (1, 2, 3, 4), fit, x2, factor), w, bits, factor, 2 * gptq)
+    own = quantize_rows(w, bits, fit, x2, factor, 2 * gptq)
     for mine, theirs in zip(from_all.tensors(), own.tensors()):
         assert torch.equal(mine, theirs)

@@ -16,11 +16,11 @@ def _spy(monkeypatch):
     seen = {"choices": [], "x2": [], "errors": [], "factors": []}
     quantize_layer, plan_bits = candidates.quantize_layer, pipeline.plan_bits
 
-    def quantize_spy(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales, **kwargs):
+    def quantize_spy(weight, choices, fit, x2, factor, **kwargs):
         seen["choices"].append(choices)
         seen["x2"].append(x2)
         seen["factors"].append(factor)
-        return quantize_layer(weight, choices, group_size, codebook, x2, lloyd_iters, factor, fit_scales, **kwargs)
+        return quantize_layer(weight, choices, fit, x2, factor, **kwargs)
 
     def plan_spy(errors, in_features, choices, budget):
         seen["errors"] = errors
@@ -168,6 +168,7 @@ def test_each_expert_of_a_mixture_takes_codebooks_weighted_by_its_own_tokens():
     options = {"bits": 2.5, "rounding": "nearest", "progress": False, "inner": "eager"}
     torch.compile(model, backend="lowra", options=options)(x, offsets, torch.randn(28, 12)).backward()
 
+    fit = pipeline.codebook_fit(lowra_compile.LowRAConfig(**options))
     packed = release.packed_weight(model.weight)
     widths = torch.tensor([b for b, rows in packed.rows_per_width().items() for _ in range(rows)])
     bits = torch.empty_like(widths).index_put_((packed.perm.long(),), widths).view(4, 12)
@@ -175,10 +176,10 @@ def test_each_expert_of_a_mixture_takes_codebooks_weighted_by_its_own_tokens():
     own_error = pooled_error = 0.0
     for e, (start, count) in enumerate(zip(starts, counts)):
         tokens = x[start : start + count]
-        own = quantize_rows(dense[e], bits[e], 64, "lloyd", (tokens**2).mean(0), 12, fit_scales=True)
+        own = quantize_rows(dense[e], bits[e], fit, (tokens**2).mean(0))
         own = dequantize(own.tensors(), 64, 64, torch.float32)
         torch.testing.assert_close(got[e], own, msg=f"expert {e}")
-        pooled = quantize_rows(dense[e], bits[e], 64, "lloyd", (x**2).mean(0), 12, fit_scales=True)
+        pooled = quantize_rows(dense[e], bits[e], fit, (x**2).mean(0))
         pooled = dequantize(pooled.tensors(), 64, 64, torch.float32)
         own_error += ((tokens @ (dense[e] - own).t()) ** 2).sum().item()
         pooled_error += ((tokens @ (dense[e] - pooled).t()) ** 2).sum().item()

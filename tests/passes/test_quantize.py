@@ -3,7 +3,7 @@ import torch
 
 from lowra_compile.passes.gptq import gptq_codes, hessian_factor
 from lowra_compile.passes.quantize import (
-    _assign, _normalise, assemble, nf_levels, quantize_layer, quantize_rows, uniform_levels,
+    CodebookFit, _assign, _normalise, assemble, nf_levels, quantize_layer, quantize_rows, uniform_levels,
 )
 from lowra_compile.runtime.reference import dequantize
 
@@ -29,8 +29,8 @@ def test_level_sets_are_sorted_in_unit_interval(bits):
 def test_weighted_lloyd_never_worse_than_normalfloat_per_row(x2):
     w, act = _layer()
     act = act if x2 else None
-    lloyd = quantize_layer(w, CHOICES, 64, "lloyd", act, 10)
-    nf = quantize_layer(w, CHOICES, 64, "nf", act, 10)
+    lloyd = quantize_layer(w, CHOICES, CodebookFit(64, "lloyd", 10), act)
+    nf = quantize_layer(w, CHOICES, CodebookFit(64, "nf", 10), act)
     assert (lloyd.error <= nf.error * (1 + 1e-6)).all()
     assert (lloyd.error.sum(0) < nf.error.sum(0)).all(), "Lloyd-Max should improve the layer at every width"
     assert (lloyd.error[:, :-1] >= lloyd.error[:, 1:]).float().mean() > 0.95, "more bits, less error"
@@ -40,7 +40,7 @@ def test_weighted_lloyd_never_worse_than_normalfloat_per_row(x2):
 @pytest.mark.parametrize("codebook,fit_scales", [("lloyd", False), ("nf", False), ("uniform", False), ("lloyd", True), ("nf", True)])
 def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook, fit_scales):
     w, x2 = _layer(k=k)
-    lq = quantize_layer(w, CHOICES, group, codebook, x2, 6, fit_scales=fit_scales)
+    lq = quantize_layer(w, CHOICES, CodebookFit(group, codebook, 6, fit_scales=fit_scales), x2)
     bits = torch.tensor(CHOICES).repeat(w.shape[0] // 4)
     packed = assemble(lq, w, bits)
     deq = dequantize(packed.tensors(), k, group, torch.float32)
@@ -55,8 +55,8 @@ def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook
 def test_fitted_scales_are_never_worse_than_the_absmax_and_pay_at_low_bits(codebook, x2):
     w, act = _layer()
     act = act if x2 else None
-    absmax = quantize_layer(w, CHOICES, 64, codebook, act, 10)
-    fitted = quantize_layer(w, CHOICES, 64, codebook, act, 10, fit_scales=True)
+    absmax = quantize_layer(w, CHOICES, CodebookFit(64, codebook, 10), act)
+    fitted = quantize_layer(w, CHOICES, CodebookFit(64, codebook, 10, fit_scales=True), act)
     assert (fitted.error <= absmax.error).all()
     assert (fitted.error.sum(0)[:2] < 0.97 * absmax.error.sum(0)[:2]).all(), "1 and 2 bits should gain 3% or more"
     # each width keeps its own scales; the absmax is the same for all of them
@@ -71,8 +71,8 @@ def test_fitted_scales_help_the_groups_the_rows_codebook_fits_badly(bits):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(8, 256, generator=gen) * 0.02
     w[:, 3] = 0.2
-    absmax = quantize_layer(w, (bits,), 64, "lloyd", None, 10)
-    fitted = quantize_layer(w, (bits,), 64, "lloyd", None, 10, fit_scales=True)
+    absmax = quantize_layer(w, (bits,), CodebookFit(64, "lloyd", 10))
+    fitted = quantize_layer(w, (bits,), CodebookFit(64, "lloyd", 10, fit_scales=True))
     assert (fitted.error < absmax.error).all() and (fitted.error / absmax.error).mean() < 0.97
     assert not torch.equal(fitted.groups[bits][0], absmax.groups[bits][0])
 
@@ -81,8 +81,8 @@ def test_activation_weighting_moves_error_off_busy_inputs():
     w, _ = _layer()
     x2 = torch.ones(w.shape[1])
     x2[:50] = 100.0
-    plain = quantize_layer(w, (2,), 64, "lloyd", None, 10)
-    weighted = quantize_layer(w, (2,), 64, "lloyd", x2, 10)
+    plain = quantize_layer(w, (2,), CodebookFit(64, "lloyd", 10))
+    weighted = quantize_layer(w, (2,), CodebookFit(64, "lloyd", 10), x2)
 
     def busy_error(lq):
         deq = dequantize(assemble(lq, w, torch.full((w.shape[0],), 2)).tensors(), w.shape[1], 64, torch.float32)
@@ -93,7 +93,7 @@ def test_activation_weighting_moves_error_off_busy_inputs():
 
 def test_bfloat16_weights_are_accepted():
     w, x2 = _layer()
-    lq = quantize_layer(w.bfloat16(), (2, 4), 64, "lloyd", x2, 4)
+    lq = quantize_layer(w.bfloat16(), (2, 4), CodebookFit(64, "lloyd", 4), x2)
     packed = assemble(lq, w.bfloat16(), torch.full((w.shape[0],), 4))
     assert packed.dtype == torch.bfloat16 and packed.code_bits() == 4
 
@@ -109,12 +109,12 @@ def test_bfloat16_weights_are_accepted():
 )
 def test_bad_input_raises(weight, choices, message):
     with pytest.raises(ValueError, match=message):
-        quantize_layer(weight, choices, 64, "lloyd", None, 2)
+        quantize_layer(weight, choices, CodebookFit(64, "lloyd", 2))
 
 
 def test_assemble_rejects_widths_that_were_not_quantized():
     w, _ = _layer()
-    lq = quantize_layer(w, (2, 4), 64, "nf", None, 0)
+    lq = quantize_layer(w, (2, 4), CodebookFit(64, "nf", 0))
     with pytest.raises(ValueError, match="not quantized"):
         assemble(lq, w, torch.full((w.shape[0],), 3))
 
@@ -129,7 +129,7 @@ def test_mixed_widths_pack_each_row_as_rounding_it_on_its_own_levels(rounding, f
     if rounding == "gptq":
         x = torch.randn(400, 136, generator=torch.Generator().manual_seed(3)) @ (torch.eye(136) + 0.1)
         factor = hessian_factor(x.t() @ x / 400, 0.1)
-    lq = quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, factor, fit_scales)
+    lq = quantize_layer(w, CHOICES, CodebookFit(32, "lloyd", 4, fit_scales=fit_scales), x2, factor)
     bits = torch.arange(40) % 4 + 1
     mixed = dequantize(assemble(lq, w, bits, factor).tensors(), 136, 32, torch.float32)
     for b in CHOICES:
@@ -147,15 +147,16 @@ def test_kept_error_feedback_codes_pack_as_rounding_again(refit_rounds):
     w, x2 = _layer(n=40, k=136)
     x = torch.randn(400, 136, generator=torch.Generator().manual_seed(3)) @ (torch.eye(136) + 0.1)
     factor = hessian_factor(x.t() @ x / 400, 0.1)
-    kept = quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, factor, True, keep_codes=True)
-    again = quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, factor, True)
+    fit = CodebookFit(32, "lloyd", 4, fit_scales=True)
+    kept = quantize_layer(w, CHOICES, fit, x2, factor, keep_codes=True)
+    again = quantize_layer(w, CHOICES, fit, x2, factor)
     assert again.codes is None and set(kept.codes) == set(CHOICES)
     assert all(kept.codes[b].dtype == torch.uint8 and int(kept.codes[b].max()) < 2**b for b in CHOICES)
     bits = torch.arange(40) % 4 + 1
     packed = assemble(kept, w, bits, factor, refit_rounds).tensors()
     for a, b in zip(packed, assemble(again, w, bits, factor, refit_rounds).tensors(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert quantize_layer(w, CHOICES, 32, "lloyd", x2, 4, None, True, keep_codes=True).codes is None  # nearest
+    assert quantize_layer(w, CHOICES, fit, x2, keep_codes=True).codes is None  # nearest
 
 
 @pytest.mark.parametrize("fit_scales", [False, True])
@@ -165,18 +166,19 @@ def test_rows_with_their_own_input_moments_quantize_as_layers_of_their_own(fit_s
     w, x2 = _layer(n=48, k=136)
     other = x2.flip(0)
     per_row = torch.cat([x2.expand(20, -1), other.expand(28, -1)])
-    both = quantize_layer(w, CHOICES, 32, "lloyd", per_row, 6, None, fit_scales)
-    first = quantize_layer(w[:20], CHOICES, 32, "lloyd", x2, 6, None, fit_scales)
-    second = quantize_layer(w[20:], CHOICES, 32, "lloyd", other, 6, None, fit_scales)
+    fit = CodebookFit(32, "lloyd", 6, fit_scales=fit_scales)
+    both = quantize_layer(w, CHOICES, fit, per_row)
+    first = quantize_layer(w[:20], CHOICES, fit, x2)
+    second = quantize_layer(w[20:], CHOICES, fit, other)
     torch.testing.assert_close(both.error, torch.cat([first.error, second.error]))
     for b in CHOICES:
         torch.testing.assert_close(both.levels[b], torch.cat([first.levels[b], second.levels[b]]))
         for whole, a, c in zip(both.groups[b], first.groups[b], second.groups[b]):
             torch.testing.assert_close(whole, torch.cat([a, c]))
-    assert not torch.allclose(first.levels[2], quantize_layer(w[:20], CHOICES, 32, "lloyd", other, 6).levels[2])
+    assert not torch.allclose(first.levels[2], quantize_layer(w[:20], CHOICES, fit, other).levels[2])
 
     bits = torch.arange(48) % 4 + 1  # fixed widths (LoftQ's step) take the moments of their own rows too
-    fixed = dequantize(quantize_rows(w, bits, 32, "lloyd", per_row, 6, fit_scales=fit_scales).tensors(), 136, 32, torch.float32)
+    fixed = dequantize(quantize_rows(w, bits, fit, per_row).tensors(), 136, 32, torch.float32)
     for rows, moments in ((slice(0, 20), x2), (slice(20, 48), other)):
-        alone = quantize_rows(w[rows], bits[rows], 32, "lloyd", moments, 6, fit_scales=fit_scales)
+        alone = quantize_rows(w[rows], bits[rows], fit, moments)
         torch.testing.assert_close(fixed[rows], dequantize(alone.tensors(), 136, 32, torch.float32))

@@ -5,7 +5,7 @@ import torch
 
 from lowra_compile.passes import quantize, refit
 from lowra_compile.passes.gptq import gptq_codes, hessian_factor, output_error
-from lowra_compile.passes.quantize import SCALE_RANGE, assemble, group_absmax, quantize_layer
+from lowra_compile.passes.quantize import SCALE_RANGE, CodebookFit, assemble, group_absmax, quantize_layer
 from lowra_compile.runtime.format import dequantize_absmax
 from lowra_compile.runtime.reference import dequantize
 
@@ -92,7 +92,7 @@ def test_refit_keeps_a_level_no_code_uses():
 
 def _rounds(w, factor, bits: int, fit_scales: bool, rounds: int):
     """Output error on the calibration inputs after packing at one width, and the packed group scales [N, G]."""
-    lq = quantize_layer(w, (bits,), GROUP, "lloyd", factor.gram.diagonal(), 6, factor, fit_scales)
+    lq = quantize_layer(w, (bits,), CodebookFit(GROUP, "lloyd", 6, fit_scales=fit_scales), factor.gram.diagonal(), factor)
     packed = assemble(lq, w, torch.full((w.shape[0],), bits), factor, rounds)  # one width: rows in order
     delta = w - dequantize(packed.tensors(), w.shape[1], GROUP, torch.float32)
     return output_error(delta, factor.gram).sum(), dequantize_absmax(packed.absmax_codes, packed.absmax_scale)
