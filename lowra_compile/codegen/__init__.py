@@ -1,6 +1,7 @@
 """Codegen: Triton kernels per bit width, registered as the device implementations of the `lowra::*` ops.
 
     dequant.py         packed weight -> dense rows in original order (memory-bound, one launch per bit group)
+    dora_norm.py       DoRA's weight norm ||W + s B A|| per row from the packed weight, W never stored
     lora_gemm.py       C = X Wt + alpha S Bt + bias in one GEMM (forward, and dx = dy W + dS A)
     lora_grad.py       dS = alpha dy B and dB = alpha dy^T S from one read of dy
     fused_small_m.py   dequant in the GEMM main loop for small M, LoRA folded in, rows scattered via perm

@@ -17,6 +17,7 @@ LoRA terms in fp32; an fp32 GEMM at 7B shapes would cost more than the whole bf1
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from ..runtime import reference
 from ..runtime.format import BIT_WIDTHS
 from . import log, select
 from .dequant import dequantize, scratch
+from .dora_norm import dora_row_norms
 from .fused_small_m import fused_small_m
 from .grouped_gemm import grouped_dx, grouped_forward
 from .gptq_block import gptq_block
@@ -60,16 +62,36 @@ def _bits(packed: list[Tensor]) -> dict[int, int]:
     return {b: int(packed[3 + 2 * i].shape[0]) for i, b in enumerate(BIT_WIDTHS) if packed[3 + 2 * i].shape[0]}
 
 
-def dequant_impl(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
-    n = packed[0].shape[0]
-    nbytes = sum(t.numel() * t.element_size() for t in packed) + n * k * dtype.itemsize
+def _whole_weight_op(op: str, kernel: str, packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype,
+                     rank: int, reference_fn: Callable[[], Tensor], kernel_fn: Callable[..., Tensor], **counts) -> Tensor:
+    """An op with one kernel over the whole packed weight (no shape buckets, nothing to choose): the kernel
+    with its tiles where a Triton kernel runs, else the reference; logged either way."""
+    n, device = packed[0].shape[0], packed[0].device
     if not _use_triton(packed[0], dtype, group_size, n):
-        return log.record("dequant", REFERENCE, 0, k, n, 0, _bits(packed),
-                          lambda: reference.dequantize(packed, k, group_size, dtype), packed[0].device, nbytes=nbytes)
-    device = packed[0].device
-    choice = Choice("dequant", "", "gpu" if device.type == "cuda" else "interp")
-    return log.record("dequant", choice, 0, k, n, 0, _bits(packed),
-                      lambda: dequantize(packed, k, group_size, dtype, **choice.tiles("dequant", device)), device, nbytes=nbytes)
+        return log.record(op, REFERENCE, 0, k, n, rank, _bits(packed), reference_fn, device, **counts)
+    choice = Choice(op, "", "gpu" if device.type == "cuda" else "interp")
+    tiles = choice.tiles(kernel, device)
+    return log.record(op, choice, 0, k, n, rank, _bits(packed), lambda: kernel_fn(**tiles), device, **counts)
+
+
+def dequant_impl(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    nbytes = sum(t.numel() * t.element_size() for t in packed) + packed[0].shape[0] * k * dtype.itemsize
+    return _whole_weight_op(
+        "dequant", "dequant", packed, k, group_size, dtype, 0,
+        lambda: reference.dequantize(packed, k, group_size, dtype),
+        lambda **tiles: dequantize(packed, k, group_size, dtype, **tiles), nbytes=nbytes,
+    )
+
+
+def dora_row_norms_impl(packed: list[Tensor], k: int, group_size: int, lora_a: Tensor, lora_b: Tensor,
+                        scaling: float) -> Tensor:
+    args = (packed, k, group_size, lora_a, lora_b, scaling)
+    rank = lora_a.shape[0]
+    return _whole_weight_op(
+        "dora_row_norms", "dora_norm", packed, k, group_size, lora_a.dtype, rank,
+        lambda: reference.dora_row_norms(*args), lambda **tiles: dora_row_norms(*args, **tiles),
+        flops=2 * packed[0].shape[0] * k * (rank + 1),
+    )
 
 
 def _forward(c: Choice, x2: Tensor, xl2: Tensor | None, packed: list[Tensor], group_size: int, bias: Tensor | None,
@@ -219,7 +241,8 @@ def register_kernels() -> None:
     global _registered
     if _registered:
         return
-    for op, fn in (("lowra::dequant", dequant_impl), ("lowra::lora_linear", lora_linear_impl),
+    for op, fn in (("lowra::dequant", dequant_impl), ("lowra::dora_row_norms", dora_row_norms_impl),
+                   ("lowra::lora_linear", lora_linear_impl),
                    ("lowra::lora_linear_backward", lora_linear_backward_impl), ("lowra::gptq_block", gptq_block_impl),
                    ("lowra::grouped_linear", grouped_linear_impl),
                    ("lowra::grouped_linear_backward", grouped_linear_backward_impl)):

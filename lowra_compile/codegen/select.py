@@ -54,6 +54,7 @@ GEMM_CONFIGS = {
     "interp": dict(block_m=16, block_n=32, block_k=32, group_m=2),
 }
 DEQUANT_CONFIGS = {"gpu": dict(block_r=16, block_k=256, num_warps=4), "interp": dict(block_r=16, block_k=64)}
+DORA_NORM_CONFIGS = {"gpu": dict(block_r=16, block_k=128, num_warps=4), "interp": dict(block_r=16, block_k=64)}
 # grouped_gemm.py, forward and dx alike: BLOCK_N rows of W per tile (the forward's output, the dx
 # reduction), BLOCK_K columns (the forward's reduction, dx's output)
 GROUPED_CONFIGS = {
@@ -78,14 +79,16 @@ class Choice:
         return self.path + "".join(f" {p}" for p in (self.gemm, self.config) if p)
 
     def tiles(self, kernel: str, device: torch.device) -> dict:
-        """Keyword arguments of one launcher ("fused", "gemm", "grouped", "dequant", "grad") under this choice.
+        """Keyword arguments of one launcher ("fused", "gemm", "grouped", "dequant", "dora_norm", "grad") under
+        this choice.
 
         Off CUDA the kernels run in the interpreter, which always gets the tiny "interp" tiles."""
         gpu = device.type == "cuda"
         if kernel in ("fused", "gemm", "grouped"):
             configs = {"fused": FUSED_CONFIGS, "gemm": GEMM_CONFIGS, "grouped": GROUPED_CONFIGS}[kernel]
             return configs[self.config if gpu else "interp"]
-        return (DEQUANT_CONFIGS if kernel == "dequant" else GRAD_CONFIGS)["gpu" if gpu else "interp"]
+        configs = {"dequant": DEQUANT_CONFIGS, "dora_norm": DORA_NORM_CONFIGS, "grad": GRAD_CONFIGS}[kernel]
+        return configs["gpu" if gpu else "interp"]
 
 
 REFERENCE = Choice("reference")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..runtime import ops as _ops  # noqa: F401  (defines torch.ops.lowra.dora_row_norms)
 from ..runtime.format import PackedWeight
 from ..runtime.reference import dequantize
 from .gptq import HessianFactor
@@ -75,7 +76,6 @@ def loftq_init(
 
 @torch.no_grad()
 def dora_magnitude(packed: PackedWeight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
-    """DoRA's magnitude for a layer that starts as deq(Q) + s * B @ A: the norm of each of its rows (fp32)."""
-    w = dequantize(packed.tensors(), packed.shape[1], packed.group_size, torch.float32)
-    w += scaling * lora_b.float() @ lora_a.float()
-    return torch.linalg.norm(w, dim=1)
+    """DoRA's magnitude for a layer that starts as deq(Q) + s * B @ A: the norm of each of its rows (fp32), by
+    the op the training graph computes the norm with (`rewrite`), so the layer's scale starts at exactly 1."""
+    return torch.ops.lowra.dora_row_norms(packed.tensors(), packed.shape[1], packed.group_size, lora_a, lora_b, scaling)

@@ -94,16 +94,18 @@ class DoraRead:
 
     For a weight stored (in, out) (GPT-2's Conv1D) each reader of `%wc` reads `detach(getattr(%wc, "T"))`
     instead, PEFT's transpose. `reads` are the nodes holding the (out, in) matrix (`%wc`, or those transposes);
-    `rewrite` serves them from the packed weight (each `%yd` a packed op, the norm's W one dequantization
-    per call, as PEFT's DoRA dequantizes a 4-bit base). `lora_a`, `lora_b` and `scaling` are the adapter
-    whose B A the norm adds, which LoftQ starts, and `magnitude` the one the norm divides, which the pipeline
-    sets to the quantized layer's norms (None where the chain reads otherwise)."""
+    `rewrite` serves them from the packed weight (each `%yd` a packed op). `lora_a`, `lora_b` and `scaling`
+    are the adapter whose B A the norm adds, which LoftQ starts, `magnitude` the one the norm divides, which
+    the pipeline sets to the quantized layer's norms, and `norm` the norm `%n`, which `rewrite` computes
+    from the packed weight and the adapters without PEFT's dense B A and W (all None where the chain reads
+    otherwise: then the norm's W is one dequantization per call, as PEFT's DoRA dequantizes a 4-bit base)."""
 
     reads: tuple[fx.Node, ...]
     lora_a: fx.Node | None = None
     lora_b: fx.Node | None = None
     scaling: float | fx.Node | None = None
     magnitude: fx.Node | None = None
+    norm: fx.Node | None = None
 
 
 @dataclass
@@ -609,7 +611,7 @@ def _dora_read(w: fx.Node, transposed: bool) -> DoraRead | None:
     sums = [u for read in reads for u in read.users if _row_norm_of(u)]
     factors = _norm_adapter(sums[0]) if len(sums) == 1 else None
     magnitude = _norm_magnitude(_only_user(sums[0])) if factors else None
-    return DoraRead(reads, *factors, magnitude) if magnitude is not None else DoraRead(reads)
+    return DoraRead(reads, *factors, magnitude, _only_user(sums[0])) if magnitude is not None else DoraRead(reads)
 
 
 def _norm_magnitude(norm: fx.Node) -> fx.Node | None:

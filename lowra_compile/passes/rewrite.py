@@ -29,13 +29,18 @@ beside the packed experts; the update PEFT caches is rebuilt from the packed wei
 B's bias (PEFT's `lora_bias`), if any, stays outside the op: `%o = add(lowra.lora_linear(..), mul(%bB, 2.0))`.
 PEFT's DoRA reads of W (`match.DoraRead`) read the packed weight; its adapter runs as ordinary ops, since
 DoRA scales the base output and the adapter's by the magnitude over the norm (for a weight stored (in, out),
-the same after `detach(getattr(%wc, "T"))`):
+the same after `detach(getattr(%wc, "T"))`). The norm is one op on the packed weight and the detached
+adapters, so neither W nor PEFT's B A (built from an identity [K, K]) is ever dense:
 
-    %wc = to(%W, torch.float32)                       %wd = lowra.dequant([%p0..%p10], K, 64, torch.float32)
-    %ws = add(%wc, %sBA)                              %ws = add(%wd, %sBA)
-    %n  = linalg_norm(%ws, dim=1)                     %n  = linalg_norm(%ws, dim=1)
+    %e  = eye(K)                                      %n  = lowra.dora_row_norms([%p0..%p10], K, 64,
+    %l  = getattr(linear(linear(%e, %A), %B), "T")                                   detach(%A), detach(%B), 2.0)
+    %wc = to(%W, torch.float32)
+    %ws = add(%wc, mul(2.0, detach(%l)))
+    %n  = linalg_norm(%ws, dim=1)
     %yd = linear(%xd, %wc, None)                      %yd = lowra.lora_linear(%xd, %xd, [%p0..%p10], 64, None,
                                                                               None, None, 0.0)
+
+(where `match` finds no adapter in the norm, the norm stays and reads `lowra.dequant([%p0..%p10], ..)` for W).
 Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
 too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
 keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
@@ -118,10 +123,38 @@ def _add_scaled(fused: fx.Node, bias: fx.Node, scaling: float | fx.Node) -> None
     fused.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
+def _norm_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node], group_size: int) -> None:
+    """DoRA's row norm of W + s B A as one `lowra.dora_row_norms` call on the packed weight and the detached
+    adapters; PEFT's B A, its identity matrix and the sum go (the reads of W stay for the caller)."""
+    dora, norm = site.dora, nodes[site.dora.norm]
+    scaling = nodes[dora.scaling] if isinstance(dora.scaling, fx.Node) else float(dora.scaling)
+    graph = norm.graph
+    with graph.inserting_before(norm):
+        a, b = (graph.call_method("detach", (nodes[p],)) for p in (dora.lora_a, dora.lora_b))
+        out = graph.call_function(torch.ops.lowra.dora_row_norms.default, (packed, site.shape[1], group_size, a, b, scaling))
+        dtype = example_value(dora.norm).dtype
+        if dtype != torch.float32:
+            out = graph.call_method("to", (out, dtype))
+    out.meta = dict(norm.meta)
+    norm.replace_all_uses_with(out)
+    _erase_with_unread_inputs(norm, keep={nodes[r] for r in dora.reads})
+
+
+def _erase_with_unread_inputs(node: fx.Node, keep: set[fx.Node]) -> None:
+    """Erase `node`, then every input that nothing else reads, recursively; placeholders and `keep` stay."""
+    inputs = node.all_input_nodes
+    node.graph.erase_node(node)
+    for source in inputs:
+        if not source.users and source.op != "placeholder" and source not in keep:
+            _erase_with_unread_inputs(source, keep)
+
+
 def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node], group_size: int) -> None:
-    """DoRA's reads of the site's weight (`match.DoraRead`) served by its packed form: a linear of one becomes
-    the packed op, anything else reads one dequantization (its row norm: no dense W is kept); the casts and
-    transposes between W and the reads go."""
+    """DoRA's reads of the site's weight (`match.DoraRead`) served by its packed form: the row norm one op
+    (`_norm_from_packed`) where `match` found its adapter, a linear of a read the packed op, anything else
+    one dequantization (no dense W is kept); the casts and transposes between W and the reads go."""
+    if site.dora.norm is not None:
+        _norm_from_packed(site, nodes, packed, group_size)
     dtype, weight = example_value(site.weight).dtype, nodes[site.weight]
     for read in (nodes[r] for r in site.dora.reads):
         graph, dense = read.graph, None

@@ -1,6 +1,8 @@
 """The `lowra::*` torch.library ops: schemas, fake functions, autograd, and the reference implementation.
 
     lowra::dequant(packed, k, group_size, dtype) -> W [N, K]
+    lowra::dora_row_norms(packed, k, group_size, lora_a, lora_b, scaling) -> ||W + s B A|| per row [N], fp32
+        (DoRA's detached weight norm: no autograd; the caller passes detached adapters)
     lowra::lora_linear(x, x_lora, packed, group_size, bias?, lora_a?, lora_b?, scaling) -> y
     lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx, merge_dx)
         -> (dx, dx_lora, dA, dB)     merge_dx: x_lora is x (no dropout), so dx = dy W + dS A in one GEMM
@@ -31,6 +33,14 @@ dequant = custom_op("lowra::dequant", reference.dequantize, mutates_args=())
 @dequant.register_fake
 def _(packed, k, group_size, dtype):
     return packed[0].new_empty(packed[0].shape[0], k, dtype=dtype)
+
+
+dora_row_norms = custom_op("lowra::dora_row_norms", reference.dora_row_norms, mutates_args=())
+
+
+@dora_row_norms.register_fake
+def _(packed, k, group_size, lora_a, lora_b, scaling):
+    return packed[0].new_empty(packed[0].shape[0], dtype=torch.float32)
 
 
 lora_linear = custom_op("lowra::lora_linear", reference.lora_linear, mutates_args=())

@@ -2,6 +2,7 @@
 implementation used on CPU and under fake tensors.
 
     dequantize:        packed tensors -> dense W [N, K] in original row order
+    dora_row_norms:    ||W[n] + s (B A)[n]|| for every row n, fp32: DoRA's weight norm, without a dense W
     lora_linear:       y  = x W^T + b + s * (x_lora A^T) B^T
     lora_linear_bwd:   dx = dy W ;  S = x_lora A^T ;  dS = s * dy B ;  dB = s * dy^T S ;  dA = dS^T x_lora ;
                        dx_lora = dS A
@@ -14,6 +15,8 @@ implementation used on CPU and under fake tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,23 +24,47 @@ from torch import Tensor
 from .format import BIT_WIDTHS, dequantize_absmax, unpack_codes
 
 
-def dequantize(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
-    """Dense [N, K] weight in original row order, computed in fp32 and cast to `dtype`."""
+def _dense_rows(packed: list[Tensor], k: int, group_size: int, chunk: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(original row indices [r], fp32 rows [r, K]) of the dense weight, `chunk` packed rows at a time (None:
+    each bit group whole)."""
     perm, absmax_codes, absmax_scale, *groups = packed
-    n = perm.shape[0]
-    absmax = dequantize_absmax(absmax_codes, absmax_scale)
-    scale = absmax.repeat_interleave(group_size, dim=1)[:, :k]  # [N, K], packed row order
-    out = torch.empty(n, k, dtype=torch.float32, device=perm.device)
+    absmax = dequantize_absmax(absmax_codes, absmax_scale)  # [N, G], packed row order
     start = 0
     for i, bits in enumerate(BIT_WIDTHS):
         codes, codebook = groups[2 * i], groups[2 * i + 1]
         rows = codes.shape[0]
-        if rows == 0:
-            continue
-        values = torch.gather(codebook.float(), 1, unpack_codes(codes, bits, k))
-        out[perm[start : start + rows].long()] = values * scale[start : start + rows]
+        step = chunk or max(rows, 1)
+        for first in range(0, rows, step):
+            last = min(first + step, rows)
+            scale = absmax[start + first : start + last].repeat_interleave(group_size, dim=1)[:, :k]
+            values = torch.gather(codebook[first:last].float(), 1, unpack_codes(codes[first:last], bits, k))
+            yield perm[start + first : start + last].long(), values * scale
         start += rows
+
+
+def dequantize(packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    """Dense [N, K] weight in original row order, computed in fp32 and cast to `dtype`."""
+    out = torch.empty(packed[0].shape[0], k, dtype=torch.float32, device=packed[0].device)
+    for rows, values in _dense_rows(packed, k, group_size):
+        out[rows] = values
     return out.to(dtype)
+
+
+_NORM_ROWS = 256  # rows dequantized at a time for the norms: 11 MB of fp32 at K = 11008
+
+
+def dora_row_norms(
+    packed: list[Tensor], k: int, group_size: int, lora_a: Tensor, lora_b: Tensor, scaling: float
+) -> Tensor:
+    """[N] fp32: the norm of each row of W + scaling * B A (A [r, K], B [N, r]), DoRA's weight norm (PEFT's
+    `get_weight_norm`), in fp32 whatever the adapters' dtype. Neither W nor B A is ever held whole: a few
+    hundred rows of each at a time."""
+    out = torch.empty(packed[0].shape[0], dtype=torch.float32, device=packed[0].device)
+    a = lora_a.float()
+    for rows, values in _dense_rows(packed, k, group_size, _NORM_ROWS):
+        values += scaling * (lora_b[rows].float() @ a)
+        out[rows] = torch.linalg.vector_norm(values, dim=1)
+    return out
 
 
 def lora_output_dtype(x: Tensor, lora_a: Tensor | None) -> torch.dtype:

@@ -23,7 +23,7 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = [line.split() for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 29
+    assert len(compiled) == 32
     too_big = [c for c in compiled if int(c[-1]) > H100_SHARED_BYTES]
     assert not too_big, too_big
 
@@ -35,6 +35,7 @@ def _compile_all() -> None:
 
     from lowra_compile.codegen import select
     from lowra_compile.codegen.dequant import _dequant_kernel
+    from lowra_compile.codegen.dora_norm import _dora_norm_kernel, norm_tiles
     from lowra_compile.codegen.fused_small_m import _fused_small_m_kernel
     from lowra_compile.codegen.grouped_gemm import _grouped_dx_kernel, _grouped_forward_kernel, _ranges_kernel
     from lowra_compile.codegen.lora_gemm import _lora_gemm_kernel
@@ -42,7 +43,7 @@ def _compile_all() -> None:
 
     def build(label, fn, pointers, consts, num_warps, num_stages=2):
         sig = {a: "constexpr" if a in consts else pointers.get(a, "i32") for a in fn.arg_names}
-        sig.update({a: "fp32" for a in ("alpha",) if a in sig})
+        sig.update({a: "fp32" for a in ("alpha", "scaling") if a in sig})
         k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=num_warps, num_stages=num_stages))
         print("ok", label, k.metadata.shared, flush=True)
@@ -53,6 +54,12 @@ def _compile_all() -> None:
             cfg = select.DEQUANT_CONFIGS["gpu"]
             build(f"dequant-b{bits}-{lut}", _dequant_kernel, dict(packed, out_ptr="*bf16"),
                   dict(BITS=bits, GROUP=64, LUT=lut, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"]), cfg["num_warps"])
+    cfg = select.DORA_NORM_CONFIGS["gpu"]
+    for bits, rank in ((1, 8), (3, 64), (4, 256)):
+        block_rank, block_k = norm_tiles(rank, cfg["block_k"])
+        build(f"dora_norm-b{bits}-r{rank}", _dora_norm_kernel, dict(packed, a_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32"),
+              dict(BITS=bits, GROUP=64, LUT="where", BLOCK_R=cfg["block_r"], BLOCK_K=block_k, BLOCK_RANK=block_rank),
+              cfg["num_warps"])
     fused_ptrs = dict(packed, x_ptr="*bf16", s_ptr="*bf16", b_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
     cases = [(3, 16, name) for name in select.FUSED_CONFIGS if name != "interp"] + [(4, 128, "n128-k64-w4-s3")]
     for bits, block_m, name in cases:

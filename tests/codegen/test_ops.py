@@ -118,6 +118,21 @@ def test_dequant_op_log_and_reference_mode(device):
         ("dequant", "dequant", {1: 6, 2: 6, 3: 6, 4: 6}), ("dequant", "reference", {1: 6, 2: 6, 3: 6, 4: 6})]
 
 
+@pytest.mark.parametrize("adapters", [torch.float32, torch.bfloat16])
+def test_dora_row_norms_op_log_and_reference_mode(device, adapters):
+    packed = random_packed_weight(24, 70, group_size=32, device=device).tensors()
+    a, b = torch.randn(4, 70, device=device, dtype=adapters), torch.randn(24, 4, device=device, dtype=adapters)
+    want = reference.dora_row_norms(packed, 70, 32, a, b, 0.5)
+    torch.testing.assert_close(torch.ops.lowra.dora_row_norms(packed, 70, 32, a, b, 0.5), want, atol=1e-5, rtol=1e-5)
+    codegen.set_kernel_mode("reference")
+    torch.testing.assert_close(torch.ops.lowra.dora_row_norms(packed, 70, 32, a, b, 0.5), want, atol=0, rtol=0)
+    logged = [(e["op"], e["path"], e["rank"], e["calls"]) for e in codegen.kernel_log()]
+    if device == "cpu" and adapters == torch.bfloat16:  # the interpreter has no bf16 arithmetic: the reference
+        assert logged == [("dora_row_norms", "reference", 4, 2)]
+    else:
+        assert logged == [("dora_row_norms", "dora_row_norms", 4, 1), ("dora_row_norms", "reference", 4, 1)]
+
+
 def test_timing_fills_time_and_throughput(device):
     codegen.set_timing(True)
     packed, x, xl, a, b, bb = _layer(7, "shared", False, torch.float32, device)
