@@ -249,14 +249,20 @@ def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_an
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model(inner):
+def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model(inner, monkeypatch):
     # PEFT's DoRA breaks the graph in every layer under plain Dynamo (`peft_tracing`); through lowra its base
     # linears reach one graph, are packed and their norms read the packed weights, never dense
+    graphs, rewrite = [], lowra_compile.backend.rewrite
+    monkeypatch.setattr(lowra_compile.backend, "rewrite", lambda *a, **kw: graphs.append(rewrite(*a, **kw)) or graphs[-1])
     model = tiny_peft_llama(use_dora=True)
     assert torch._dynamo.explain(model)(**batch(8)).graph_break_count == 0
     torch._dynamo.reset()
     compiled = _compile(model, inner=inner)
     compiled(**batch(8)).loss.backward()
+    (gm, _), = graphs
+    targets = collections.Counter(n.target for n in gm.graph.nodes)
+    assert targets[torch.ops.lowra.dora_row_norms.default] == 14  # PEFT's identity, B A and norm are gone:
+    assert not targets[torch.eye] and not targets[torch.linalg.norm] and not targets[torch.ops.lowra.dequant.default]
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
     assert lowra_compile.report(model).dense == ("base_model.model.lm_head.weight",)
     lowra_compile.codegen.clear_log()
