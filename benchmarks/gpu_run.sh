@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_run.sh kernels    # layer_step.py, decode.py and grouped_step.py, side by side with the baselines
 #   bash benchmarks/gpu_run.sh plan       # plan_speed 7B (nearest, gptq) and the gptq_block kernel
 #   bash benchmarks/gpu_run.sh train      # train_step.py (bf16 LoRA, bnb QLoRA, lowra 2.0 / 1.5), Llama 7B and Mixtral
-#   bash benchmarks/gpu_run.sh dora       # train_step.py --dora (bf16 DoRA, bnb QDoRA, lowra 2.0 DoRA), Llama 7B
+#   bash benchmarks/gpu_run.sh dora       # dora_norm.py (PEFT's dense norm vs lowra's op), then train_step.py --dora
+#                                         # (bf16 DoRA, bnb QDoRA, lowra 2.0 DoRA), Llama 7B
 #   bash benchmarks/gpu_run.sh stash      # keep .gpu's first GGUF half and token windows for later calls,
 #                                         # and build the grid's kernels into the compile caches
 #   bash benchmarks/gpu_run.sh accuracy [accuracy.py args]   # the accuracy grid, JOBS processes on the GPU
@@ -51,6 +52,7 @@ case "$stage" in
     python benchmarks/train_step.py --model mixtral 2>&1 | tail -n 20 >> "$out/train_step.txt"
     ;;
   dora)
+    python benchmarks/dora_norm.py 2>&1 | tail -n 20 > "$out/dora_norm.txt"
     python benchmarks/train_step.py --dora 2>&1 | tail -n 20 > "$out/train_step_dora.txt"
     ;;
   plan)
