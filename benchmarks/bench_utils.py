@@ -59,6 +59,18 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     return statistics.median(times)
 
 
+def peak_mib(fn, device: torch.device) -> float | None:
+    """Memory one call adds at its peak over what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def packed_at_budget(n: int, k: int, bits: float, device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     """Random packed tensors of an [n, k] weight whose rows average `bits` code bits."""
     return random_packed_weight(n, k, WIDTH_MIX[bits], group_size=64, dtype=dtype, device=device, seed=seed).tensors()

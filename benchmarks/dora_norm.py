@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import lowra_compile  # noqa: F401  (registers the ops and their kernels)
-from bench_utils import bench, device_and_dtype, environment, packed_at_budget, parser, write_json
+from bench_utils import bench, device_and_dtype, environment, packed_at_budget, parser, peak_mib, write_json
 from lowra_compile import codegen
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): attention, gate/up, down
@@ -29,18 +29,6 @@ def peft_dense(packed: list[torch.Tensor], k: int, a: torch.Tensor, b: torch.Ten
     w = torch.ops.lowra.dequant(packed, k, 64, dtype)
     lora_weight = (torch.eye(k, device=w.device, dtype=dtype) @ a.t().to(dtype) @ b.t().to(dtype)).t()
     return torch.linalg.norm(w + s * lora_weight, dim=1)
-
-
-def extra_mib(fn, device: torch.device) -> float | None:
-    """Peak memory allocated by one call of `fn` above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                 exact = peft_dense(packed, k, a, b, 2.0, torch.float32)
                 error = ((fns["lowra op"]() - exact).abs() / exact).max().item()
                 for name, fn in fns.items():
-                    ms, mib = bench(fn, device, args.quick), extra_mib(fn, device)
+                    ms, mib = bench(fn, device, args.quick), peak_mib(fn, device)
                     rows.append({"N": n, "K": k, "rank": rank, "variant": name, "ms": ms, "extra_mib": mib,
                                  **({"max_rel_error": error} if name == "lowra op" else {})})
                     print(f"N={n} K={k} r={rank:3d}  {name:10s} {ms:8.3f} ms  extra {mib} MiB", flush=True)

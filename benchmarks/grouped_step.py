@@ -21,7 +21,7 @@ import os
 import torch
 
 import lowra_compile  # noqa: F401  (registers the ops and their kernels)
-from bench_utils import bench, device_and_dtype, environment, packed_at_budget, parser, write_json
+from bench_utils import bench, device_and_dtype, environment, packed_at_budget, parser, peak_mib, write_json
 from lowra_compile import codegen
 from lowra_compile.codegen import select
 from lowra_compile.codegen.register import run_grouped
@@ -62,18 +62,6 @@ def variants(layout: dict, tokens: int, device: torch.device, dtype: torch.dtype
     return out
 
 
-def _peak_mib(fn, device: torch.device) -> float | None:
-    """Memory one call adds at its peak over what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__).parse_args(argv)
     device, dtype = device_and_dtype(args.quick)
@@ -87,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             times = {v: bench(fn, device, args.quick) for v, fn in steps.items()}
             floor = times["floor: bf16 grouped_mm"]
             for v, ms in times.items():
-                peak = _peak_mib(steps[v], device)
+                peak = peak_mib(steps[v], device)
                 rows.append({"layout": name, "tokens": tokens, **layout, "variant": v, "ms": ms, "x_floor": ms / floor,
                              "peak_mib": peak})
                 print(f"{name} tokens={tokens:5d}  {v:36s} {ms:8.3f} ms  {ms / floor:5.2f}x floor"
