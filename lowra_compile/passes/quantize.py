@@ -79,11 +79,11 @@ class CodebookFit:
     """How every width's levels and group scales are fitted (LowRAConfig's group_size, codebook,
     lloyd_iters and scales): groups of `group_size` input channels; levels "lloyd" (weighted Lloyd-Max,
     `lloyd_iters` steps from NF), "nf" or "uniform"; group scales fitted to the codes (`fit_scales`) or
-    the absmax."""
+    the absmax (the default here; LowRAConfig's default fits them)."""
 
-    group_size: int = 64
-    codebook: str = "lloyd"
-    lloyd_iters: int = 12
+    group_size: int
+    codebook: str
+    lloyd_iters: int
     fit_scales: bool = False
 
 
