@@ -137,10 +137,10 @@ def _norm_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node], grou
             out = graph.call_method("to", (out, dtype))
     out.meta = dict(norm.meta)
     norm.replace_all_uses_with(out)
-    _erase_with_unread_inputs(norm, keep={nodes[r] for r in dora.reads})
+    _erase_with_unread_inputs(norm, keep=frozenset(nodes[r] for r in dora.reads))
 
 
-def _erase_with_unread_inputs(node: fx.Node, keep: set[fx.Node]) -> None:
+def _erase_with_unread_inputs(node: fx.Node, keep: frozenset[fx.Node]) -> None:
     """Erase `node`, then every input that nothing else reads, recursively; placeholders and `keep` stay."""
     inputs = node.all_input_nodes
     node.graph.erase_node(node)
@@ -168,10 +168,8 @@ def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node],
                 with graph.inserting_before(read):
                     dense = graph.call_function(torch.ops.lowra.dequant.default, (packed, site.shape[1], group_size, dtype))
             user.replace_input_with(read, dense)
-        while read is not weight and not read.users:  # the read, then its transpose and cast once unread
-            source = read.args[0]
-            graph.erase_node(read)
-            read = source
+        if read is not weight and not read.users:  # the read, then its transpose and cast once unread
+            _erase_with_unread_inputs(read, keep=frozenset({weight}))
 
 
 def _erase_unread(nodes: list[fx.Node]) -> None:
