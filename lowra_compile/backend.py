@@ -26,10 +26,11 @@ from . import codegen
 from .config import QUANTIZING, LowRAConfig
 from .experts_class import hold_peft_experts
 from .passes.linear_forms import linear_forms
-from .passes.match import LinearSite, match_sites
+from .passes.match import match_sites
 from .passes.pipeline import placeholder_values, quantize_sites
 from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
+from .passes.sites import LinearSite
 from .recompile_room import count_layer
 
 

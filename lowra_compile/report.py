@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import codegen
-from .passes.match import is_frozen_matrix
+from .passes.fx_nodes import is_frozen_matrix
 from .passes.release import ReleasedWeight, packed_weight
 from .runtime.format import BIT_WIDTHS
 

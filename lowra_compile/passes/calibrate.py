@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
-from .match import LinearSite
+from .sites import LinearSite
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from .match import checkpoint_bodies, example_value, is_dequant, is_frozen_matrix, is_lowra_op
+from .fx_nodes import example_value, is_dequant, is_frozen_matrix, is_lowra_op
+from .match import checkpoint_bodies
 from .rewrite import copy_graph_module
 
 

@@ -24,11 +24,12 @@ from .calibrate import SiteStats, calibrate
 from .candidates import quantize_layer_cached
 from .gptq import HessianFactor, LatestFactor
 from .loftq import dora_magnitude, loftq_init
-from .match import LinearSite, body_inputs, checkpoint_bodies
+from .match import body_inputs, checkpoint_bodies
 from .plan import plan_bits
 from .quantize import CodebookFit, assemble
 from .release import attach
 from .replicas import average_statistics, first_rank_plan, replicated, share_first_rank
+from .sites import LinearSite
 
 
 def placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:

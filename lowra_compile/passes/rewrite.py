@@ -13,7 +13,7 @@ A grouped site (a mixture's stacked experts, `match`) becomes one `lowra.grouped
     %wt = transpose(%W_experts, -2, -1)               %y = lowra.grouped_linear(%x, %offsets, [%p0..%p10], 64, E)
     %y  = grouped_mm(%x, %wt, offs=%offsets)
 
-and with PEFT's LoRA on the experts (`match.ExpertsLora`), the adapter runs on its factors, expert by expert,
+and with PEFT's LoRA on the experts (`match_experts.ExpertsLora`), the adapter runs on its factors, expert by expert,
 beside the packed experts; the update PEFT caches is rebuilt from the packed weight (W is freed):
 
     %u  = baddbmm(%W_experts, %lhs, %rhs, alpha=s)    %w  = lowra.dequant([%p0..%p10], K, 64, dtype)
@@ -27,7 +27,7 @@ beside the packed experts; the update PEFT caches is rebuilt from the packed wei
 (experts stored (E, K, N), read without the transpose: %h = grouped_mm(%x, %lhs), %z = grouped_mm(%h, %rhs)).
 
 B's bias (PEFT's `lora_bias`), if any, stays outside the op: `%o = add(lowra.lora_linear(..), mul(%bB, 2.0))`.
-PEFT's DoRA reads of W (`match.DoraRead`) read the packed weight; its adapter runs as ordinary ops, since
+PEFT's DoRA reads of W (`match_dora.DoraRead`) read the packed weight; its adapter runs as ordinary ops, since
 DoRA scales the base output and the adapter's by the magnitude over the norm (for a weight stored (in, out),
 the same after `detach(getattr(%wc, "T"))`). The norm is one op on the packed weight and the detached
 adapters, so neither W nor PEFT's B A (built from an identity [K, K]) is ever dense:
@@ -56,8 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from .match import LinearSite, example_value, linear_args
+from .fx_nodes import example_value, linear_args
 from .release import in_stored_shape
+from .sites import LinearSite
 
 _DYNAMO_ATTRS = ("meta", "_param_name_to_source")
 
@@ -150,7 +151,7 @@ def _erase_with_unread_inputs(node: fx.Node, keep: frozenset[fx.Node]) -> None:
 
 
 def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node], group_size: int) -> None:
-    """DoRA's reads of the site's weight (`match.DoraRead`) served by its packed form: the row norm one op
+    """DoRA's reads of the site's weight (`match_dora.DoraRead`) served by its packed form: the row norm one op
     (`_norm_from_packed`) where `match` found its adapter, a linear of a read the packed op, anything else
     one dequantization (no dense W is kept); the casts and transposes between W and the reads go."""
     if site.dora.norm is not None:
