@@ -128,22 +128,17 @@ def lora_linear_impl(x: Tensor, x_lora: Tensor, packed: list[Tensor], group_size
     return y.view(*x.shape[:-1], n)
 
 
-def _backward_dtype(grad: Tensor, x_lora: Tensor, lora_a: Tensor | None) -> torch.dtype:
-    """x's dtype, which every backward product runs in: x_lora's with LoRA, else grad's (then y's is x's)."""
-    return x_lora.dtype if lora_a is not None else grad.dtype
-
-
 def _backward(c: Choice, grad: Tensor, x_lora: Tensor, packed: list[Tensor], group_size: int, k: int,
-              lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, need_dx: bool, merge_dx: bool):
+              lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, need_dx: bool, merge_dx: bool,
+              cd: torch.dtype):
     def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
         return grad.new_empty(0)
 
     n = packed[0].shape[0]
-    cd = _backward_dtype(grad, x_lora, lora_a)
     g2 = grad.reshape(-1, n).to(cd)
     ds, dx_lora, da, db = None, empty(), empty(), empty()
     if lora_a is not None:
-        xl2 = x_lora.reshape(-1, k)
+        xl2 = x_lora.reshape(-1, k).to(cd)  # PEFT casts x_lora to fp32 adapters: the products stay in x's dtype
         s = xl2 @ lora_a.t().to(cd)
         if c.gemm == "triton":  # dS and dB from one read of dy
             ds32, db32 = lora_dys_dyb(g2, s, lora_b, scaling, **c.tiles("grad", grad.device))
@@ -152,7 +147,7 @@ def _backward(c: Choice, grad: Tensor, x_lora: Tensor, packed: list[Tensor], gro
             ds, db = scaling * (g2 @ lora_b.to(cd)), (scaling * (g2.t() @ s)).to(lora_b.dtype)
         da = (ds.t() @ xl2).to(lora_a.dtype)
         if not merge_dx:
-            dx_lora = (ds @ lora_a.to(cd)).view(x_lora.shape)
+            dx_lora = (ds @ lora_a.to(cd)).view(x_lora.shape).to(x_lora.dtype)
     dx = empty()
     if need_dx:
         w = dequantize(packed, k, group_size, cd, out=scratch(n, k, cd, grad.device), **c.tiles("dequant", grad.device))
@@ -168,13 +163,13 @@ def _backward(c: Choice, grad: Tensor, x_lora: Tensor, packed: list[Tensor], gro
 
 def lora_linear_backward_impl(grad: Tensor, x_lora: Tensor, packed: list[Tensor], group_size: int, k: int,
                               lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, need_dx: bool,
-                              merge_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                              merge_dx: bool, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = packed[0].shape[0]
     m = grad.numel() // n
     rank = lora_a.shape[0] if lora_a is not None else 0
     flops = (2 * m * n * k if need_dx else 0) + 2 * m * rank * (3 * k + 2 * n)  # S, dA, dS A and dS, dB
-    args = (grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx)
-    if not _use_triton(grad, _backward_dtype(grad, x_lora, lora_a), group_size, m):
+    args = (grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx, compute_dtype)
+    if not _use_triton(grad, compute_dtype, group_size, m):
         return log.record("lora_linear_backward", REFERENCE, m, k, n, rank, _bits(packed),
                           lambda: reference.lora_linear_backward(*args), grad.device, flops=flops)
 

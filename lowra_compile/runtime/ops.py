@@ -4,8 +4,9 @@
     lowra::dora_row_norms(packed, k, group_size, lora_a, lora_b, scaling) -> ||W + s B A|| per row [N], fp32
         (DoRA's detached weight norm: no autograd; the caller passes detached adapters)
     lowra::lora_linear(x, x_lora, packed, group_size, bias?, lora_a?, lora_b?, scaling) -> y
-    lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx, merge_dx)
-        -> (dx, dx_lora, dA, dB)     merge_dx: x_lora is x (no dropout), so dx = dy W + dS A in one GEMM
+    lowra::lora_linear_backward(grad, x_lora, packed, group_size, k, lora_a?, lora_b?, scaling, need_dx, merge_dx,
+        compute_dtype) -> (dx, dx_lora, dA, dB)     merge_dx: x_lora is x (no dropout), so dx = dy W + dS A in one
+        GEMM; compute_dtype: x's, which the products run in (grad and x_lora may be fp32 next to fp32 adapters)
     lowra::grouped_linear(x, offsets, packed, group_size, experts) -> y     a mixture's stacked experts
     lowra::grouped_linear_backward(grad, offsets, packed, group_size, experts, k) -> dx
     lowra::gptq_block(weight, scale, levels, u) -> (codes, errors)     one block of GPTQ rounding (quantizing)
@@ -56,7 +57,7 @@ lora_linear_backward = custom_op("lowra::lora_linear_backward", reference.lora_l
 
 
 @lora_linear_backward.register_fake
-def _(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx):
+def _(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx, compute_dtype):
     def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
         return grad.new_empty(0)
 
@@ -90,7 +91,7 @@ def _backward(ctx, grad: Tensor):
     if x_lora is None:
         x_lora = grad.new_empty(0)
     dx, dx_lora, da, db = torch.ops.lowra.lora_linear_backward(
-        grad, x_lora, packed, ctx.group_size, ctx.k, lora_a, lora_b, ctx.scaling, need_dx, merge_dx
+        grad, x_lora, packed, ctx.group_size, ctx.k, lora_a, lora_b, ctx.scaling, need_dx, merge_dx, ctx.x_dtype
     )
     dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
     no_packed_grad = [None] * len(packed)

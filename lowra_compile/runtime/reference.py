@@ -99,18 +99,21 @@ def lora_linear_backward(
     scaling: float,
     need_dx: bool,
     merge_dx: bool,
+    compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dx_lora, dA, dB); the ones not computed are empty tensors (x_lora may be empty without LoRA).
 
     merge_dx: x_lora is x, so return dx = dy W + dS A and an empty dx_lora.
+    compute_dtype: x's dtype, which dy W runs in, as the dense linear's backward would (dy is fp32 next to
+    fp32 adapters, and PEFT casts x_lora to them).
     """
     def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
         return grad.new_empty(0)
 
     dx = empty()
     if need_dx:
-        w = dequantize(packed, k, group_size, grad.dtype)
-        dx = grad @ w
+        w = dequantize(packed, k, group_size, compute_dtype)
+        dx = (grad.to(compute_dtype) @ w).to(grad.dtype)
     if lora_a is None:
         return dx, empty(), empty(), empty()
     g2 = grad.reshape(-1, grad.shape[-1]).to(lora_b.dtype)

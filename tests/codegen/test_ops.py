@@ -97,6 +97,21 @@ def test_lora_linear_fp16_input_fp32_adapters(variant, lora, monkeypatch, tmp_pa
     _check(*_layer(7, lora, True, torch.float16, device, lora_dtype=torch.float32), tol[torch.float16])
 
 
+@pytest.mark.parametrize("variant", [FUSED, TRITON, CUBLAS])
+def test_an_fp32_x_lora_next_to_fp32_adapters_keeps_both_passes_in_x_s_dtype(variant, monkeypatch, tmp_path, device, tol):
+    """PEFT casts x to fp32 adapters before the adapter: x is fp16, x_lora and dy fp32. W still dequantizes to
+    x's dtype in the backward, as the dense linear's backward runs in it (it dequantized to fp32 before)."""
+    from lowra_compile.codegen import register
+
+    _force(monkeypatch, tmp_path, device, variant, 7, R)
+    dtypes, dequantize = [], register.dequantize
+    monkeypatch.setattr(register, "dequantize", lambda *args, **kw: dtypes.append(args[3]) or dequantize(*args, **kw))
+    packed, x, _, a, b, bb = _layer(7, "shared", True, torch.float16, device, lora_dtype=torch.float32)
+    _check(packed, x, x.detach().float().requires_grad_(), a, b, bb, tol[torch.float16])
+    assert dtypes and set(dtypes) == {torch.float16}
+    assert {e["op"] for e in codegen.kernel_log()} == {"lora_linear", "lora_linear_backward"}  # no reference fallback
+
+
 def test_batched_input_and_rule(device, tol):
     """[B, T, K] input; without a table the CPU rule picks the fused path for few tokens."""
     packed, x, xl, a, b, bb = _layer(6, "shared", True, torch.float32, device)
