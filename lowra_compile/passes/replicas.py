@@ -18,6 +18,8 @@ compiles the same graph.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -42,9 +44,14 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
 
 def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
     """Each site's statistics over the tokens of every rank (E[g^2]: the mean of the ranks' means, as for
-    several calibration batches on one rank)."""
+    several calibration batches on one rank). E[g^2] is kept only if every rank has it (a rank whose batch
+    had no labels has none): the ranks then make the same collectives and plan on the same weighting."""
     ranks = dist.get_world_size()
+    has_g2 = any(s is not None and s.g2 is not None for s in stats)
+    if int(_all_reduce_sum(torch.tensor([float(has_g2)])).item()) < ranks:
+        stats = [None if s is None else dataclasses.replace(s, g2=None) for s in stats]
     out: list[SiteStats | None] = []
+    grams: dict[int, Tensor] = {}  # layers that read one input share its E[x x^T]: reduced once, still shared
     for s in stats:
         if s is None:
             out.append(None)
@@ -59,7 +66,9 @@ def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
             # an expert no rank reached keeps the ranks' average of the pooled E[x^2] it was given
             reached = (expert_tokens > 0).to(x2.device)[:, None]
             x2 = torch.where(reached, own / expert_tokens.clamp_min(1).to(x2)[:, None], x2)
-        gram = _all_reduce_sum(s.gram * share) if s.gram is not None else None
+        if s.gram is not None and id(s.gram) not in grams:
+            grams[id(s.gram)] = _all_reduce_sum(s.gram * share)
+        gram = grams[id(s.gram)] if s.gram is not None else None
         g2 = _all_reduce_sum(s.g2) / ranks if s.g2 is not None else None
         out.append(SiteStats(x2, g2, gram, tokens, expert_tokens))
     return out
@@ -76,7 +85,9 @@ def _broadcast_bytes(tensors: list[Tensor]) -> None:
     with torch.no_grad():
         for t in tensors:
             n = t.numel() * t.element_size()
-            t.copy_(flat[offset:offset + n].to(t.device).view(t.dtype).view(t.shape))
+            # a copy of its own: a slice at an offset its dtype's size does not divide cannot be viewed as it
+            piece = flat[offset:offset + n].to(t.device, copy=True)
+            t.copy_(piece.view(t.dtype).view(t.shape))
             offset += n
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lowra_compile.passes.calibrate import SiteStats
-from lowra_compile.passes.replicas import average_statistics
+from lowra_compile.passes.replicas import average_statistics, share_first_rank
 
 from ..tiny_models import batch, tiny_peft_llama
 
@@ -26,7 +27,8 @@ def _spawn(fn, tmp_path, world: int = 2) -> list:
 
 
 def _rank(rank: int, fn, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # a rank left waiting fails the test, not CI's clock
     torch.set_num_threads(1)
     try:
         torch.save(fn(rank), f"{out}/rank{rank}.pt")
@@ -55,6 +57,36 @@ def test_statistics_are_averaged_over_every_rank_s_tokens(tmp_path):
         # 3, reached by no rank, the token-weighted stand-ins (10 x 5 + 20 x 8) / 30
         torch.testing.assert_close(experts.x2, torch.tensor([1.0, 27 / 11, 4.0, 7.0])[:, None].expand(4, 2))
         assert experts.expert_tokens.tolist() == [4, 11, 15, 0]
+
+
+def _shared_input_and_odd_bytes(rank: int) -> dict:
+    k = rank + 1
+    gram = torch.full((3, 3), float(k))
+    q, v = (SiteStats(torch.full((3,), float(k)), None, gram, 10 * k) for _ in range(2))  # q and v read one input
+    averaged = average_statistics([q, v])
+    codes, scales = torch.full((3,), k, dtype=torch.uint8), torch.full((3,), float(k))  # scales start at byte 3
+    share_first_rank([], [codes, scales])
+    return {"shared": averaged[0].gram is averaged[1].gram, "gram": averaged[0].gram, "codes": codes, "scales": scales}
+
+
+def _loss_gradient_on_rank_0_only(rank: int) -> list[SiteStats | None]:
+    g2 = torch.ones(2) if rank == 0 else None  # rank 1's batch had no labels
+    return average_statistics([SiteStats(torch.ones(3), g2, None, 10), SiteStats(torch.ones(3), g2, None, 10)])
+
+
+def test_a_loss_gradient_that_only_some_ranks_have_is_dropped_on_every_rank(tmp_path):
+    # before, rank 0 reduced E[g^2] while rank 1 went on to the next site's token count: mismatched collectives
+    for stats in _spawn(_loss_gradient_on_rank_0_only, tmp_path):
+        assert [s.g2 for s in stats] == [None, None] and [s.tokens for s in stats] == [20, 20]
+
+
+def test_a_shared_input_s_statistics_stay_shared_and_tensors_at_odd_byte_offsets_are_shared_too(tmp_path):
+    # q/k/v (and gate/up) share one E[x x^T]: one copy in memory, one Cholesky factor in the pipeline; the
+    # broadcast packs every tensor into one byte buffer, where a uint8 [3] puts the next float32 at byte 3
+    for got in _spawn(_shared_input_and_odd_bytes, tmp_path):
+        assert got["shared"]
+        torch.testing.assert_close(got["gram"], torch.full((3, 3), 50 / 30))
+        assert got["codes"].tolist() == [1, 1, 1] and got["scales"].tolist() == [1.0, 1.0, 1.0]  # rank 0's
 
 
 def _train_under_ddp(rank: int, dora: bool = False) -> dict:
