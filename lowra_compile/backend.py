@@ -140,8 +140,13 @@ def warn_kept_quantization(
     """A layer packed earlier keeps its quantization whatever a later compile asks (its dense weights are
     gone). When this compile names quantizing options other than a packed layer's, say so: the run would
     otherwise train on another base than the one asked for. Options left at their defaults ask nothing
-    (`quantize_` with options, then a plain compile, is the usual way)."""
-    asked = QUANTIZING if isinstance(options, LowRAConfig) else [k for k in options or {} if k in QUANTIZING]
+    (`quantize_` with options, then a plain compile, is the usual way); of a `LowRAConfig`, the quantizing
+    options that differ from the defaults are the ones asked."""
+    if isinstance(options, LowRAConfig):
+        defaults = LowRAConfig().quantizing()
+        asked = [k for k, v in options.quantizing().items() if v != defaults[k]]
+    else:
+        asked = [k for k in options or {} if k in QUANTIZING]
     if not asked:
         return
     wanted, values = config.quantizing(), placeholder_values(gm, example_inputs)

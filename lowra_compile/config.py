@@ -86,6 +86,8 @@ class LowRAConfig:
     candidates_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if any(int(b) != b for b in self.bit_choices):
+            raise ValueError(f"lowra: bit_choices {self.bit_choices} must be whole numbers of bits from {SUPPORTED_BITS}")
         choices = tuple(sorted(set(int(b) for b in self.bit_choices)))
         object.__setattr__(self, "bit_choices", choices)
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -105,9 +107,10 @@ class LowRAConfig:
         if not (1.0 <= float(self.bits) <= 4.0):
             raise ValueError(f"lowra: bits={self.bits} is outside [1, 4]; pick an average budget such as 2.0 or 1.5")
         if float(self.bits) < min(allowed) - 1e-9:
+            fix = (f"lower min_bits={self.min_bits}" if min(choices) < min(allowed)
+                   else "add smaller widths to bit_choices")
             raise ValueError(
-                f"lowra: bits={self.bits} is below the smallest allowed width {min(allowed)}; "
-                f"add smaller widths to bit_choices or raise the budget"
+                f"lowra: bits={self.bits} is below the smallest allowed width {min(allowed)}; {fix} or raise the budget"
             )
         _check_choice("codebook", self.codebook, CODEBOOKS)
         _check_choice("scales", self.scales, SCALES)
@@ -145,9 +148,6 @@ class LowRAConfig:
         if unknown:
             raise ValueError(f"lowra: unknown option(s) {unknown}; valid options are {sorted(names)}")
         return cls(**dict(options))
-
-    def replace(self, **changes: Any) -> "LowRAConfig":
-        return dataclasses.replace(self, **changes)
 
     def quantizing(self) -> dict[str, Any]:
         """The options that decide a packed base (QUANTIZING), as JSON values: each packed weight keeps them."""

@@ -174,7 +174,9 @@ def test_plain_sequential_without_adapters_under_no_grad():
     [
         ({"bits": 5.0}, "outside"),
         ({"bits": 0.5}, "outside"),
-        ({"bits": 1.5, "bit_choices": (2, 4)}, "below the smallest"),
+        ({"bits": 1.5, "bit_choices": (2, 4)}, "below the smallest allowed width 2; add smaller widths"),
+        ({"bits": 1.5, "bit_choices": (1, 2, 4), "min_bits": 2}, "below the smallest allowed width 2; lower min_bits=2"),
+        ({"bit_choices": (2.5, 4)}, "whole numbers"),
         ({"bitz": 2.0}, "unknown option"),
         ({"bit_choices": (1, 5)}, "subset"),
         ({"codebook": "k-means"}, "codebook"),
@@ -551,6 +553,13 @@ def test_a_compile_asking_other_quantizing_options_of_a_packed_model_warns(tmp_p
     assert not _kept_quantization_warnings(lambda: _compile(model)(**data))
     torch._dynamo.reset()
     assert not _kept_quantization_warnings(lambda: _compile(model, bits=1.5, group_size=64)(**data))
+    torch._dynamo.reset()
+    config = lowra_compile.LowRAConfig(kernels="reference", progress=False)  # a config object asks what it changes
+    assert not _kept_quantization_warnings(lambda: torch.compile(model, backend="lowra", options=config)(**data))
+    torch._dynamo.reset()
+    config = lowra_compile.LowRAConfig(bits=3.0, progress=False)
+    (message,) = _kept_quantization_warnings(lambda: torch.compile(model, backend="lowra", options=config)(**data))
+    assert "bits=1.5;" in message and "bits=3.0 does not apply" in message
     torch._dynamo.reset()
     (message,) = _kept_quantization_warnings(lambda: _compile(model, bits=3.0, group_size=32)(**data))
     assert "14 layer(s)" in message and "bits=1.5, group_size=64" in message and "bits=3.0, group_size=32" in message
