@@ -73,13 +73,17 @@ def _report(args: argparse.Namespace) -> None:
         rep.plot(args.png)
 
 
+# The widths `bench` packs its rows at for each average (random_packed_weight gives each width an equal share).
+_BENCH_WIDTHS = {1.0: (1,), 1.5: (1, 2), 2.0: (2,), 2.5: (1, 2, 3, 4), 3.0: (3,), 4.0: (4,)}
+
+
 def _bench(args: argparse.Namespace) -> None:
     """One layer forward+backward through `lowra.lora_linear` against the dense F.linear LoRA step."""
     from .runtime import random_packed_weight
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    widths = {1.0: (1,), 1.5: (1, 2), 2.0: (2,), 3.0: (3,), 4.0: (4,)}.get(args.bits, (1, 2, 3, 4))
+    widths = _BENCH_WIDTHS[args.bits]
     packed = random_packed_weight(args.n, args.k, widths, dtype=dtype, device=device).tensors()
     w = torch.ops.lowra.dequant(packed, args.k, 64, dtype)
     x = torch.randn(args.m, args.k, device=device, dtype=dtype, requires_grad=True)
@@ -89,7 +93,8 @@ def _bench(args: argparse.Namespace) -> None:
         "dense_lora": lambda: torch.nn.functional.linear(x, w) + 2.0 * (x @ a.t()) @ b.t(),
         "lowra": lambda: torch.ops.lowra.lora_linear(x, x, packed, 64, None, a, b, 2.0),
     }
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "m": args.m, "k": args.k, "n": args.n}
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "m": args.m, "k": args.k, "n": args.n,
+               "widths": list(widths)}
     for name, fn in steps.items():
         for _ in range(2):
             fn().sum().backward()
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time one layer step on this device")
     for name, default in (("m", 512), ("k", 1024), ("n", 1024), ("rank", 16), ("iters", 5)):
         bench.add_argument(f"--{name}", type=int, default=default)
-    bench.add_argument("--bits", type=float, default=2.0)
+    bench.add_argument("--bits", type=float, default=2.0, choices=sorted(_BENCH_WIDTHS))
     return parser
 
 

@@ -41,3 +41,10 @@ def test_bench_times_the_packed_op_and_the_dense_step(capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["m"], result["k"], result["n"]) == (8, 128, 64)
     assert result["lowra_ms"] > 0 and result["dense_lora_ms"] > 0
+    assert result["widths"] == [2]
+
+
+def test_bench_refuses_a_budget_it_has_no_widths_for(capsys):
+    with pytest.raises(SystemExit):  # it timed the 2.5-bit mix for any unknown value
+        cli.main(["bench", "--bits", "1.25"])
+    assert "invalid choice" in capsys.readouterr().err
