@@ -53,7 +53,9 @@ class LowRAConfig:
     skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").
     pack_routers: quantize a mixture's routers (transformers' *Router modules) too; by default they stay
                   dense: one row per expert, and their error changes which experts a token takes.
-    kernels:      "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+    kernels:      "auto" (on CUDA, per shape, the fastest of the Triton kernels and cuBLAS by the selection table
+                  or a short autotune; the reference elsewhere), "triton" (no cuBLAS GEMM for the LoRA ops)
+                  or "reference" (pure torch).
     inner:        compiler run on the rewritten graph.
     mode:         torch.compile's `mode` for that compiler (Inductor only), given here so that it goes with
                   the other options: torch.compile takes `mode` or `options`, not both. CUDA graphs stay

@@ -18,7 +18,8 @@ A choice is made once per (device, op, M bucket, K, N, rank bucket) and cached f
   3. otherwise (the interpreter on CPU, or LOWRA_AUTOTUNE=0) a fixed rule: forward with M <= SMALL_M
      takes the fused path, everything else dequant+gemm with Triton; the grouped ops take the fused
      path up to M = SMALL_M rows in all. Interpreter runs use tiny tiles.
-Mode "triton" drops the cuBLAS candidates; mode "reference" never gets here.
+Mode "triton" drops the cuBLAS GEMMs of the LoRA ops (a mixture's "dequant+grouped mm" stays: it is the
+grouped ops' only path for many rows); mode "reference" never gets here.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ _table: list[dict] | None = None
 
 
 def set_kernel_mode(mode: str) -> None:
-    """"auto" (table / autotune per shape bucket), "triton" (Triton kernels only) or "reference" (pure torch)."""
+    """"auto" (table / autotune per shape bucket), "triton" (no cuBLAS GEMM for the LoRA ops) or "reference"
+    (pure torch)."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"lowra: kernels={mode!r} is not one of {MODES}")
@@ -130,7 +132,7 @@ def bucket_key(op: str, m: int, k: int, n: int, rank: int) -> tuple:
 
 def candidates(op: str, m: int, device: torch.device) -> list[Choice]:
     if device.type != "cuda":
-        return [_rule(op, m)]
+        return [_rule(op, m, gpu=False)]
     if op.startswith("grouped"):
         return [Choice("fused-grouped", "", c) for c in GROUPED_CONFIGS if c != "interp"] + [GROUPED_DEQUANT]
     gemms = [Choice("dequant+gemm", "triton", c) for c in GEMM_CONFIGS if c != "interp"]
@@ -140,12 +142,14 @@ def candidates(op: str, m: int, device: torch.device) -> list[Choice]:
     return (fused if op == "forward" and m <= SMALL_M else []) + gemms
 
 
-def _rule(op: str, m: int) -> Choice:
+def _rule(op: str, m: int, gpu: bool) -> Choice:
+    """The fixed choice without a table or autotune: the fused paths for few rows, else dequant+gemm; a GPU's
+    default tiles, or the interpreter's."""
     if op.startswith("grouped"):
-        return Choice("fused-grouped", "", "interp") if m <= SMALL_M else GROUPED_DEQUANT
+        return Choice("fused-grouped", "", "m16-n64-k128-w4-s2" if gpu else "interp") if m <= SMALL_M else GROUPED_DEQUANT
     if op == "forward" and m <= SMALL_M:
-        return Choice("fused-small-m", "", "interp")
-    return Choice("dequant+gemm", "triton", "interp")
+        return Choice("fused-small-m", "", "n64-k128-w4-s2" if gpu else "interp")
+    return Choice("dequant+gemm", "triton", "128x128x64-w8-s4" if gpu else "interp")
 
 
 def choose(op: str, m: int, k: int, n: int, rank: int, device: torch.device, run: Callable[[Choice], object]) -> Choice:
@@ -157,16 +161,8 @@ def choose(op: str, m: int, k: int, n: int, rank: int, device: torch.device, run
     choice = _table_choice(key, allowed)
     if choice is None and device.type == "cuda" and os.environ.get("LOWRA_AUTOTUNE", "1") != "0" and len(allowed) > 1:
         choice = _autotune(key, allowed, run)
-    _chosen[key] = choice or (allowed[0] if device.type != "cuda" else _gpu_default(op, m))
+    _chosen[key] = choice or (allowed[0] if device.type != "cuda" else _rule(op, m, gpu=True))
     return _chosen[key]
-
-
-def _gpu_default(op: str, m: int) -> Choice:
-    if op.startswith("grouped"):
-        return Choice("fused-grouped", "", "m16-n64-k128-w4-s2") if m <= SMALL_M else GROUPED_DEQUANT
-    if op == "forward" and m <= SMALL_M:
-        return Choice("fused-small-m", "", "n64-k128-w4-s2")
-    return Choice("dequant+gemm", "triton", "128x128x64-w8-s4")
 
 
 def _autotune(key: tuple, allowed: list[Choice], run: Callable[[Choice], object]) -> Choice:
@@ -189,14 +185,24 @@ def _autotune(key: tuple, allowed: list[Choice], run: Callable[[Choice], object]
 
 
 def _table_choice(key: tuple, allowed: list[Choice]) -> Choice | None:
-    device, op, m, k, n, r = key
+    device, op = key[:2]
     for e in load_table():
-        if (e["device"], e["op"], e["m"], e["k"], e["n"], e["r"]) == key:
+        if _entry_key(e) == key:
             choice = Choice(e["path"], e.get("gemm", ""), e.get("config", ""))
-            paths = GROUPED_PATHS if op.startswith("grouped") else PATHS
-            if choice in allowed or (device == "cpu" and choice.path in paths):  # CPU: any path, interp tiles
+            if choice in allowed or (device == "cpu" and choice.path in _paths(op)):  # CPU: any path, interp tiles
                 return choice
     return None
+
+
+def _entry_key(e: dict) -> tuple:
+    return e["device"], e["op"], e["m"], e["k"], e["n"], e["r"]
+
+
+def _paths(op: str) -> tuple[str, ...]:
+    """The paths that can run `op`: the fused small-M path has no backward."""
+    if op.startswith("grouped"):
+        return GROUPED_PATHS
+    return PATHS if op == "forward" else tuple(p for p in PATHS if p != "fused-small-m")
 
 
 def load_table() -> list[dict]:
@@ -217,8 +223,8 @@ def save_table(path: str | Path, entries: list[dict], note: str = "") -> None:
     """Write entries as a selection table (merged over the entries already in that file)."""
     path = Path(path)
     old = json.loads(path.read_text())["entries"] if path.exists() else []
-    keys = {(e["device"], e["op"], e["m"], e["k"], e["n"], e["r"]) for e in entries}
-    kept = [e for e in old if (e["device"], e["op"], e["m"], e["k"], e["n"], e["r"]) not in keys]
+    keys = {_entry_key(e) for e in entries}
+    kept = [e for e in old if _entry_key(e) not in keys]
     path.write_text(json.dumps({"note": note, "entries": kept + entries}, indent=1) + "\n")
 
 

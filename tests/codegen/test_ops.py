@@ -112,6 +112,20 @@ def test_an_fp32_x_lora_next_to_fp32_adapters_keeps_both_passes_in_x_s_dtype(var
     assert {e["op"] for e in codegen.kernel_log()} == {"lora_linear", "lora_linear_backward"}  # no reference fallback
 
 
+def test_a_table_naming_the_fused_path_for_the_backward_is_not_followed(monkeypatch, tmp_path, device, tol):
+    """The fused small-M kernel has no backward: a table entry naming it there ran torch's product on CPU while
+    the log said fused; the backward takes its rule instead."""
+    _force(monkeypatch, tmp_path, device, FUSED, 7, R)
+    table = json.loads((tmp_path / "table.json").read_text())
+    fused = next(e for e in table["entries"] if e["op"] == "forward")
+    table["entries"] = [fused, {**fused, "op": "backward"}]
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    select.reset()
+    _check(*_layer(7, "shared", False, torch.float32, device), tol[torch.float32])
+    paths = {e["op"]: e["path"] for e in codegen.kernel_log()}
+    assert paths == {"lora_linear": FUSED, "lora_linear_backward": "dequant+gemm"}
+
+
 def test_batched_input_and_rule(device, tol):
     """[B, T, K] input; without a table the CPU rule picks the fused path for few tokens."""
     packed, x, xl, a, b, bb = _layer(6, "shared", True, torch.float32, device)
