@@ -79,11 +79,6 @@ def kjv_text() -> str:
     return CHAPTER_SEPARATOR.join(text for _, text in kjv_chapters())
 
 
-def austen_text() -> str:
-    """All six Austen novels as one string, chapters separated by blank lines."""
-    return CHAPTER_SEPARATOR.join(text for _, text in austen_chapters())
-
-
 CORPORA = {"kjv": kjv_chapters, "austen": austen_chapters}
 
 

@@ -45,7 +45,7 @@ from .sites import LinearSite
 @dataclass(frozen=True)
 class SiteStats:
     x2: Tensor  # [K] float32; [E, K] for a grouped site: each expert's own
-    g2: Tensor | None  # [N] float32, None when the graph has no loss
+    g2: Tensor | None  # [N] float32 ([E*N] for a grouped site); None when no loss gradient reached the site
     gram: Tensor | None = None  # [K, K] float32 on the CPU, only when asked for
     tokens: int = 0  # rows of x the means are taken over (sets the damping of gram: passes/gptq.py)
     expert_tokens: Tensor | None = None  # [E] int64, of a grouped site: the rows each expert's x2 is over

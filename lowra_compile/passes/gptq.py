@@ -12,12 +12,13 @@ error onto the columns not yet rounded (the optimal brain surgeon update) cancel
         e          = (W[:, k] - absmax[:, k] * level) / U[k, k]
         W[:, j]   -= e * U[k, j]                               for the columns j after k
 
-The codebooks and the absmax groups are fixed beforehand (weighted Lloyd-Max on the original weights), so
-the packed format is unchanged; only which level each weight gets differs. Every row is rounded
+The codebooks and the group scales are fitted beforehand, on the original weights (passes/quantize.py), so
+the packed format is unchanged; only which level each weight gets differs (`refit_rounds` may then refit
+scales and levels to these codes: passes/refit.py). Every row is rounded
 independently of the others, so any subset of rows gets the same codes as the whole layer, which lets
 rows of different widths be rounded separately. Columns are processed in blocks of 128: the column loop
 inside a block is the op `lowra::gptq_block` (its reference in runtime.reference; on CUDA one Triton
-launch, codegen/gptq_block.py, once the backend has registered the kernels), and the errors of a block
+launch, codegen/gptq_block.py, registered when lowra_compile is imported), and the errors of a block
 are pushed onto the rest of the row with one matrix product.
 """
 

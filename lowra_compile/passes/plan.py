@@ -26,11 +26,12 @@ def _spend(cost: Tensor, choice: Tensor) -> float:
     return torch.gather(cost, 1, choice[:, None]).sum().item()
 
 
-def _fix_up(err: Tensor, cost: Tensor, choice: Tensor, budget: float) -> Tensor:
-    """Spend the slack left below the budget on single-step upgrades, best error saved per bit first."""
+def _fix_up(err: Tensor, cost: Tensor, choice: Tensor, limit: float) -> Tensor:
+    """Spend the slack left below `limit` (the budget's total bits) on single-step upgrades, best error saved
+    per bit first."""
     top = err.shape[1] - 1
     for _ in range(_FIXUP_ROUNDS):
-        slack = budget - _spend(cost, choice)
+        slack = limit - _spend(cost, choice)
         up = (choice + 1).clamp_max(top)
         extra = torch.gather(cost, 1, up[:, None]).squeeze(1) - torch.gather(cost, 1, choice[:, None]).squeeze(1)
         gain = torch.gather(err, 1, choice[:, None]).squeeze(1) - torch.gather(err, 1, up[:, None]).squeeze(1)
@@ -72,13 +73,14 @@ def plan_bits(errors: list[Tensor], in_features: list[int], bit_choices: tuple[i
         hi = max(err.max().item(), 1e-30) / k.min().item() + 1.0
         lo = hi * 1e-40
         if _spend(cost, _choose(err, cost, lo)) <= limit:
-            hi = lo
-        for _ in range(_BISECTION_STEPS):
-            mid = (lo * hi) ** 0.5
-            if _spend(cost, _choose(err, cost, mid)) <= limit:
-                hi = mid
-            else:
-                lo = mid
+            hi = lo  # even the most accurate plan fits
+        else:
+            for _ in range(_BISECTION_STEPS):
+                mid = (lo * hi) ** 0.5
+                if _spend(cost, _choose(err, cost, mid)) <= limit:
+                    hi = mid
+                else:
+                    lo = mid
         choice = _fix_up(err, cost, _choose(err, cost, hi), limit)
     bits = torch.tensor(choices, device=device)[choice]
     return list(bits.split(rows))

@@ -2,9 +2,10 @@
 
 For a weight W [N, K] (rows = output channels):
 
-    absmax[n, g]  = max |W[n, g*G:(g+1)*G]|, double-quantized (runtime.format.quantize_absmax)
-    v[n, k]       = W[n, k] / absmax[n, k // G]                    in [-1, 1]
-    u[n, k]       = absmax[n, k // G]^2 * E[x_k^2]                 (E[x^2] = 1 without calibration; [K], or
+    absmax[n, g]  = max |W[n, g*S:(g+1)*S]|, double-quantized (runtime.format.quantize_absmax; S the group
+                    size, g < G the number of groups)
+    v[n, k]       = W[n, k] / absmax[n, k // S]                    in [-1, 1]
+    u[n, k]       = absmax[n, k // S]^2 * E[x_k^2]                 (E[x^2] = 1 without calibration; [K], or
                                                                     [N, K] when rows see different inputs:
                                                                     a mixture's experts)
     levels_b[n]   = 2^b sorted levels per row: weighted Lloyd-Max on (v[n], u[n]) from NormalFloat init,
@@ -16,14 +17,15 @@ minimises that error for the codes just found, which the format stores in the ab
 
     s_b[n, g]     = sum_k E[x_k^2] W[n, k] l_k / sum_k E[x_k^2] l_k^2     over the group, l_k = levels_b[n][code]
 
-(within 0.25-2x the absmax, double-quantized), and one Lloyd-Max step refits the levels to the new v; a
-row keeps its absmax where that is not better. The absmax spends the top level on the group's largest
-weight; with 1-4 levels per sign that is rarely where the group's error is smallest.
+(within 0.25-2x the absmax, double-quantized), and, for Lloyd-Max codebooks, one more step refits the levels
+to the new v; a row keeps its absmax where that is not better. The absmax spends the top level on the
+group's largest weight; with 1-4 levels per sign that is rarely where the group's error is smallest.
 
 All rows of a layer are processed at once; codes count the per-row thresholds (midpoints of sorted
 levels) below each weight, never an argmin over all levels. Levels are rounded to
 the stored fp16 before the final assignment, so errors describe exactly what `runtime` dequantizes.
-Only levels and errors are kept per width; `assemble` recomputes the codes of the chosen width, so
+Per width only levels, group scales and errors are kept (the error-feedback codes too with `keep_codes`,
+for passes/candidates.py); `assemble` recomputes the codes of the chosen width, so
 planning a large model never holds codes for every width at once (passes/candidates.py keeps the
 error-feedback codes on disk instead, and `assemble` reads them back rather than rounding again).
 
@@ -51,7 +53,8 @@ NF_OFFSET = 0.9677  # QLoRA's NF4 quantile offset
 
 
 def nf_levels(bits: int) -> Tensor:
-    """NormalFloat levels: 2^(b-1) positive and 2^(b-1) - 1 negative normal quantiles plus 0, in [-1, 1]."""
+    """NormalFloat levels: 2^(b-1) positive and 2^(b-1) - 1 negative normal quantiles plus 0, in [-1, 1]
+    (1 bit: -1 and 1)."""
     if bits == 1:
         return torch.tensor([-1.0, 1.0])
     normal = torch.distributions.Normal(0.0, 1.0)
