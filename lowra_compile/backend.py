@@ -14,9 +14,11 @@ This module must not register the backend itself: the `torch_dynamo_backends` en
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,14 +36,26 @@ from .passes.sites import LinearSite
 from .recompile_room import count_layer
 
 
+# torch's compile caches key a graph on its nodes, not on the Python behind a custom op's autograd and
+# autocast rules (runtime/ops.py) or its schema (runtime/reference.py): after an upgrade that changed them, a
+# cached backward traced by the old code was found again and failed ("missing value for argument"). Their
+# source goes into the key of every graph lowra compiles.
+_OPS_DIGEST = hashlib.blake2b(
+    b"".join((Path(__file__).parent / "runtime" / name).read_bytes() for name in ("ops.py", "reference.py")),
+    digest_size=8,
+).hexdigest()
+
+
 def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_options: dict | None = None) -> Callable:
     if inner == "eager":
         return gm.forward
-    if inner == "aot_eager":
-        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
-    from torch._inductor.compile_fx import compile_fx
+    tag = f"{torch.compiler.config.cache_key_tag}lowra-ops-{_OPS_DIGEST}"
+    with torch.compiler.config.patch(cache_key_tag=tag):
+        if inner == "aot_eager":
+            return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+        from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, inputs, config_patches=inductor_options or None)
+        return compile_fx(gm, inputs, config_patches=inductor_options or None)
 
 
 def mode_options(mode: str | None, inner: str) -> dict:

@@ -1096,3 +1096,28 @@ def test_lora_on_stacked_experts_gives_the_dequantized_stack_s_outputs_and_gradi
         torch.testing.assert_close(update, want_update)
         torch.testing.assert_close(model.lhs.grad, reference.lhs.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.rhs.grad, reference.rhs.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cached_compile_is_found_again_only_with_the_same_ops_source(monkeypatch):
+    # torch's compile caches key a graph on its nodes, not on the ops' autograd rule: a backward traced by an
+    # older lowra (another lora_linear_backward signature) was found again after an upgrade and failed
+    import uuid
+
+    import lowra_compile.backend as backend
+
+    model = tiny_peft_llama(layers=1)
+    data = batch(8)
+
+    def compile_and_step(digest: str) -> collections.Counter:
+        monkeypatch.setattr(backend, "_OPS_DIGEST", digest)
+        torch._dynamo.reset()
+        counters.clear()
+        _compile(model, inner="inductor")(**data).loss.backward()
+        return collections.Counter(counters["aot_autograd"])
+
+    source, upgraded = uuid.uuid4().hex, uuid.uuid4().hex  # keys no earlier run has cached
+    compile_and_step(source)  # quantizes; the graph of the packed model is another one
+    assert compile_and_step(source)["autograd_cache_miss"] >= 1
+    assert compile_and_step(source)["autograd_cache_hit"] >= 1  # the packed model's graph again, from the cache
+    again = compile_and_step(upgraded)
+    assert again["autograd_cache_hit"] == 0 and again["autograd_cache_miss"] >= 1

@@ -5,6 +5,7 @@
     lora_gemm.py       C = X Wt + alpha S Bt + bias in one GEMM (forward, and dx = dy W + dS A)
     lora_grad.py       dS = alpha dy B and dB = alpha dy^T S from one read of dy
     fused_small_m.py   dequant in the GEMM main loop for small M, LoRA folded in, rows scattered via perm
+    grouped_gemm.py    a mixture's stacked experts: dequant inside each expert's GEMM, forward and dx
     gptq_block.py      one 128-column block of GPTQ rounding in one launch (quantizing, not training)
     select.py          kernel mode, tile configs, selection table and autotune per shape bucket
     log.py             the kernel log the report reads (optionally timed)

@@ -13,7 +13,7 @@ a constexpr: every width compiles its own variant with constant shifts and masks
 
     code   = (word >> (j * b)) & (2^b - 1)            j-th code of its int32 word, b = 1, 2, 4
     code   = low2 | high1 << 2                         b = 3: a 2-bit plane and a 1-bit plane
-    value  = codebook[row, code] * absmax_code[row, k // G] * absmax_scale[row, k // G // 256]
+    value  = codebook[row, code] * absmax_code[row, k // GROUP] * absmax_scale[row, k // GROUP // 256]
     out[perm[row], k] = value
 
 A tile loads BLOCK_K / (32/b) whole words per row and expands them with one broadcast shift

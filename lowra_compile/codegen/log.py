@@ -1,6 +1,6 @@
 """The kernel log: which path and config ran for each op and shape, and how fast when timing is on.
 
-One record per (op, path/config, M, K, N, bit groups), counting calls:
+One record per (op, path/config, M, K, N, rank, bit groups), counting calls:
     {"op": "lora_linear", "path": "dequant+gemm", "gemm": "triton", "config": "128x256x64-w8-s3",
      "bits": {1: 1024, 2: 3072}, "M": 8192, "K": 4096, "N": 4096, "rank": 64, "calls": 12,
      "time_ms": 0.81, "tflops": 690.2}                      # time_ms / tflops / gbps only when timed

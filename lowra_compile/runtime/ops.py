@@ -11,8 +11,9 @@
     lowra::grouped_linear_backward(grad, offsets, packed, group_size, experts, k) -> dx
     lowra::gptq_block(weight, scale, levels, u) -> (codes, errors)     one block of GPTQ rounding (quantizing)
 
-The default implementation (every device) is `runtime.reference`. The codegen package registers faster
-CUDA implementations on the same ops (`op.register_kernel("cuda", ...)`), so graphs rewritten by the
+The default implementation (every device) is `runtime.reference`. The codegen package registers the Triton
+kernels on the same ops (`op.register_kernel` for "cuda", and "cpu", where they run in the interpreter only
+when forced and take the reference otherwise: codegen/register.py), so graphs rewritten by the
 passes call `torch.ops.lowra.*` and pick up whichever implementation the device has. The backward of
 `lora_linear` is itself an op, so aot_autograd and inductor keep it as one opaque call.
 """

@@ -4,12 +4,12 @@ implementation used on CPU and under fake tensors.
     dequantize:        packed tensors -> dense W [N, K] in original row order
     dora_row_norms:    ||W[n] + s (B A)[n]|| for every row n, fp32: DoRA's weight norm, without a dense W
     lora_linear:       y  = x W^T + b + s * (x_lora A^T) B^T
-    lora_linear_bwd:   dx = dy W ;  S = x_lora A^T ;  dS = s * dy B ;  dB = s * dy^T S ;  dA = dS^T x_lora ;
+    lora_linear_backward: dx = dy W ;  S = x_lora A^T ;  dS = s * dy B ;  dB = s * dy^T S ;  dA = dS^T x_lora ;
                        dx_lora = dS A
     grouped_linear:    y[rows of expert e] = x[rows of expert e] W_e^T, W = dequantize(..).view(E, N, K): the
                        experts of a mixture, stacked in one packed matrix (rows sorted by expert, `offsets`
                        their cumulative ends, as transformers' grouped product takes them)
-    grouped_linear_bwd: dx[rows of expert e] = dy[rows of expert e] W_e
+    grouped_linear_backward: dx[rows of expert e] = dy[rows of expert e] W_e
     gptq_block:        codes and scaled errors of one block of columns rounded with error feedback
 """
 

@@ -20,7 +20,7 @@ def random_packed_weight(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> PackedWeight:
-    """A [n, k] weight whose rows take the given widths in turn (row r gets widths[r % len(widths)])."""
+    """A [n, k] weight whose rows share the given widths equally (n / len(widths) rows each, shuffled)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     bits = torch.tensor(widths, dtype=torch.int64)[torch.randperm(n, generator=gen) % len(widths)]
     codes = (torch.rand(n, k, generator=gen) * (2 ** bits[:, None])).long()
