@@ -109,17 +109,27 @@ def print_result(row: dict) -> None:
     print(RESULT + json.dumps(row), flush=True)
 
 
-def variant_in_process(cmd: list[str], variant: str) -> dict:
+def variant_in_process(cmd: list[str], variant: str, timeout: float | None = None) -> dict:
     """Run `cmd` (a benchmark script told to run one variant) in its own process, so that its peak memory
-    and compiled graphs are its own, and return the row it printed with `print_result` (else the error)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    and compiled graphs are its own, and return the row it printed with `print_result` (else the error;
+    past `timeout` seconds the process is killed and the row says so)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timed out after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     return json.loads(lines[-1][len(RESULT):]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
 
 
 def bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # missing, or built without CUDA support
+    """bitsandbytes imports and quantizes here (a wheel without binaries for this CUDA imports with a
+    warning, then fails on the first quantization)."""
+    if not torch.cuda.is_available():
         return False
-    return torch.cuda.is_available()
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.ones(64, 64, device="cuda", dtype=torch.bfloat16), quant_type="nf4")
+    except Exception:  # missing, or built without support for this GPU's CUDA
+        return False
+    return True

@@ -2,8 +2,9 @@
 
 Every DoRA layer computes ||W + s B A|| per output row on every call. Variants per Llama-2-7B shape (N, K)
 and rank, bf16 weights with fp32 adapters (PEFT's default), median ms by do_bench:
-    peft dense     what PEFT's DoRA runs on lowra's packed base before the rewrite: W dequantized to bf16,
-                   B A from an identity [K, K] through both adapters, their sum, then the row norms
+    peft dense     what PEFT's DoRA runs on lowra's packed base before the rewrite: W dequantized, B A from
+                   an identity [K, K] through both adapters, their sum, then the row norms, all in fp32 (PEFT
+                   casts x to fp32 adapters, and the identity and W to x's dtype)
     lowra op       `lowra::dora_row_norms` on the packed weight and the adapters (codegen/dora_norm.py)
 Reported besides the time: the peak memory each variant allocates above what it was given ("extra_mib")
 and the largest relative difference of the lowra op from the dense chain computed in fp32.
@@ -25,7 +26,7 @@ RANKS = [16, 64]
 
 
 def peft_dense(packed: list[torch.Tensor], k: int, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
-    """PEFT's `DoraLinearLayer` norm, on the weight dequantized to the model's dtype."""
+    """PEFT's `DoraLinearLayer` norm, computed in `dtype` (its input's: the adapters' once PEFT cast it)."""
     w = torch.ops.lowra.dequant(packed, k, 64, dtype)
     lora_weight = (torch.eye(k, device=w.device, dtype=dtype) @ a.t().to(dtype) @ b.t().to(dtype)).t()
     return torch.linalg.norm(w + s * lora_weight, dim=1)
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
                 a = torch.randn(rank, k, device=device) / k**0.5
                 b = torch.randn(n, rank, device=device) * 0.01
                 codegen.clear_log()
-                fns = {"peft dense": lambda: peft_dense(packed, k, a, b, 2.0, dtype),
+                fns = {"peft dense": lambda: peft_dense(packed, k, a, b, 2.0, a.dtype),
                        "lowra op": lambda: torch.ops.lowra.dora_row_norms(packed, k, 64, a, b, 2.0)}
-                exact = peft_dense(packed, k, a, b, 2.0, torch.float32)
+                exact = fns["peft dense"]()
                 error = ((fns["lowra op"]() - exact).abs() / exact).max().item()
                 for name, fn in fns.items():
                     ms, mib = bench(fn, device, args.quick), peak_mib(fn, device)

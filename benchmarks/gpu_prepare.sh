@@ -8,6 +8,8 @@
 #   .gpu/smollm2_config.json    the model's config: call 1 warms the compile caches on a random model of it
 #   .gpu2/smollm2.gguf.part-b   second half                                          -> call 2, `carry: [".gpu2"]`
 #   .gpu2/smollm2.gguf.sha256   checked after the halves are joined
+#
+# Run it with the project's environment active (its python imports lowra_compile and gguf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu .gpu2
@@ -17,6 +19,7 @@ mv .gpu2/half.00 .gpu/smollm2.gguf.part-a
 mv .gpu2/half.01 .gpu2/smollm2.gguf.part-b
 (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .gpu2/smollm2.gguf.sha256
 version="$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+rm -f .gpu/*.whl  # one gguf wheel: the GPU side installs every wheel it finds
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu "gguf==$version"
 if [ ! -e .gpu/windows.pt ]; then
   PYTHONPATH=benchmarks python benchmarks/accuracy.py --windows-only --windows .gpu/windows.pt

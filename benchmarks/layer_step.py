@@ -92,7 +92,8 @@ def dequant_rows(k: int, n: int, device: torch.device, dtype: torch.dtype, quick
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--write-table", nargs="?", const=str(select.TABLE_PATH), help="save autotuned choices as a selection table")
+    p.add_argument("--write-table", nargs="?", const=str(select.TABLE_PATH),
+                   help="save autotuned choices as a selection table (on the GPU machine: a path under $OUT)")
     p.add_argument("--shapes", nargs="+", help="MxKxN shapes to run (default: all four), e.g. 8192x4096x4096")
     p.add_argument("--ranks", nargs="+", type=int, default=RANKS)
     args = p.parse_args(argv)
@@ -106,7 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         for r in ranks:
             codegen.clear_log()
             steps = variants(m, k, n, r, device, dtype, budgets)
-            times = {name: bench(fn, device, args.quick) for name, fn in steps.items()}
+            times = {}
+            for name, fn in steps.items():
+                if name.startswith("lowra"):
+                    select.forget_choices()  # each bit mix gets its own autotune (they share a shape bucket)
+                times[name] = bench(fn, device, args.quick)
             floor = times["floor: 2 bf16 GEMMs"]
             for name, ms in times.items():
                 rows.append({"M": m, "K": k, "N": n, "rank": r, "variant": name, "ms": ms, "x_floor": ms / floor})

@@ -39,8 +39,10 @@ from lowra_compile.passes.release import packed_weight
 from bench_utils import (bnb_available, device_and_dtype, environment, parser, print_result, variant_in_process,
                          write_json)
 
-VARIANTS = ["bf16 LoRA", "bnb QLoRA NF4", "lowra 2.0", "lowra 1.5"]
-DORA_VARIANTS = ["bf16 DoRA", "bnb QDoRA NF4", "lowra 2.0 DoRA"]
+# lowra 2.0 and its baseline first: each row is written as soon as it is measured
+VARIANTS = ["lowra 2.0", "bf16 LoRA", "bnb QLoRA NF4", "lowra 1.5"]
+DORA_VARIANTS = ["lowra 2.0 DoRA", "bf16 DoRA", "bnb QDoRA NF4"]
+VARIANT_TIMEOUT_S = 420  # a variant past it is killed and recorded as such, and the next one runs
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -81,7 +83,8 @@ def to_nf4(model, dtype: torch.dtype) -> None:
             for name, lin in list(parent.named_children()):
                 if name not in TARGETS:
                     continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4")
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4",
+                                      device="meta")  # its weight is replaced: no fp32 init of a 7B model on the CPU
                 q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4").to(lin.weight.device)
                 setattr(parent, name, q)
     torch.cuda.empty_cache()
@@ -130,6 +133,8 @@ def run_variant(variant: str, quick: bool, inner: str | None, mixtral: bool = Fa
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the first step's own peak, not the model's build
     first = step()
     first_peak = torch.cuda.max_memory_allocated() if cuda else 0
     step()  # a recompile (e.g. grad mode) would land here, not in the timed steps
@@ -171,17 +176,17 @@ def main(argv: list[str] | None = None) -> None:
                                  if not v.startswith("bnb") or (bnb_available() and not mixtral)]
     if args.quick:
         variants = [v for v in variants if not v.startswith(("bnb", "lowra 1.5"))]
-    rows = []
+    name = "train_step" + ("_mixtral" if mixtral else "") + ("_dora" if args.dora else "")
+    name += "".join("_" + v.replace(" ", "-") for v in args.variants or [])
+    rows, env = [], environment(device)
     for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model] + (["--quick"] if args.quick else [])
         cmd += ["--inner", args.inner or "aot_eager"] if args.quick else (["--inner", args.inner] if args.inner else [])
-        row = variant_in_process(cmd, variant)
+        row = variant_in_process(cmd, variant, timeout=VARIANT_TIMEOUT_S)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-    name = "train_step" + ("_mixtral" if mixtral else "") + ("_dora" if args.dora else "")
-    name += "".join("_" + v.replace(" ", "-") for v in args.variants or [])
-    write_json(name, {"benchmark": "train_step", "model": args.model, "env": environment(device), "quick": args.quick,
-                      "rows": rows}, args.out)
+        write_json(name, {"benchmark": "train_step", "model": args.model, "env": env, "quick": args.quick, "rows": rows},
+                   args.out)  # after every row: a call cut off keeps the rows before
 
 
 if __name__ == "__main__":

@@ -228,6 +228,12 @@ def save_table(path: str | Path, entries: list[dict], note: str = "") -> None:
     path.write_text(json.dumps({"note": note, "entries": kept + entries}, indent=1) + "\n")
 
 
+def forget_choices() -> None:
+    """Forget the cached choices but keep the measurements: the next call of each bucket chooses again (a
+    benchmark timing several bit mixes of one shape, which share a bucket, tunes each)."""
+    _chosen.clear()
+
+
 def reset() -> None:
     """Forget cached choices and the loaded table (the next call re-reads $LOWRA_SELECTION_TABLE)."""
     global _table
