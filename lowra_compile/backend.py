@@ -185,18 +185,27 @@ def warn_kept_quantization(
         )
 
 
+def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | LowRAConfig | None,
+                config: LowRAConfig) -> tuple[fx.GraphModule, list[LinearSite]]:
+    """`gm` with its linears written as such (`linear_forms`, a copy) and its sites; a graph with sites
+    raises under FSDP and warns when it asks other quantizing options of layers packed earlier."""
+    gm = linear_forms(gm)
+    sites = match_sites(gm, config.skip, config.pack_routers)
+    if sites:
+        refuse_fsdp(sites)
+        warn_kept_quantization(gm, sites, example_inputs, options, config)
+    return gm, sites
+
+
 def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
     inductor_options = mode_options(mode or config.mode, config.inner)
     codegen.set_kernel_mode(config.kernels)
-    graph, gm = gm, linear_forms(gm)
-    sites = match_sites(gm, config.skip, config.pack_routers)
+    graph, (gm, sites) = gm, graph_sites(gm, example_inputs, options, config)
     hold_experts_classes()
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
-    refuse_fsdp(sites)
-    warn_kept_quantization(gm, sites, example_inputs, options, config)
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:

@@ -14,11 +14,13 @@ import time
 
 import torch
 
+from .config import CALIBRATION
+
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=2.0, help="average code bits per weight (budget)")
     p.add_argument("--choices", default="1,2,3,4", help="bit widths a channel may take, comma separated")
-    p.add_argument("--calibrate", default="fisher", choices=("fisher", "activation", "off"))
+    p.add_argument("--calibrate", default="fisher", choices=CALIBRATION)
     p.add_argument("--window", type=int, default=256, help="tokens per calibration window")
     # 4,096 tokens, what the demo calibrates on: below that the plan is worse and quantize_ says so
     p.add_argument("--windows", type=int, default=16, help="calibration windows")

@@ -26,11 +26,9 @@ from torch import fx
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .backend import refuse_fsdp, shares_storage, warn_kept_quantization
+from .backend import graph_sites, shares_storage
 from .config import LowRAConfig
 from .passes.calibrate import ModelCalibration, SiteStats
-from .passes.linear_forms import linear_forms
-from .passes.match import match_sites
 from .passes.pipeline import Layer, graph_layers, loss_weighted_or_not
 from .passes.release import packed_weight
 
@@ -51,13 +49,10 @@ class _RecordingBackend:
         self.tied: set[int] = set()  # weights that share storage with another input: packed, never released
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
-        gm = linear_forms(gm)
-        sites = match_sites(gm, self.config.skip, self.config.pack_routers)
+        gm, sites = graph_sites(gm, example_inputs, self.options, self.config)
         dense = [i for i, s in enumerate(sites) if s.packed is None]
         if not dense:
             return gm.forward
-        refuse_fsdp(sites)
-        warn_kept_quantization(gm, sites, example_inputs, self.options, self.config)
 
         def run(*args):
             new = [i for i in dense if packed_weight(args[sites[i].weight_index]) is None]
@@ -84,9 +79,8 @@ def record_model(
     recorder = _RecordingBackend(options, config)
     compiled = torch.compile(model, backend=recorder)
     start = time.perf_counter()
-    use_loss = config.calibrate == "fisher"
     try:
-        with torch.enable_grad() if use_loss else torch.no_grad():
+        with torch.enable_grad() if recorder.calibration.use_loss else torch.no_grad():
             bar = tqdm(batches, desc="lowra: calibrate", disable=not config.progress or len(batches) == 1, unit="batch")
             device = _only_device(model)
             for batch in bar:

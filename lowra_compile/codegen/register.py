@@ -25,9 +25,8 @@ from torch import Tensor
 
 from ..runtime import ops as _ops  # noqa: F401  (defines the ops registered on below)
 from ..runtime import reference
-from ..runtime.format import BIT_WIDTHS
 from . import log, select
-from .dequant import dequantize, scratch
+from .dequant import bit_groups, dequantize, scratch
 from .dora_norm import dora_row_norms
 from .fused_small_m import fused_small_m
 from .grouped_gemm import grouped_dx, grouped_forward
@@ -59,7 +58,7 @@ def _triton_runs(t: Tensor, dtype: torch.dtype, m: int) -> bool:
 
 
 def _bits(packed: list[Tensor]) -> dict[int, int]:
-    return {b: int(packed[3 + 2 * i].shape[0]) for i, b in enumerate(BIT_WIDTHS) if packed[3 + 2 * i].shape[0]}
+    return {bits: rows for bits, _, rows, _, _ in bit_groups(packed)}
 
 
 def _whole_weight_op(op: str, kernel: str, packed: list[Tensor], k: int, group_size: int, dtype: torch.dtype,

@@ -74,14 +74,17 @@ def _digest(weight: Tensor, fit: CodebookFit, x2: Tensor | None, factor: Hessian
     return h.hexdigest()
 
 
-def _load(path: Path, device: torch.device) -> dict[int, tuple[Tensor, ...]]:
+def _load(path: Path, device: torch.device, quiet: bool = False) -> dict[int, tuple[Tensor, ...]]:
+    """width -> (absmax codes, absmax scales, levels, error) saved in `path`; {} with a warning (unless
+    `quiet`) when it cannot be read."""
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             # the codes stay on disk until packing reads the planned widths' (_SavedCodes)
             return {b: tuple(f.get_tensor(f"{b}.{name}") for name in _FIELDS)
                     for b in {int(name.split(".")[0]) for name in f.keys()}}
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file must not stop a compile)
-        warnings.warn(f"lowra: cannot read the saved candidates {path} ({e!r}); quantizing the layer again", stacklevel=4)
+        if not quiet:
+            warnings.warn(f"lowra: cannot read the saved candidates {path} ({e!r}); quantizing the layer again", stacklevel=4)
         return {}
 
 
@@ -124,7 +127,7 @@ def quantize_layer_cached(
     path = Path(directory) / f"{_digest(weight, fit, x2, factor)}.safetensors"
     # width -> (absmax codes, absmax scales, levels, error). Not torch.load: inside the backend's compile
     # it detects the fake mode of the tracing context and returns meta tensors.
-    stored = _load(path, weight.device) if path.exists() else {}
+    stored = _load(path, weight.device, quiet=True) if path.exists() else {}  # read again, warning, under the lock
     if any(b not in stored for b in bit_choices):
         with _one_process_at_a_time(path):
             # another process may have saved them while this one waited

@@ -65,7 +65,7 @@ def hessian_factor(gram: Tensor, damp: float) -> HessianFactor:
     diag = gram.diagonal()
     order = torch.argsort(diag, descending=True)
     ridge = damp * diag.mean().clamp_min(1e-12).item()
-    h = gram[order][:, order].clone()
+    h = gram[order][:, order]  # indexing copies: the caller's gram stays undamped
     h.diagonal().add_(ridge)
     inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     u = torch.linalg.cholesky(inv, upper=True)

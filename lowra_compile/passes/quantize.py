@@ -134,19 +134,20 @@ def _importance(absmax: Tensor, x2: Tensor | None) -> Tensor:
     return absmax**2 if x2 is None else absmax**2 * x2.float().to(absmax.device)
 
 
-def _group_sums(values: Tensor, group_size: int) -> Tensor:
+def _in_groups(values: Tensor, group_size: int) -> Tensor:
+    """[N, K] as [N, G, group_size], the last group padded with zeros."""
     n, k = values.shape
     groups = -(-k // group_size)
-    return torch.nn.functional.pad(values, (0, groups * group_size - k)).view(n, groups, group_size).sum(-1)
+    return torch.nn.functional.pad(values, (0, groups * group_size - k)).view(n, groups, group_size)
+
+
+def _group_sums(values: Tensor, group_size: int) -> Tensor:
+    return _in_groups(values, group_size).sum(-1)
 
 
 def group_absmax(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """Double-quantized absmax of every `group_size` run along K (the last run may be shorter)."""
-    n, k = weight.shape
-    groups = -(-k // group_size)
-    padded = weight.new_zeros(n, groups * group_size, dtype=torch.float32)
-    padded[:, :k] = weight.float().abs()
-    return quantize_absmax(padded.view(n, groups, group_size).amax(-1))
+    return quantize_absmax(_in_groups(weight.float().abs(), group_size).amax(-1))
 
 
 def _assign(v: Tensor, levels: Tensor) -> Tensor:
@@ -324,8 +325,7 @@ def assemble(
     rows_of = {b: rows for b in lq.bit_choices if len(rows := (bits_per_row == b).nonzero().squeeze(1))}
     for bits, rows in rows_of.items():
         levels[rows] = _padded(lq.levels[bits][rows])
-        for whole, part in zip(groups, lq.groups[bits]):
-            whole[rows] = part[rows]
+        _put_rows(groups, rows, tuple(t[rows] for t in lq.groups[bits]))
     if factor is not None and lq.codes is not None:  # the quantize stage's error-feedback codes
         codes = torch.empty(n, k, dtype=torch.long, device=weight.device)
         for bits, rows in rows_of.items():
@@ -339,9 +339,14 @@ def assemble(
         codes[rows], levels[rows, : 2**bits], row_groups = _refit(
             weight[rows], row_groups, levels[rows, : 2**bits], codes[rows], lq.group_size, factor, refit_rounds, lq.fitted
         )
-        for whole, part in zip(groups, row_groups):
-            whole[rows] = part
+        _put_rows(groups, rows, row_groups)
     return pack_weight(codes, bits_per_row, levels, *groups, lq.group_size, weight.dtype)
+
+
+def _put_rows(groups: tuple[Tensor, ...], rows: Tensor, part: tuple[Tensor, ...]) -> None:
+    """Write `rows`' group scales (absmax codes and their scales) into a layer's."""
+    for whole, values in zip(groups, part):
+        whole[rows] = values
 
 
 def quantize_rows(
@@ -363,8 +368,7 @@ def quantize_rows(
         row_x2 = x2[rows] if x2 is not None and x2.dim() == 2 else x2
         row_groups, row_levels, _ = fit_width(weight[rows], row_x2, bits, fit, tuple(t[rows] for t in absmax))
         groups[bits] = tuple(t.clone() for t in absmax)
-        for whole, part in zip(groups[bits], row_groups):
-            whole[rows] = part
+        _put_rows(groups[bits], rows, row_groups)
         levels[bits] = torch.zeros(weight.shape[0], 2**bits, device=weight.device)
         levels[bits][rows] = row_levels
     lq = LayerQuant(widths, fit.group_size, fit.fit_scales, groups, levels, None)

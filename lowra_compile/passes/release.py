@@ -163,7 +163,7 @@ def _linear_call(func, args: tuple, kwargs: dict) -> tuple | None:
     return x, w, bias
 
 
-def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> "ReleasedWeight":
+def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> None:
     """`p.copy_(source)` for a packed weight: a no-op when `source` holds `p`'s dequantized values (up to a
     bf16 rounding, as when a checkpoint was written on another device), an error otherwise."""
     dense = dequantized(p).float()
@@ -176,7 +176,6 @@ def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> "ReleasedWeight":
             "load the checkpoint before compiling, or lowra_compile.materialize(model), load it, and compile the "
             "model anew (which quantizes it again)."
         )
-    return p
 
 
 def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "ReleasedWeight":
@@ -197,7 +196,7 @@ def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "Release
     dense = torch.empty_strided(p.shape, p.stride(), dtype=target.dtype, device=target.device)
     moved = torch.nn.Parameter(dense, requires_grad=False)
     packed = PackedWeight.from_tensors([t.to(target.device) for t in pw.tensors()], pw.shape, target.dtype, pw.group_size)
-    attach(moved, packed, p._lowra_seconds, p._lowra_transposed, quantized_with(p._lowra_packed[0]))
+    _attach_like(moved, packed, p)
     release(moved)
     return moved
 
@@ -207,7 +206,12 @@ def _adopt(p: "ReleasedWeight", source: "ReleasedWeight") -> None:
     if source is p:
         return
     Tensor.data.__set__(p, source)
-    attach(p, source._lowra_weight, source._lowra_seconds, source._lowra_transposed, quantized_with(source._lowra_packed[0]))
+    _attach_like(p, source._lowra_weight, source)
+
+
+def _attach_like(p: Tensor, packed: PackedWeight, like: "ReleasedWeight") -> None:
+    """Attach `packed` to `p` with `like`'s seconds, layout and quantizing options."""
+    attach(p, packed, like._lowra_seconds, like._lowra_transposed, quantized_with(like._lowra_packed[0]))
 
 
 def attach(
