@@ -202,7 +202,8 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     config = LowRAConfig.from_options(options)
     inductor_options = mode_options(mode or config.mode, config.inner)
     codegen.set_kernel_mode(config.kernels)
-    graph, (gm, sites) = gm, graph_sites(gm, example_inputs, options, config)
+    graph = gm  # Dynamo's own, which BoundGraph falls back to
+    gm, sites = graph_sites(graph, example_inputs, options, config)
     hold_experts_classes()
     if not sites:
         return _compile_inner(gm, example_inputs, config.inner, inductor_options)
