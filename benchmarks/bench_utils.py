@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -121,6 +122,7 @@ def variant_in_process(cmd: list[str], variant: str, timeout: float | None = Non
     return json.loads(lines[-1][len(RESULT):]) if lines else {"variant": variant, "error": proc.stderr[-3000:]}
 
 
+@functools.cache
 def bnb_available() -> bool:
     """bitsandbytes imports and quantizes here (a wheel without binaries for this CUDA imports with a
     warning, then fails on the first quantization)."""

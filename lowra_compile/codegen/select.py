@@ -235,8 +235,8 @@ def forget_choices() -> None:
 
 
 def reset() -> None:
-    """Forget cached choices and the loaded table (the next call re-reads $LOWRA_SELECTION_TABLE)."""
+    """Forget cached choices, measurements and the loaded table (the next call re-reads $LOWRA_SELECTION_TABLE)."""
     global _table
-    _chosen.clear()
+    forget_choices()
     _measured.clear()
     _table = None
