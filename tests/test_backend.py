@@ -32,6 +32,13 @@ def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_lora_grads_close(model, reference, fraction: float = 3e-2):
+    """Each adapter's gradient is within `fraction` of the reference gradient's largest entry (bf16 products)."""
+    want = _lora_grads(reference)
+    for name, grad in _lora_grads(model).items():
+        assert (grad - want[name]).abs().max() <= fraction * want[name].abs().max(), name
+
+
 def _train(compiled, model, steps: int) -> list[float]:
     """The user's unchanged loop: AdamW over the trainable parameters, loss.backward(), step."""
     opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
@@ -112,9 +119,13 @@ def test_frozen_weights_released_eager_calls_and_checkpoints_keep_working(tmp_pa
     assert len(frozen) == 14  # 7 projections x 2 layers; lm_head is skipped by default
     assert all(isinstance(p, ReleasedWeight) and p.untyped_storage().nbytes() == 0 for p in frozen)
     rep = lowra_compile.report(compiled)
-    fp32_bytes = sum(p.numel() * 4 for p in frozen)
     held = sum(p.untyped_storage().nbytes() + packed_weight(p).nbytes() for p in frozen)
-    assert held <= rep.effective_bits / 32 * fp32_bytes * 1.01
+    rows = [(row.shape[1], bits, count) for row in rep.layers for bits, count in row.channels_per_bits.items()]
+    code_bits = sum(count * bits * k for k, bits, count in rows)
+    # a row of b bits: its 2^b fp16 levels, a permutation entry, at most a padding word, an int8 absmax per 64
+    # weights with an fp32 scale per 256 of them
+    format_bits = sum(count * (2**bits * 16 + 32 + 32 + k * (8 / 64 + 32 / (64 * 256))) for k, bits, count in rows)
+    assert code_bits / 8 < held <= (code_bits + format_bits) / 8
     assert abs(rep.code_bits - 2.0) <= 0.01
 
     with torch.no_grad():
@@ -126,22 +137,6 @@ def test_frozen_weights_released_eager_calls_and_checkpoints_keep_working(tmp_pa
     fresh.load_state_dict(torch.load(path))
     with torch.no_grad():
         torch.testing.assert_close(fresh(**data).logits, out, atol=1e-5, rtol=1e-5)
-
-
-def test_recompile_reads_released_weights_without_dequantizing(monkeypatch):
-    # A no_grad call recompiles; Dynamo's fake copy of each released weight queries only metadata
-    # (is_view, storage_offset, is_conj, ...), which must not dequantize the whole weight.
-    import lowra_compile.passes.release as release
-
-    model = tiny_peft_llama()
-    compiled = _compile(model)
-    data = batch(16)
-    compiled(**data).loss.backward()
-    calls = []
-    monkeypatch.setattr(release, "dequantized", lambda p: calls.append(p) or pytest.fail("dequantized a weight"))
-    with torch.no_grad():
-        compiled(**data)
-    assert not calls
 
 
 def test_materialize_restores_dense_weights():
@@ -243,7 +238,9 @@ def test_a_layer_without_a_graph_of_its_own_runs_unfused_with_its_own_weights_an
     model = tiny_peft_llama()
     _break_the_graph_in_every_mlp(model)
     compiled = _compile(model, bits=2.0)
-    compiled(**batch(16)).loss.backward()
+    # the loss is in another graph than the layers: the backend plans without its gradient and says so
+    with pytest.warns(UserWarning, match=r"no loss gradient reached .* lowra_compile.quantize_\(model, batches\)"):
+        compiled(**batch(16)).loss.backward()
     for p in model.base_model.model.model.layers[0].parameters():
         p.__dict__.pop("_lowra_graphs", None)  # as if its graphs were compiled for other weights
     with pytest.warns(UserWarning, match="graph break inside a repeated module"):
@@ -318,9 +315,7 @@ def test_dora_in_bfloat16_matches_the_dequantized_model(bf16):
         losses.append(out.loss)
     # the norm is summed in fp32 from the packed weight, where PEFT's bf16 model adds W and B A in bf16
     torch.testing.assert_close(*losses, atol=0, rtol=2e-4 if bf16 == "model" else 0)
-    want = _lora_grads(reference)
-    for name, grad in _lora_grads(model).items():
-        assert (grad - want[name]).abs().max() <= 3e-2 * want[name].abs().max(), name
+    _assert_lora_grads_close(model, reference)
 
 
 def _checkpointed_dora():
@@ -667,13 +662,6 @@ def test_packing_adds_the_per_layer_packed_sources_to_the_user_s_dynamic_sources
     assert not re.match(PER_LAYER_PACKED_SOURCES, whole_stack + "3]")
 
 
-def test_the_backend_on_a_graph_break_before_the_loss_names_quantize_ahead_as_the_fix():
-    model = tiny_peft_llama()
-    _break_the_graph_in_every_mlp(model)
-    with pytest.warns(UserWarning, match=r"no loss gradient reached .* lowra_compile.quantize_\(model, batches\)"):
-        _compile(model)(**batch(16))
-
-
 def test_quantize_ahead_packs_what_the_backend_packs_on_the_same_batch():
     ahead = lowra_compile.quantize_(tiny_peft_llama(), batch(16), {"progress": False})
     compiled_model = tiny_peft_llama()
@@ -762,13 +750,22 @@ def test_merge_folds_adapters_into_the_dequantized_base(dora):
         torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_model_trains():
+def test_bfloat16_model_trains_as_the_dequantized_model():
     model = tiny_peft_llama().to(torch.bfloat16)
     compiled = _compile(model)
     losses = _train(compiled, model, steps=3)
-    assert all(math.isfinite(x) for x in losses)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     released = [p for p in model.parameters() if isinstance(p, ReleasedWeight)]
     assert len(released) == 14 and all(p.dtype == torch.bfloat16 for p in released)
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+    data = batch(16)
+    out, ref = compiled(**data), reference(**data)
+    out.loss.backward()
+    ref.loss.backward()
+    # bf16 products, summed in another order by the fused op
+    torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=1e-2)
+    _assert_lora_grads_close(model, reference)
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
@@ -790,10 +787,8 @@ def test_training_under_autocast_matches_the_dequantized_model_under_autocast(in
     # traced without Inductor's fusions the graph computes what the eager model does, to the last bit
     exact = inner != "inductor"
     torch.testing.assert_close(out.loss, ref.loss, atol=0 if exact else 1e-3, rtol=0 if exact else 1e-3)
-    want = _lora_grads(reference)
-    for name, grad in _lora_grads(model).items():
-        assert grad.dtype == torch.float32
-        assert (grad - want[name]).abs().max() <= 3e-2 * want[name].abs().max(), name
+    assert all(p.grad.dtype == torch.float32 for p in _trainable(model))
+    _assert_lora_grads_close(model, reference)
 
 
 def test_a_compiled_step_with_compiled_autograd_matches_the_eager_model():

@@ -41,13 +41,15 @@ def test_peft_s_dora_is_traced_whichever_of_peft_and_lowra_is_imported_first(imp
 
 def test_a_peft_without_the_function_or_with_another_signature_is_left_as_it_is():
     def dequantize_module_weight(module, adapter):  # another signature
-        return module.weight
+        return module.weight * 3
 
     changed = types.ModuleType("peft_of_another_version")
     changed.dequantize_module_weight = dequantize_module_weight
     peft_tracing._register(changed)  # no error: PEFT's import goes on
     peft_tracing._register(types.ModuleType("peft_without_it"))
-    assert not hasattr(dequantize_module_weight, "__torch_dynamo_polyfill__")
+    layer = torch.nn.Linear(4, 4)
+    traced = torch.compile(lambda m: changed.dequantize_module_weight(m, None), backend="eager", fullgraph=True)
+    assert torch.equal(traced(layer), layer.weight * 3)  # its own body, not lowra's stand-in
 
 
 def test_dora_s_cache_is_cleared_only_when_it_holds_something_and_the_class_is_changed_once():

@@ -71,7 +71,7 @@ def _check(packed, x, xl, a, b, bb, tol):
 
 
 @pytest.mark.parametrize("variant", [FUSED, TRITON, CUBLAS])
-@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("m", [1, 64])  # m = 7 (a partial tile) in the fp16 tests below
 @pytest.mark.parametrize("lora", ["none", "shared", "dropout"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_lora_linear_fp32(variant, m, lora, bias, monkeypatch, tmp_path, device, tol):

@@ -143,11 +143,14 @@ def test_fisher_without_a_loss_falls_back_to_activation_statistics(monkeypatch):
     assert all(x2 is not None for x2 in seen["x2"])
 
 
-def test_packing_happens_once_per_weight(monkeypatch):
+def test_packing_happens_once_per_weight_and_a_recompile_reads_released_weights_without_dequantizing(monkeypatch):
     seen = _spy(monkeypatch)
     model = tiny_peft_llama()
     compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
     compiled(**batch(8)).loss.backward()
+    # Dynamo's fake copy of each released weight queries only metadata (is_view, storage_offset, is_conj,
+    # ...), which must not dequantize the whole weight
+    monkeypatch.setattr(release, "dequantized", lambda p: pytest.fail("dequantized a weight"))
     with torch.no_grad():  # grad mode and shape changes recompile; the weights are packed already
         model.eval()
         compiled(**batch(12))

@@ -1,10 +1,8 @@
 """Data-parallel replicas quantize as one: two gloo ranks on CPU, each with its own batches."""
 
-import functools
 import socket
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,16 +45,9 @@ def _statistics_of_rank(rank: int) -> list[SiteStats | None]:
     return average_statistics([stats, None, experts])
 
 
-def test_statistics_are_averaged_over_every_rank_s_tokens(tmp_path):
-    for stats, empty, experts in _spawn(_statistics_of_rank, tmp_path):
-        assert empty is None and stats.tokens == 30
-        torch.testing.assert_close(stats.x2, torch.full((3,), 50 / 30))  # token-weighted: (10 * 1 + 20 * 2) / 30
-        torch.testing.assert_close(stats.gram, torch.full((3, 3), 50 / 30))
-        torch.testing.assert_close(stats.g2, torch.full((2,), 1.5))  # mean of the ranks' means
-        # each expert over the tokens it took: expert 0 rank 0's, 1 both (6 x 2 + 5 x 3) / 11, 2 rank 1's; expert
-        # 3, reached by no rank, the token-weighted stand-ins (10 x 5 + 20 x 8) / 30
-        torch.testing.assert_close(experts.x2, torch.tensor([1.0, 27 / 11, 4.0, 7.0])[:, None].expand(4, 2))
-        assert experts.expert_tokens.tolist() == [4, 11, 15, 0]
+def _loss_gradient_on_rank_0_only(rank: int) -> list[SiteStats | None]:
+    g2 = torch.ones(2) if rank == 0 else None  # rank 1's batch had no labels
+    return average_statistics([SiteStats(torch.ones(3), g2, None, 10), SiteStats(torch.ones(3), g2, None, 10)])
 
 
 def _shared_input_and_odd_bytes(rank: int) -> dict:
@@ -69,30 +60,37 @@ def _shared_input_and_odd_bytes(rank: int) -> dict:
     return {"shared": averaged[0].gram is averaged[1].gram, "gram": averaged[0].gram, "codes": codes, "scales": scales}
 
 
-def _loss_gradient_on_rank_0_only(rank: int) -> list[SiteStats | None]:
-    g2 = torch.ones(2) if rank == 0 else None  # rank 1's batch had no labels
-    return average_statistics([SiteStats(torch.ones(3), g2, None, 10), SiteStats(torch.ones(3), g2, None, 10)])
+def _collectives_of_rank(rank: int) -> tuple:
+    """The three checks below in one pair of processes (each spawn starts torch twice)."""
+    return _statistics_of_rank(rank), _loss_gradient_on_rank_0_only(rank), _shared_input_and_odd_bytes(rank)
 
 
-def test_a_loss_gradient_that_only_some_ranks_have_is_dropped_on_every_rank(tmp_path):
-    # before, rank 0 reduced E[g^2] while rank 1 went on to the next site's token count: mismatched collectives
-    for stats in _spawn(_loss_gradient_on_rank_0_only, tmp_path):
-        assert [s.g2 for s in stats] == [None, None] and [s.tokens for s in stats] == [20, 20]
+def test_statistics_are_averaged_over_every_rank_s_tokens_and_their_broadcast_keeps_sharing(tmp_path):
+    for (stats, empty, experts), partial, got in _spawn(_collectives_of_rank, tmp_path):
+        assert empty is None and stats.tokens == 30
+        torch.testing.assert_close(stats.x2, torch.full((3,), 50 / 30))  # token-weighted: (10 * 1 + 20 * 2) / 30
+        torch.testing.assert_close(stats.gram, torch.full((3, 3), 50 / 30))
+        torch.testing.assert_close(stats.g2, torch.full((2,), 1.5))  # mean of the ranks' means
+        # each expert over the tokens it took: expert 0 rank 0's, 1 both (6 x 2 + 5 x 3) / 11, 2 rank 1's; expert
+        # 3, reached by no rank, the token-weighted stand-ins (10 x 5 + 20 x 8) / 30
+        torch.testing.assert_close(experts.x2, torch.tensor([1.0, 27 / 11, 4.0, 7.0])[:, None].expand(4, 2))
+        assert experts.expert_tokens.tolist() == [4, 11, 15, 0]
 
+        # a loss gradient only some ranks have is dropped on every rank; before, rank 0 reduced E[g^2] while
+        # rank 1 went on to the next site's token count: mismatched collectives
+        assert [s.g2 for s in partial] == [None, None] and [s.tokens for s in partial] == [20, 20]
 
-def test_a_shared_input_s_statistics_stay_shared_and_tensors_at_odd_byte_offsets_are_shared_too(tmp_path):
-    # q/k/v (and gate/up) share one E[x x^T]: one copy in memory, one Cholesky factor in the pipeline; the
-    # broadcast packs every tensor into one byte buffer, where a uint8 [3] puts the next float32 at byte 3
-    for got in _spawn(_shared_input_and_odd_bytes, tmp_path):
+        # q/k/v (and gate/up) share one E[x x^T]: one copy in memory, one Cholesky factor in the pipeline; the
+        # broadcast packs every tensor into one byte buffer, where a uint8 [3] puts the next float32 at byte 3
         assert got["shared"]
         torch.testing.assert_close(got["gram"], torch.full((3, 3), 50 / 30))
         assert got["codes"].tolist() == [1, 1, 1] and got["scales"].tolist() == [1.0, 1.0, 1.0]  # rank 0's
 
 
-def _train_under_ddp(rank: int, dora: bool = False) -> dict:
+def _train_under_ddp(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = tiny_peft_llama(use_dora=dora)
+    model = tiny_peft_llama(use_dora=True)  # the base packed, adapters and magnitudes trained
     compiled = torch.compile(
         DistributedDataParallel(model), backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"}
     )
@@ -113,11 +111,11 @@ def _same_on_both_ranks(first: dict, second: dict, key: str, count: int, **toler
         torch.testing.assert_close(value, second[key][name], msg=name, **tolerance)
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path, dora):
-    first, second = _spawn(functools.partial(_train_under_ddp, dora=dora), tmp_path)
+def test_ddp_ranks_pack_the_same_base_and_keep_the_same_adapters(tmp_path):
+    # a LoRA model's fused adapters under DDP: the test of quantizing ahead below
+    first, second = _spawn(_train_under_ddp, tmp_path)
     _same_on_both_ranks(first, second, "packed", 14, rtol=0, atol=0)
-    _same_on_both_ranks(first, second, "adapters", 42 if dora else 28, rtol=0, atol=0)  # DoRA: magnitudes too
+    _same_on_both_ranks(first, second, "adapters", 42, rtol=0, atol=0)  # A, B and the magnitudes
 
 
 def _quantize_ahead_under_ddp(rank: int) -> dict:
