@@ -71,8 +71,8 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
     Returns the merged plain transformers model (dense, in the base weights' dtype), ready for export or
     for quantizing again with a new `torch.compile(..., backend="lowra")`.
     """
-    materialize(model)
     base = getattr(model, "_orig_mod", model)
-    if not hasattr(base, "merge_and_unload"):
+    if not hasattr(base, "merge_and_unload"):  # before materializing: a refused model stays packed
         raise ValueError("lowra: merge needs a PEFT model (it has no merge_and_unload); use materialize() instead")
+    materialize(model)
     return base.merge_and_unload()

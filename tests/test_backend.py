@@ -179,14 +179,34 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"scales": "minmax"}, "scales"),
         ({"rounding": "gptq", "calibrate": "off"}, "needs the input statistics"),
         ({"refit_rounds": -1}, "refit_rounds must be >= 0"),
+        ({"loftq_iters": -1}, "loftq_iters, lloyd_iters and refit_rounds must be >= 0"),
+        ({"group_size": 60}, "group_size=60 must be a positive multiple of 8"),
+        ({"group_size": 0}, "group_size=0 must be a positive multiple of 8"),
+        ({"bit_choices": (3, 4), "max_bits": 2}, "no bit width in bit_choices=.* widen the range"),
+        ({"kernels": "cuda"}, "kernels='cuda' is not one of"),
+        ({"inner": "cudagraphs"}, "inner='cudagraphs' is not one of"),
+        ({"mode": "fast"}, "mode='fast' is not one of"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         lowra_compile.LowRAConfig.from_options(options)
+
+
+def test_the_backend_raises_a_bad_option_on_the_first_call():
+    options = {"bits": 1.5, "bit_choices": (2, 4)}
     compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(64, 64)).requires_grad_(False), backend="lowra", options=options)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(Exception, match="below the smallest allowed width 2"):
         compiled(torch.randn(2, 64))
+
+
+def test_options_are_normalised_and_the_quantizing_ones_listed():
+    config = lowra_compile.LowRAConfig(bit_choices=[4, 2, 2.0, 1], calibrate=True, skip=["lm_head"])
+    assert config.bit_choices == (1, 2, 4) and config.calibrate == "fisher" and config.skip == ("lm_head",)
+    assert lowra_compile.LowRAConfig(min_bits=2, max_bits=3).allowed_bits == (2, 3)
+    quantizing = config.quantizing()
+    assert quantizing["bit_choices"] == [1, 2, 4] and quantizing["rounding"] == "gptq"
+    assert set(quantizing) == set(lowra_compile.config.QUANTIZING) and "kernels" not in quantizing
 
 
 def test_default_rounding_is_gptq_when_calibrating_and_nearest_without():

@@ -1,0 +1,49 @@
+"""`save_quantized` / `load_quantized` round trip, and what they and `merge` cannot take: each error names the
+layer or the step to take first."""
+
+import pytest
+import torch
+
+import lowra_compile
+from lowra_compile.passes.release import ReleasedWeight
+
+
+def _frozen_mlp(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).requires_grad_(False)
+
+
+def _quantized_mlp() -> torch.nn.Sequential:
+    options = {"bits": 2.0, "calibrate": "activation", "progress": False}
+    return lowra_compile.quantize_(_frozen_mlp(), {"input": torch.randn(32, 64)}, options)
+
+
+def test_a_saved_base_loads_into_a_fresh_model_as_it_was(tmp_path):
+    model, x = _quantized_mlp(), torch.randn(4, 64)
+    assert lowra_compile.save_quantized(model, tmp_path / "base.safetensors") == 2
+    fresh = lowra_compile.load_quantized(_frozen_mlp(seed=1), tmp_path / "base.safetensors")
+    assert all(isinstance(fresh[i].weight, ReleasedWeight) for i in (0, 2))
+    fresh[0].bias.copy_(model[0].bias), fresh[2].bias.copy_(model[2].bias)  # biases are the model's, not the file's
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_saving_a_model_without_packed_weights_says_to_quantize_first(tmp_path):
+    with pytest.raises(ValueError, match=r"no packed weights; run one compiled step \(or quantize_\) first"):
+        lowra_compile.save_quantized(_frozen_mlp(), tmp_path / "base.safetensors")
+
+
+def test_loading_into_another_architecture_names_the_layer(tmp_path):
+    lowra_compile.save_quantized(_quantized_mlp(), tmp_path / "base.safetensors")
+    shorter = torch.nn.Sequential(torch.nn.Linear(64, 64)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"holds layer '2.weight', which this model does not have"):
+        lowra_compile.load_quantized(shorter, tmp_path / "base.safetensors")
+    wider = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+    with pytest.raises(ValueError, match=r"layer '0.weight' is \(128, 64\) here but packed as \(64, 64\)"):
+        lowra_compile.load_quantized(wider, tmp_path / "base.safetensors")
+
+
+def test_merge_of_a_model_without_adapters_points_to_materialize():
+    model = _quantized_mlp()
+    with pytest.raises(ValueError, match=r"merge needs a PEFT model .* use materialize\(\) instead"):
+        lowra_compile.merge(model)
+    assert isinstance(model[0].weight, ReleasedWeight)  # left packed
