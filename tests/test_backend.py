@@ -518,6 +518,9 @@ def test_report_table_json_and_markdown():
     data = json.loads(rep.to_json())
     assert data["summary"]["layers"] == 14 and data["summary"]["dense"] == ["base_model.model.lm_head.weight"]
     assert rep.to_markdown().startswith("| layer |")
+    channels = data["summary"]["channels_per_bits"]  # every channel at one width
+    assert sum(channels.values()) == sum(r.shape[0] for r in rep.layers)
+    assert all("lora_linear:reference" in r.kernels for r in rep.layers)  # the ops that ran on its shape
     # quantize time per stage: the whole-model stages are shared equally between the layers
     stages = {"calibrate", "quantize", "plan", "pack", "loftq"}
     assert all(set(r.seconds) == stages and min(r.seconds.values()) >= 0 for r in rep.layers)
