@@ -53,6 +53,18 @@ def _train(compiled, model, steps: int) -> list[float]:
     return losses
 
 
+def test_a_model_loaded_with_from_pretrained_trains_as_the_dequantized_model(tmp_path):
+    # on the CPU transformers memory-maps the checkpoint's weights: storages that cannot be resized
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])).train()
+    assert_trains_as_dequantized(model, batch(16))
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+
+
 def test_unchanged_training_loop_losses_fall():
     model = tiny_peft_llama()
     compiled = _compile(model, bits=2.0)

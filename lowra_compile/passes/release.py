@@ -265,10 +265,17 @@ def quantized_with(packed: Tensor) -> dict | None:
 
 
 def release(p: Tensor) -> None:
-    """Free `p`'s dense storage; it must already carry its packed form (`attach`)."""
+    """Free `p`'s dense storage; it must already carry its packed form (`attach`).
+
+    A storage that cannot be resized (memory-mapped from a checkpoint: transformers' `from_pretrained` and
+    `torch.load(mmap=True)` on the CPU) or that holds more than `p` (a view into a buffer other tensors
+    share) is left to its other owners: `p` gets a storage of its own first, allocated and never touched."""
     if isinstance(p, ReleasedWeight):
         return
     with torch.no_grad():
+        storage = p.untyped_storage()
+        if not storage.resizable() or storage.nbytes() != p.numel() * p.element_size():
+            p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device)
         p.untyped_storage().resize_(0)
     p.__class__ = ReleasedWeight
 

@@ -1,0 +1,32 @@
+"""`release` frees a weight's dense storage whatever holds it: its own storage, a memory-mapped one that
+cannot be resized, or a buffer it shares with other tensors (left to them, unchanged)."""
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowra_compile.passes.release import ReleasedWeight, attach, dequantized, release
+from lowra_compile.runtime import random_packed_weight
+
+
+def _released(data: torch.Tensor) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(data, requires_grad=False)
+    packed = random_packed_weight(*p.shape)
+    attach(p, packed)
+    release(p)
+    assert isinstance(p, ReleasedWeight) and p.untyped_storage().nbytes() == 0 and p.shape == (8, 64)
+    return p
+
+
+def test_a_memory_mapped_weight_is_released_and_dequantizes(tmp_path):
+    save_file({"w": torch.randn(8, 64)}, tmp_path / "w.safetensors")
+    mapped = load_file(tmp_path / "w.safetensors")["w"]  # how transformers' from_pretrained loads on the CPU
+    assert not mapped.untyped_storage().resizable()
+    p = _released(mapped)
+    assert dequantized(p).shape == (8, 64)
+
+
+def test_a_weight_sharing_a_buffer_leaves_the_other_tensors_their_values():
+    buffer = torch.randn(2, 8, 64)
+    other = buffer[1].clone()
+    _released(buffer[0])
+    assert buffer.untyped_storage().nbytes() == 2 * 8 * 64 * 4 and torch.equal(buffer[1], other)
