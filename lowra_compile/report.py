@@ -19,6 +19,7 @@ import torch
 from . import codegen
 from .passes.fx_nodes import is_frozen_matrix
 from .passes.release import ReleasedWeight, packed_weight
+from .passes.sources import is_peft_factor
 from .runtime.format import BIT_WIDTHS
 
 
@@ -222,12 +223,12 @@ def report(model: torch.nn.Module) -> KernelReport:
 
 def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
     """Names of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers' Conv1D)
-    that have no packed form."""
+    that have no packed form (a frozen LoRA adapter's factors are not base layers)."""
     names = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-        if linear and is_frozen_matrix(weight) and packed_weight(weight) is None:
+        if linear and not is_peft_factor(name) and is_frozen_matrix(weight) and packed_weight(weight) is None:
             names.append(f"{name.removeprefix('_orig_mod.')}.weight")
     return tuple(names)
 

@@ -65,6 +65,28 @@ def test_a_model_loaded_with_from_pretrained_trains_as_the_dequantized_model(tmp
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
 
 
+@pytest.mark.parametrize("adapter,quantized", [("lora", "before freezing"), ("lora", "after"), ("dora", "after")])
+def test_a_frozen_adapter_for_inference_is_served_from_the_packed_base_and_never_packed(adapter, quantized):
+    # PEFT's from_pretrained(base, adapter) freezes the adapter: its factors are frozen linears too
+    model = tiny_peft_llama(use_dora=adapter == "dora")
+    if quantized == "before freezing":
+        lowra_compile.quantize_(model, batch(16), QUIET)  # LoftQ: B is not zero
+    model.requires_grad_(False).eval()
+    compiled = _compile(model)
+    with torch.no_grad():
+        compiled(**batch(16))
+        lowra_compile.codegen.clear_log()
+        torch.testing.assert_close(compiled(**batch(16, seed=1)).logits, model(**batch(16, seed=1)).logits)
+    calls = collections.Counter()
+    for e in lowra_compile.codegen.kernel_log():
+        calls[e["op"], e["rank"]] += e["calls"]
+    # LoRA: the adapter fused into each packed op; DoRA: each norm from the packed weight
+    assert calls["lora_linear" if adapter == "lora" else "dora_row_norms", 4] == 14
+    rep = lowra_compile.report(model)
+    assert len(rep.layers) == 14 and not [r for r in rep.layers if "lora" in r.name]
+    assert rep.dense == ("base_model.model.lm_head.weight",)
+
+
 def test_unchanged_training_loop_losses_fall():
     model = tiny_peft_llama()
     compiled = _compile(model, bits=2.0)

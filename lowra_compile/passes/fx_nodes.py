@@ -42,8 +42,13 @@ def linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     return x, w, bias
 
 
+def is_placeholder(node) -> bool:
+    """A graph input: a parameter, frozen or trained, or an activation after a graph break."""
+    return isinstance(node, fx.Node) and node.op == "placeholder"
+
+
 def is_trainable_placeholder(node) -> bool:
-    if not isinstance(node, fx.Node) or node.op != "placeholder":
+    if not is_placeholder(node):
         return False
     value = example_value(node)
     return isinstance(value, torch.Tensor) and value.requires_grad

@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from torch import fx
 
 from .fx_nodes import (
-    ADD, MUL, example_value, is_frozen_matrix, is_linear, is_lowra_op, is_trainable_placeholder, linear_args, only_user,
+    ADD, MUL, example_value, is_frozen_matrix, is_linear, is_lowra_op, is_placeholder, is_trainable_placeholder, linear_args,
+    only_user,
 )
 from .match_dora import dora_cast_reads, dora_read
 from .match_experts import experts_hint, grouped_site, is_grouped_mm
 from .sites import LinearSite, LoraBranch
-from .sources import is_parameter, placeholder_name
+from .sources import is_parameter, is_peft_factor, placeholder_name
 
 # Matrix products other than F.linear, and the views a weight may pass through on its way to one.
 _MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum}
@@ -64,14 +65,34 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
     if not isinstance(lin_b, fx.Node) or not is_linear(lin_b) or len(lin_b.users) != 1:
         return None
     h, lora_b, b_bias = linear_args(lin_b)  # b_bias: a node, or None
-    if not is_linear(h) or len(h.users) != 1 or not is_trainable_placeholder(lora_b):
+    if not is_linear(h) or len(h.users) != 1:
         return None
     x_lora, lora_a, a_bias = linear_args(h)
-    if a_bias is not None or not is_trainable_placeholder(lora_a):
+    if a_bias is not None or not _lora_factors(lora_a, lora_b):
         return None
     if not isinstance(scaling, (int, float, fx.Node)):
         return None
     return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, other, add), add, b_bias)
+
+
+def _lora_factors(lora_a, lora_b) -> bool:
+    """Whether A and B are a LoRA adapter's factors: trainable graph inputs, or frozen ones (an adapter loaded
+    for inference: PEFT's `from_pretrained` freezes it) of low rank, r < min(k, n), which no base layer has."""
+    if is_trainable_placeholder(lora_a) and is_trainable_placeholder(lora_b):
+        return True
+    if not (is_placeholder(lora_a) and is_placeholder(lora_b)):
+        return False
+    a, b = example_value(lora_a), example_value(lora_b)
+    if not (is_frozen_matrix(a) and is_frozen_matrix(b)) or a.shape[0] != b.shape[1]:
+        return False
+    return a.shape[0] < min(a.shape[1], b.shape[0])
+
+
+def _branch_linears(graph: fx.Graph) -> set[fx.Node]:
+    """The adapter products of every LoRA branch in `graph`: they are part of their base layer's site, never
+    sites of their own, even when the adapter is frozen."""
+    branches = (_match_lora(n) for n in graph.nodes if is_linear(n) or is_lowra_op(n))
+    return {node for lora in branches if lora is not None for node in lora.nodes[:2]}
 
 
 def checkpoint_bodies(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.GraphModule]]:
@@ -123,7 +144,7 @@ def _warn_trainable_only(graphs: list[tuple[fx.Graph, dict[fx.Node, fx.Node]]]) 
         for graph, outer in graphs for node in graph.nodes
         if is_linear(node) and node.args[1] in outer and is_trainable_placeholder(node.args[1])
     ]
-    names = [n for n in names if "lora_" not in n]
+    names = [n for n in names if not is_peft_factor(n)]
     if names:
         warnings.warn(
             f"lowra: nothing in this graph is quantized: its {len(names)} linear layer(s) have trainable weights "
@@ -139,6 +160,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
     sites: list[LinearSite] = []
     other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
     stacked: dict[fx.Node, str] = {}  # frozen 3-D weights (a mixture's experts): packed only as grouped sites
+    adapters = _branch_linears(graph)
     for node in graph.nodes:
         if is_grouped_mm(node):
             site = grouped_site(node, outer, index, stays_dense, scope)
@@ -152,7 +174,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                     other_products[placeholder_name(outer[w])] = _op_name(node)
         elif node.op == "placeholder" and node in outer and is_parameter(outer[node]) and is_frozen_matrix(example_value(node), dims=(3,)):
             stacked[node] = placeholder_name(outer[node])
-        if is_linear(node):
+        if is_linear(node) and node not in adapters:
             x, w, bias = linear_args(node)
             transposed = _is_transpose(w) and w.args[0] in outer
             if transposed:
@@ -161,7 +183,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
                 continue
             name = placeholder_name(outer[w])
-            if stays_dense(name, node):
+            if stays_dense(name, node) or is_peft_factor(name):
                 continue
             if not value.dtype.is_floating_point:
                 raise ValueError(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .fx_nodes import ADD, MUL, example_value, is_linear, is_trainable_placeholder, linear_args, only_user
+from .fx_nodes import ADD, MUL, example_value, is_linear, is_placeholder, linear_args, only_user
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _norm_magnitude(norm: fx.Node) -> fx.Node | None:
         node = reader
     if reader is None or reader.target is not operator.truediv or reader.args[1] is not node:
         return None
-    return reader.args[0] if is_trainable_placeholder(reader.args[0]) else None
+    return reader.args[0] if is_placeholder(reader.args[0]) else None
 
 
 def _norm_adapter(add: fx.Node) -> tuple[fx.Node, fx.Node, float | fx.Node] | None:
@@ -127,6 +127,6 @@ def _norm_adapter(add: fx.Node) -> tuple[fx.Node, fx.Node, float | fx.Node] | No
     eye, lora_a, a_bias = linear_args(h)
     if not isinstance(eye, fx.Node) or eye.target is not torch.eye or a_bias is not None or b_bias is not None:
         return None
-    if not (is_trainable_placeholder(lora_a) and is_trainable_placeholder(lora_b) and isinstance(scaling, (int, float, fx.Node))):
+    if not (is_placeholder(lora_a) and is_placeholder(lora_b) and isinstance(scaling, (int, float, fx.Node))):
         return None
     return lora_a, lora_b, scaling

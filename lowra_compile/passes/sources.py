@@ -44,3 +44,9 @@ def is_parameter(node: fx.Node) -> bool:
             return True
         source = getattr(source, "base", None)
     return False
+
+
+def is_peft_factor(name: str) -> bool:
+    """Whether a parameter name is a factor of a PEFT LoRA adapter (`...q_proj.lora_A.default.weight`): a linear
+    of its own, never a base layer, even when the adapter is frozen (PEFT's `from_pretrained` for inference)."""
+    return not {"lora_A", "lora_B"}.isdisjoint(name.split("."))
