@@ -8,8 +8,11 @@ turns it into a `LowRAConfig` through `LowRAConfig.from_options`. Unknown names 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from numbers import Integral, Real
+from typing import Any
 
 SUPPORTED_BITS = (1, 2, 3, 4)
 CODEBOOKS = ("lloyd", "nf", "uniform")
@@ -88,11 +91,14 @@ class LowRAConfig:
     candidates_dir: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if isinstance(self.bit_choices, Real):  # one width
+            object.__setattr__(self, "bit_choices", (self.bit_choices,))
         if any(int(b) != b for b in self.bit_choices):
             raise ValueError(f"lowra: bit_choices {self.bit_choices} must be whole numbers of bits from {SUPPORTED_BITS}")
         choices = tuple(sorted(set(int(b) for b in self.bit_choices)))
         object.__setattr__(self, "bit_choices", choices)
-        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))  # one name
         if self.calibrate is True:
             object.__setattr__(self, "calibrate", "fisher")
         elif self.calibrate is False:
@@ -114,6 +120,12 @@ class LowRAConfig:
             raise ValueError(
                 f"lowra: bits={self.bits} is below the smallest allowed width {min(allowed)}; {fix} or raise the budget"
             )
+        if float(self.bits) > max(allowed) + 1e-9:
+            fix = (f"raise max_bits={self.max_bits}" if max(choices) > max(allowed)
+                   else "add larger widths to bit_choices")
+            raise ValueError(
+                f"lowra: bits={self.bits} is above the largest allowed width {max(allowed)}; {fix} or lower the budget"
+            )
         _check_choice("codebook", self.codebook, CODEBOOKS)
         _check_choice("scales", self.scales, SCALES)
         _check_choice("kernels", self.kernels, KERNELS)
@@ -133,6 +145,33 @@ class LowRAConfig:
             raise ValueError(f"lowra: group_size={self.group_size} must be a positive multiple of 8 (64 is the default)")
         if self.loftq_iters < 0 or self.lloyd_iters < 0 or self.refit_rounds < 0:
             raise ValueError("lowra: loftq_iters, lloyd_iters and refit_rounds must be >= 0")
+        if self.refit_rounds and self.rounding != "gptq":
+            raise ValueError(f'lowra: refit_rounds={self.refit_rounds} refits to error-feedback codes; it needs '
+                             f'rounding="gptq" (rounding is {self.rounding!r})')
+
+    def _check_types(self) -> None:
+        """Each option's type, before any value is read: a string for a number fails here, naming the option,
+        not deep in the first compile."""
+        def bad(name: str, expected: str) -> ValueError:
+            value = getattr(self, name)
+            return ValueError(f"lowra: {name}={value!r} must be {expected}")
+
+        if not _is_number(self.bits):
+            raise bad("bits", "a number of bits, e.g. 2.0")
+        choices = self.bit_choices
+        if not (_is_number(choices) or isinstance(choices, Iterable) and not isinstance(choices, str)
+                and all(_is_number(b) for b in choices)):
+            raise bad("bit_choices", f"a tuple of widths from {SUPPORTED_BITS}")
+        for name in ("group_size", "refit_rounds", "loftq_iters", "lloyd_iters", "min_bits", "max_bits"):
+            if not isinstance(getattr(self, name), Integral) or isinstance(getattr(self, name), bool):
+                raise bad(name, "a whole number")
+        if not (isinstance(self.skip, str) or isinstance(self.skip, Iterable) and all(isinstance(n, str) for n in self.skip)):
+            raise bad("skip", "a tuple of layer names (or parts of them), e.g. ('lm_head',)")
+        for name in ("progress", "pack_routers"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if self.candidates_dir is not None and not isinstance(self.candidates_dir, (str, os.PathLike)):
+            raise bad("candidates_dir", "a directory path or None")
 
     @property
     def allowed_bits(self) -> tuple[int, ...]:
@@ -145,6 +184,9 @@ class LowRAConfig:
             return cls()
         if isinstance(options, cls):
             return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"lowra: options must be a dict of option names to values, e.g. {{'bits': 2.0}}; got "
+                             f"{type(options).__name__} {options!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
@@ -154,6 +196,10 @@ class LowRAConfig:
     def quantizing(self) -> dict[str, Any]:
         """The options that decide a packed base (QUANTIZING), as JSON values: each packed weight keeps them."""
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in QUANTIZING}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:

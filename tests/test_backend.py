@@ -220,6 +220,16 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"kernels": "cuda"}, "kernels='cuda' is not one of"),
         ({"inner": "cudagraphs"}, "inner='cudagraphs' is not one of"),
         ({"mode": "fast"}, "mode='fast' is not one of"),
+        ({"bits": 4.0, "max_bits": 3}, "above the largest allowed width 3; raise max_bits=3"),
+        ({"bits": 3.5, "bit_choices": (1, 2)}, "above the largest allowed width 2; add larger widths"),
+        ({"refit_rounds": 1, "rounding": "nearest"}, 'refit_rounds=1 .* needs rounding="gptq"'),
+        ({"bits": "2"}, "bits='2' must be a number"),
+        ({"bit_choices": "124"}, "bit_choices='124' must be a tuple of widths"),
+        ({"group_size": 64.0}, "group_size=64.0 must be a whole number"),
+        ({"lloyd_iters": "12"}, "lloyd_iters='12' must be a whole number"),
+        ({"skip": None}, "skip=None must be a tuple of layer names"),
+        ({"progress": "no"}, "progress='no' must be True or False"),
+        ({"candidates_dir": 5}, "candidates_dir=5 must be a directory path or None"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):
@@ -237,6 +247,10 @@ def test_the_backend_raises_a_bad_option_on_the_first_call():
 def test_options_are_normalised_and_the_quantizing_ones_listed():
     config = lowra_compile.LowRAConfig(bit_choices=[4, 2, 2.0, 1], calibrate=True, skip=["lm_head"])
     assert config.bit_choices == (1, 2, 4) and config.calibrate == "fisher" and config.skip == ("lm_head",)
+    one = lowra_compile.LowRAConfig(bit_choices=2, skip="lm_head")  # one width, one name (not its letters)
+    assert one.bit_choices == (2,) and one.skip == ("lm_head",)
+    with pytest.raises(ValueError, match="options must be a dict"):
+        lowra_compile.LowRAConfig.from_options(2.0)
     assert lowra_compile.LowRAConfig(min_bits=2, max_bits=3).allowed_bits == (2, 3)
     quantizing = config.quantizing()
     assert quantizing["bit_choices"] == [1, 2, 4] and quantizing["rounding"] == "gptq"
