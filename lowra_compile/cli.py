@@ -14,39 +14,90 @@ import time
 
 import torch
 
-from .config import CALIBRATION
+from .config import CALIBRATION, INNER_COMPILERS, LowRAConfig
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number of at least 1 (windows, batches, steps, sizes)."""
+    value = int(text)  # argparse reports the ValueError of a non-number as "invalid _count value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated bit widths such as 1,2,4 (LowRAConfig checks their values)."""
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths such as 1,2,4; got {text!r}") from None
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=2.0, help="average code bits per weight (budget)")
-    p.add_argument("--choices", default="1,2,3,4", help="bit widths a channel may take, comma separated")
+    p.add_argument("--choices", type=_widths, default=(1, 2, 3, 4), help="bit widths a channel may take, comma separated")
     p.add_argument("--calibrate", default="fisher", choices=CALIBRATION)
-    p.add_argument("--window", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--window", type=_count, default=256, help="tokens per calibration window")
     # 4,096 tokens, what the demo calibrates on: below that the plan is worse and quantize_ says so
-    p.add_argument("--windows", type=int, default=16, help="calibration windows")
-    p.add_argument("--batch", type=int, default=4, help="windows per calibration batch (batches run one at a time)")
+    p.add_argument("--windows", type=_count, default=16, help="calibration windows")
+    p.add_argument("--batch", type=_count, default=4, help="windows per calibration batch (batches run one at a time)")
+
+
+def _add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", type=float, default=2.0, help="average code bits per frozen weight (budget)")
+    parser.add_argument("--rank", type=_count, default=8, help="LoRA rank")
+    parser.add_argument("--steps", type=_count, default=30, help="fine-tuning steps")
+    parser.add_argument("--batch-size", type=_count, default=4, help="windows per step")
+    parser.add_argument("--window", type=_count, default=256, help="tokens per window (training and evaluation)")
+    parser.add_argument("--eval-windows", type=_count, default=32, help="held-out windows for perplexity")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--calib-batches", type=_count, default=4,
+        help="training batches the backend calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
+    )
+    parser.add_argument("--inner", default="eager", choices=INNER_COMPILERS,
+                        help="compiler run on the rewritten graph (inductor compiles slowly on CPU)")
+    parser.add_argument("--dora", action="store_true", help="PEFT's DoRA (a magnitude per output channel) instead of plain LoRA")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def plan_config(args: argparse.Namespace) -> LowRAConfig:
+    """The options `lowra plan` / `report` quantize with (no LoftQ: the plan is of the base alone)."""
+    return LowRAConfig(bits=args.bits, bit_choices=args.choices, calibrate=args.calibrate, loftq_iters=0)
 
 
 def quantize_for_plan(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
     """`model` frozen and quantized in place at the budget of `args`, calibrated on the windows `ids`, in
     batches of `args.batch`."""
-    from .config import LowRAConfig
     from .finetune import quantize_on
 
-    config = LowRAConfig(
-        bits=args.bits, bit_choices=tuple(int(b) for b in args.choices.split(",")), calibrate=args.calibrate, loftq_iters=0
-    )
     # A model loaded for training has trainable weights, which lowra leaves dense: the plan is of the base
     # that LoRA would train on, so freeze it (the loss gradient still reaches every layer: calibrate.py).
-    quantize_on(model.requires_grad_(False), list(ids.split(args.batch)), config)
+    quantize_on(model.requires_grad_(False), list(ids.split(args.batch)), plan_config(args))
     return model
+
+
+def _check(args: argparse.Namespace) -> None:
+    """What can be refused before the model loads (minutes): the quantizing options, the demo's calibration
+    batches, the report's output folders. Raises ValueError."""
+    from pathlib import Path
+
+    from . import demo
+
+    if args.command in ("plan", "report"):
+        plan_config(args)
+    if args.command == "demo":
+        LowRAConfig.from_options(demo.options(args))
+        if args.calib_batches > args.steps:
+            raise ValueError(f"--calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
+    if args.command == "report":
+        for path in filter(None, (args.json, args.markdown, args.png)):
+            if not Path(path).resolve().parent.is_dir():
+                raise ValueError(f"the folder of {path} does not exist")
 
 
 def _planned_model(args: argparse.Namespace) -> torch.nn.Module:
     """SmolLM2 quantized in place at the requested budget, calibrated on Bible text."""
-    if min(args.window, args.windows, args.batch) < 1:  # before the model loads
-        raise SystemExit(f"lowra: --window, --windows and --batch must be at least 1; got {args.window}, "
-                         f"{args.windows}, {args.batch}")
     from .smollm import load_smollm2
     from .texts import kjv_text, token_windows
 
@@ -112,11 +163,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo
-
     parser = argparse.ArgumentParser(prog="lowra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(sub.add_parser("demo", help="2-bit LoRA fine-tune of SmolLM2 with perplexities and the report"))
+    _add_demo_args(sub.add_parser("demo", help="2-bit LoRA fine-tune of SmolLM2 with perplexities and the report"))
     _add_plan_args(sub.add_parser("plan", help="print the bits-per-layer plan for SmolLM2 at a budget"))
     rep = sub.add_parser("report", help="write the kernel report of a planned SmolLM2 to files")
     _add_plan_args(rep)
@@ -125,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--png")
     bench = sub.add_parser("bench", help="time one layer step on this device")
     for name, default in (("m", 512), ("k", 1024), ("n", 1024), ("rank", 16), ("iters", 5)):
-        bench.add_argument(f"--{name}", type=int, default=default)
+        bench.add_argument(f"--{name}", type=_count, default=default)
     bench.add_argument("--bits", type=float, default=2.0, choices=sorted(_BENCH_WIDTHS))
     return parser
 
@@ -133,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from . import demo
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check(args)
+    except ValueError as err:
+        parser.error(str(err).removeprefix("lowra: "))
     {"demo": demo.run, "plan": _plan, "report": _report, "bench": _bench}[args.command](args)
 
 

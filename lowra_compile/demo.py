@@ -17,21 +17,9 @@ import torch
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=float, default=2.0, help="average code bits per frozen weight (budget)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per step")
-    parser.add_argument("--window", type=int, default=256, help="tokens per window (training and evaluation)")
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument(
-        "--calib-batches", type=int, default=4,
-        help="training batches the backend calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
-    )
-    parser.add_argument("--inner", default="eager", help="compiler run on the rewritten graph (inductor compiles slowly on CPU)")
-    parser.add_argument("--dora", action="store_true", help="PEFT's DoRA (a magnitude per output channel) instead of plain LoRA")
-    parser.add_argument("--seed", type=int, default=0)
+def options(args: argparse.Namespace) -> dict:
+    """The backend's options for the demo's arguments (`lowra demo --help`)."""
+    return {"bits": args.bits, "inner": args.inner}
 
 
 def lora_model(model: torch.nn.Module, rank: int, seed: int = 0, dora: bool = False) -> torch.nn.Module:
@@ -45,6 +33,7 @@ def lora_model(model: torch.nn.Module, rank: int, seed: int = 0, dora: bool = Fa
 
 
 def run(args: argparse.Namespace) -> None:
+    """The demo (module docstring), for arguments that `lowra demo` has checked."""
     import lowra_compile
 
     from .finetune import finetune, quantize_on, training_batches
@@ -52,8 +41,6 @@ def run(args: argparse.Namespace) -> None:
     from .smollm import load_smollm2
     from .texts import load_split, split_text, token_windows
 
-    if not 1 <= args.calib_batches <= args.steps:
-        raise SystemExit(f"lowra demo: --calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
     split = load_split("kjv", seed=args.seed)
@@ -67,11 +54,10 @@ def run(args: argparse.Namespace) -> None:
     ppl = {"unquantized": perplexity(model, heldout, desc="perplexity, unquantized")}
     print(f"held-out perplexity, unquantized: {ppl['unquantized']:.2f}")
 
-    options = {"bits": args.bits, "inner": args.inner}
     t0 = time.perf_counter()
     calib = batches[: args.calib_batches]
-    quantize_on(model, calib, options)
-    compiled = torch.compile(model, backend="lowra", options=options)
+    quantize_on(model, calib, options(args))
+    compiled = torch.compile(model, backend="lowra", options=options(args))
     tokens = sum(b.numel() for b in calib)
     print(f"quantized to {args.bits} bits, calibrated on {tokens} tokens, in {time.perf_counter() - t0:.0f} s")
     ppl["quantized"] = perplexity(compiled, heldout, desc="perplexity, quantized")

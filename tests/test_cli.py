@@ -30,10 +30,20 @@ def test_plan_quantizes_every_linear_of_a_trainable_model_at_the_budget(bits):
     assert report.code_bits == pytest.approx(bits, abs=0.01)
 
 
-@pytest.mark.parametrize("argv", [("--batch", "0"), ("--windows", "0"), ("--window", "-1")])
-def test_plan_rejects_empty_calibration_before_loading_the_model(argv, model_must_not_load):
-    with pytest.raises(SystemExit, match="must be at least 1"):
-        cli.main(["plan", *argv])
+@pytest.mark.parametrize("argv,message", [
+    (("plan", "--batch", "0"), "--batch: must be at least 1"),
+    (("plan", "--windows", "0"), "--windows: must be at least 1"),
+    (("plan", "--window", "-1"), "--window: must be at least 1"),
+    (("plan", "--bits", "5"), "bits=5.0 is outside"),
+    (("plan", "--choices", "1,5"), "must be a non-empty subset"),
+    (("plan", "--choices", "a,b"), "expected comma-separated bit widths"),
+    (("report", "--json", "/nonexistent-folder/r.json"), "the folder of /nonexistent-folder/r.json does not exist"),
+    (("bench", "--iters", "0"), "--iters: must be at least 1"),
+])
+def test_bad_arguments_stop_before_the_model_loads(argv, message, model_must_not_load, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(list(argv))
+    assert message in capsys.readouterr().err
 
 
 def test_bench_times_the_packed_op_and_the_dense_step(capsys):

@@ -1,16 +1,14 @@
-"""`lowra demo`'s arguments: bad calibration counts stop before the model is loaded."""
+"""`lowra demo`'s arguments: bad ones stop before the model is loaded."""
 
-import argparse
+import re
 
 import pytest
 
-from lowra_compile import demo
+from lowra_compile import cli, demo
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    return parser.parse_args(list(argv))
+def _args(*argv: str):
+    return cli.build_parser().parse_args(["demo", *argv])
 
 
 def test_demo_calibrates_on_several_training_batches_by_default():
@@ -18,10 +16,18 @@ def test_demo_calibrates_on_several_training_batches_by_default():
     assert 1 < args.calib_batches <= args.steps
 
 
-@pytest.mark.parametrize("argv", [("--calib-batches", "0"), ("--steps", "3", "--calib-batches", "4")])
-def test_demo_rejects_calibration_batches_outside_the_training_batches(argv, model_must_not_load):
-    with pytest.raises(SystemExit, match="--calib-batches"):
-        demo.run(_args(*argv))
+@pytest.mark.parametrize("argv,message", [
+    (("--calib-batches", "0"), "--calib-batches: must be at least 1"),
+    (("--steps", "3", "--calib-batches", "4"), r"--calib-batches must lie in \[1, --steps=3\]"),
+    (("--bits", "5"), "bits=5.0 is outside"),
+    (("--inner", "foo"), "--inner: invalid choice"),
+    (("--rank", "0"), "--rank: must be at least 1"),
+    (("--window", "x"), "--window: invalid _count value"),
+])
+def test_demo_rejects_bad_arguments_before_loading_the_model(argv, message, model_must_not_load, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", *argv])
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv,dora_layers", [((), 0), (("--dora",), 14)])
