@@ -55,7 +55,11 @@ def load_quantized(
     has to fit there."""
     device = torch.device(device) if device is not None else None
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["lowra"])
+        header = f.metadata() or {}
+        if "lowra" not in header:
+            raise ValueError(f"lowra: {path} holds no packed weights (it was not written by save_quantized); "
+                             "adapters load with PEFT, the packed base with load_quantized")
+        meta = json.loads(header["lowra"])
         for name, info in meta.items():
             try:
                 p = model.get_parameter(name)
@@ -72,8 +76,8 @@ def load_quantized(
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
             tensors = [f.get_tensor(f"{name}::{i}").to(target) for i in range(TENSOR_COUNT)]
-            dtype = getattr(torch, info["dtype"])
-            packed = PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"])
+            # dequantized to the parameter's dtype, which may differ from the file's: a model cast before loading
+            packed = PackedWeight.from_tensors(tensors, tuple(info["shape"]), p.dtype, info["group_size"])
             attach(p, packed, transposed=transposed, options=info.get("options"))  # older files: unknown
             release(p)
     return model

@@ -3,6 +3,7 @@ layer or the step to take first."""
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import lowra_compile
 from lowra_compile.passes.release import ReleasedWeight
@@ -25,6 +26,20 @@ def test_a_saved_base_loads_into_a_fresh_model_as_it_was(tmp_path):
     assert all(isinstance(fresh[i].weight, ReleasedWeight) for i in (0, 2))
     fresh[0].bias.copy_(model[0].bias), fresh[2].bias.copy_(model[2].bias)  # biases are the model's, not the file's
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_base_loaded_into_a_cast_model_dequantizes_to_its_dtype(tmp_path):
+    model, x = _quantized_mlp(), torch.randn(4, 64)
+    lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
+    fresh = lowra_compile.load_quantized(_frozen_mlp().to(torch.float16), tmp_path / "base.safetensors")
+    assert all(t.dtype == torch.float16 for t in fresh.state_dict().values())
+    torch.testing.assert_close(fresh[0].weight.float(), model.to(torch.float16)[0].weight.float(), rtol=0, atol=0)
+
+
+def test_a_file_of_something_else_is_refused_naming_it(tmp_path):
+    save_file({"lora_A.weight": torch.zeros(4, 64)}, tmp_path / "adapter.safetensors")
+    with pytest.raises(ValueError, match=r"adapter.safetensors holds no packed weights"):
+        lowra_compile.load_quantized(_frozen_mlp(), tmp_path / "adapter.safetensors")
 
 
 def test_saving_a_model_without_packed_weights_says_to_quantize_first(tmp_path):
