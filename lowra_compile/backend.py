@@ -46,6 +46,23 @@ _OPS_DIGEST = hashlib.blake2b(
 ).hexdigest()
 
 
+# The `kernels` option of the last graph compiled in this process (None: none yet). The ops read one kernel
+# mode when they run, forward and backward, so the option is process-wide.
+_kernels_asked: str | None = None
+
+
+def _set_kernel_mode(kernels: str) -> None:
+    global _kernels_asked
+    if _kernels_asked is not None and kernels != _kernels_asked:
+        warnings.warn(
+            f"lowra: kernels={kernels!r} now applies to every model compiled with lowra in this process, those "
+            f"compiled with kernels={_kernels_asked!r} before it too: the kernel choice is process-wide",
+            stacklevel=3,
+        )
+    _kernels_asked = kernels
+    codegen.set_kernel_mode(kernels)
+
+
 def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_options: dict | None = None) -> Callable:
     if inner == "eager":
         return gm.forward
@@ -201,7 +218,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
     inductor_options = mode_options(mode or config.mode, config.inner)
-    codegen.set_kernel_mode(config.kernels)
+    _set_kernel_mode(config.kernels)
     graph = gm  # Dynamo's own, which BoundGraph falls back to
     gm, sites = graph_sites(graph, example_inputs, options, config)
     hold_experts_classes()

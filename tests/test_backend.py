@@ -244,6 +244,19 @@ def test_the_backend_raises_a_bad_option_on_the_first_call():
         compiled(torch.randn(2, 64))
 
 
+def test_a_compile_asking_other_kernels_says_the_choice_is_process_wide(monkeypatch):
+    monkeypatch.setattr(lowra_compile.backend, "_kernels_asked", None)
+    monkeypatch.setattr(lowra_compile.codegen.select, "_mode", "auto")
+    x = torch.randn(2, 64)
+    for kernels in ("reference", "reference"):  # the same again: nothing to say
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*process-wide")
+            _compile(torch.nn.Linear(64, 64).requires_grad_(False), kernels=kernels, calibrate="off")(x)
+    with pytest.warns(UserWarning, match="kernels='triton' now applies to every model .* kernels='reference' before"):
+        _compile(torch.nn.Linear(64, 64).requires_grad_(False), kernels="triton", calibrate="off")(x)
+    assert lowra_compile.codegen.kernel_mode() == "triton"
+
+
 def test_options_are_normalised_and_the_quantizing_ones_listed():
     config = lowra_compile.LowRAConfig(bit_choices=[4, 2, 2.0, 1], calibrate=True, skip=["lm_head"])
     assert config.bit_choices == (1, 2, 4) and config.calibrate == "fisher" and config.skip == ("lm_head",)
