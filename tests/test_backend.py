@@ -65,7 +65,7 @@ def test_a_model_loaded_with_from_pretrained_trains_as_the_dequantized_model(tmp
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
 
 
-@pytest.mark.parametrize("adapter,quantized", [("lora", "before freezing"), ("lora", "after"), ("dora", "after")])
+@pytest.mark.parametrize("adapter,quantized", [("lora", "before freezing"), ("lora", "after"), ("dora", "before freezing"), ("dora", "after")])
 def test_a_frozen_adapter_for_inference_is_served_from_the_packed_base_and_never_packed(adapter, quantized):
     # PEFT's from_pretrained(base, adapter) freezes the adapter: its factors are frozen linears too
     model = tiny_peft_llama(use_dora=adapter == "dora")
@@ -354,6 +354,23 @@ def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model(
     step_matches_the_dequantized_model(compiled, model, batch(8, seed=1))
     magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
     assert len(magnitudes) == 14 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+
+
+def test_dora_on_a_base_quantized_ahead_takes_its_norms_from_the_packed_weight():
+    # a model quantized ahead or loaded (load_quantized) reaches the backend with its weights packed: DoRA's
+    # reads of W are dequantizations there, and the norm was one dense W per layer and call; with dropout
+    # each weight has two packed ops (the base output of the dropped-out input too) and one norm
+    model = tiny_peft_llama(use_dora=True, dropout=0.1)
+    lowra_compile.quantize_(model, batch(16), QUIET)
+    compiled = _compile(model)
+    compiled(**batch(8)).loss.backward()
+    lowra_compile.codegen.clear_log()
+    compiled(**batch(8)).loss.backward()
+    calls = collections.Counter()
+    for entry in lowra_compile.codegen.kernel_log():
+        calls[entry["op"]] += entry["calls"]
+    assert calls["dora_row_norms"] == 14 and calls["lora_linear"] == 28 and "dequant" not in calls
+    step_matches_the_dequantized_model(compiled, model, batch(8, seed=1))
 
 
 def test_dora_magnitudes_start_at_the_norms_of_the_quantized_layers_with_their_loftq_adapters():

@@ -31,6 +31,14 @@ def is_dequant(node) -> bool:
     )
 
 
+def is_dequant_of(node: fx.Node, packed: list[fx.Node]) -> bool:
+    """A `lowra.dequant` call of the packed tensors `packed` (a released weight read otherwise than by a linear)."""
+    return (
+        node.op == "call_function" and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant)
+        and list(node.args[0]) == list(packed)
+    )
+
+
 def example_value(node: fx.Node):
     """The fake (or real) value Dynamo recorded for `node`."""
     return node.meta.get("example_value", node.meta.get("val"))

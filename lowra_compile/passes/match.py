@@ -38,7 +38,7 @@ from .fx_nodes import (
     ADD, MUL, example_value, is_frozen_matrix, is_linear, is_lowra_op, is_placeholder, is_trainable_placeholder, linear_args,
     only_user,
 )
-from .match_dora import dora_cast_reads, dora_read
+from .match_dora import dora_cast_reads, dora_read, packed_dora_read
 from .match_experts import experts_hint, grouped_site, is_grouped_mm
 from .sites import LinearSite, LoraBranch
 from .sources import is_parameter, is_peft_factor, placeholder_name
@@ -208,7 +208,11 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             x, _, packed, group_size, bias = node.args[:5]
             shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
             name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
-            sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape, scope))
+            # one weight may have several packed ops (DoRA with dropout: the base output of the dropped-out
+            # input too); its DoRA reads belong to the first
+            dora = None if any(s.packed == list(packed) for s in sites) else packed_dora_read(list(packed))
+            sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape, scope,
+                                    dora=dora))
     grouped = {site.weight for site in sites if site.experts}
     for site in sites:
         if site.experts_lora is not None:  # its update, a baddbmm, is not another product of the weight

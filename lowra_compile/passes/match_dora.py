@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .fx_nodes import ADD, MUL, example_value, is_linear, is_placeholder, linear_args, only_user
+from .fx_nodes import ADD, MUL, example_value, is_dequant_of, is_linear, is_placeholder, linear_args, only_user
 
 
 @dataclass
@@ -80,17 +80,38 @@ def _dora_reads(cast: fx.Node, transposed: bool) -> list[fx.Node] | None:
 
 
 def _row_norm_of(node: fx.Node) -> bool:
-    """`node` is an add whose only reader is the norm of each of its rows, `linalg_norm(node, dim=1)`."""
+    """`node` is an add (`W + ...`, or `W.add(...)` where W is a released weight) whose only reader is the norm of
+    each of its rows, `linalg_norm(node, dim=1)`."""
     norm = only_user(node)
+    is_add = (node.op == "call_function" and node.target in ADD) or (node.op == "call_method" and node.target == "add")
     return (
-        node.op == "call_function" and node.target in ADD and norm is not None and norm.op == "call_function"
+        is_add and norm is not None and norm.op == "call_function"
         and norm.target in _ROW_NORMS and norm.args == (node,) and norm.kwargs == {"dim": 1}
     )
 
 
 def dora_read(w: fx.Node, transposed: bool) -> DoraRead | None:
     """PEFT DoRA's reads of the frozen weight `w`, if it has any (`DoraRead`)."""
-    reads = tuple(r for u in w.users for r in dora_cast_reads(u, transposed) or ())
+    return _dora_read_of(tuple(r for u in w.users for r in dora_cast_reads(u, transposed) or ()))
+
+
+def packed_dora_read(packed: list[fx.Node]) -> DoraRead | None:
+    """PEFT DoRA's reads of a weight already packed (a model quantized ahead or loaded, or a recompile): each
+    a `lowra.dequant` of the same packed tensors, read only by linears, as their weight, and by the sum whose
+    row norm DoRA takes; for a weight stored (in, out) nothing (its reads pass through PEFT's transpose, left
+    to dequantize)."""
+    reads = tuple(
+        u for u in packed[0].users
+        if is_dequant_of(u, packed) and all(
+            (is_linear(r) and r.args[0] is not u and r.args[1] is u) or _row_norm_of(r) for r in u.users
+        )
+    )
+    return _dora_read_of(reads)
+
+
+def _dora_read_of(reads: tuple[fx.Node, ...]) -> DoraRead | None:
+    """The `DoraRead` of the nodes holding W as the (out, in) matrix: with its adapter, magnitude and norm
+    where the one row norm among their readers reads them as DoRA does."""
     if not reads:
         return None
     sums = [u for read in reads for u in read.users if _row_norm_of(u)]

@@ -41,6 +41,8 @@ adapters, so neither W nor PEFT's B A (built from an identity [K, K]) is ever de
                                                                               None, None, 0.0)
 
 (where `match` finds no adapter in the norm, the norm stays and reads `lowra.dequant([%p0..%p10], ..)` for W).
+A weight already packed is read as `%w = lowra.dequant([%p0..%p10], ..)` in place of `%wc`, and the same
+norm takes its place (`match_dora.packed_dora_read`).
 Dropout stays in the graph (its RNG belongs to the graph, not the op). The dense weight placeholder stays
 too, unused, because Dynamo keeps passing it. Dynamo's own graph is never modified: `rewrite` copies it,
 keeping `_dynamo_source` on every placeholder and the GraphModule's metadata that aot_autograd reads.
@@ -156,9 +158,10 @@ def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node],
     one dequantization (no dense W is kept); the casts and transposes between W and the reads go."""
     if site.dora.norm is not None:
         _norm_from_packed(site, nodes, packed, group_size)
-    dtype, weight = example_value(site.weight).dtype, nodes[site.weight]
+    weight = nodes[site.weight] if site.weight is not None else None  # None: already packed, reads dequantize
     for read in (nodes[r] for r in site.dora.reads):
-        graph, dense = read.graph, None
+        graph, dtype = read.graph, example_value(read).dtype
+        dense = read if weight is None else None
         for user in list(read.users):
             if user.target is F.linear:
                 x, _, bias = linear_args(user)
@@ -170,7 +173,7 @@ def _read_dora_from_packed(site: LinearSite, nodes: dict, packed: list[fx.Node],
                     dense = graph.call_function(torch.ops.lowra.dequant.default, (packed, site.shape[1], group_size, dtype))
             user.replace_input_with(read, dense)
         if read is not weight and not read.users:  # the read, then its transpose and cast once unread
-            _erase_with_unread_inputs(read, keep=frozenset({weight}))
+            _erase_with_unread_inputs(read, keep=frozenset({weight} - {None}))
 
 
 def _erase_unread(nodes: list[fx.Node]) -> None:
