@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -242,46 +241,55 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
             release(weight)
     if not weights:  # every packed tensor is a graph input: the graph is right for any module's weights
         return lambda *args: compiled(*args, *extra)
-    return BoundGraph(graph, compiled, extra, [(sites[i].weight_index, w) for i, w in weights.items()])
+    return BoundGraph(graph, compiled, extra, [sites[i].weight_index for i in weights], next(iter(weights.values())))
 
 
 class BoundGraph:
-    """A compiled graph bound to the packed weights of the modules it was compiled for.
+    """A compiled graph that reads the packed tensors of the weights it is called with.
 
-    Dynamo may run one graph for several modules: after a graph break inside a repeated module's forward,
-    its frame's graph takes that module's weights as inputs, and once they are all `ReleasedWeight`s the
-    guards of the graph compiled for the last layer hold for every layer. The packed tensors here are that
-    layer's, so each call checks that its weights are the ones bound. Another module's call goes to the
-    graph compiled for its own weights (each compile leaves its graph on its first weight), or, failing
-    that, runs the original graph eagerly, where the released weights' `__torch_function__` reads their own
-    packed forms: unfused, but right.
+    The graph was compiled on the step that quantized its weights, so Dynamo passes it the weights (now
+    `ReleasedWeight`s), not their packed tensors; each call appends the packed tensors of the weights it gets,
+    as long as they have the shapes the graph was compiled for. The graph holds none of them: a deleted
+    model's packed base is freed, and a base loaded into the model afterwards (`load_quantized`) is the one
+    read. Dynamo may run one graph for weights of other shapes: after a graph break inside a repeated
+    module's forward its frame's graph takes each layer's weights, and the guards of the graph compiled for
+    the last layer hold for every layer. Such a call goes to the graph compiled for its own weights (each
+    compile leaves its graph on its first weight), or, failing that, runs the original graph eagerly, where
+    the released weights' `__torch_function__` reads their own packed forms: unfused, but right.
     """
 
-    def __init__(self, graph: fx.GraphModule, compiled: Callable, extra: list, bound: list[tuple[int, torch.Tensor]]):
-        self.graph, self.compiled, self.extra = graph, compiled, extra
-        # weak: Dynamo's cache keeps this graph, and must not keep a deleted model's weights with it
-        self.bound = [(j, weakref.ref(w)) for j, w in bound]
+    def __init__(self, graph: fx.GraphModule, compiled: Callable, extra: list, weight_indices: list[int], first: torch.Tensor):
+        self.graph, self.compiled, self.weight_indices = graph, compiled, weight_indices
+        self.shapes = [(t.shape, t.dtype, t.device) for t in extra]  # what the graph was compiled for
         self.key = graph.code
-        bound[0][1].__dict__.setdefault("_lowra_graphs", {})[self.key] = self
+        first.__dict__.setdefault("_lowra_graphs", {})[self.key] = self
         self.warned = False
 
-    def is_bound_to(self, args: tuple) -> bool:
-        return all(args[j] is w() for j, w in self.bound)
+    def packed_inputs(self, args: tuple) -> list | None:
+        """The packed tensors of this call's weights, in the graph's order; None where a weight has none or
+        they differ in shape from those the graph was compiled for."""
+        extra = []
+        for j in self.weight_indices:
+            extra += getattr(args[j], "_lowra_packed", [None])
+        if any(t is None for t in extra) or [(t.shape, t.dtype, t.device) for t in extra] != self.shapes:
+            return None
+        return extra
 
     def __call__(self, *args):
-        if self.is_bound_to(args):
-            return self.compiled(*args, *self.extra)
-        other = args[self.bound[0][0]].__dict__.get("_lowra_graphs", {}).get(self.key)
-        if other is not None and other.is_bound_to(args):
-            return other.compiled(*args, *other.extra)
+        own = args[self.weight_indices[0]].__dict__.get("_lowra_graphs", {}).get(self.key)
+        for graph in filter(None, (self, own)):
+            extra = graph.packed_inputs(args)
+            if extra is not None:
+                return graph.compiled(*args, *extra)
         if not self.warned:
             self.warned = True
             warnings.warn(
-                "lowra: Dynamo runs one graph for the layers of several modules (a graph break inside a repeated "
-                "module's forward) and some of them have no graph compiled for their own packed weights; those "
-                "run the graph eagerly, unfused and slower. Remove the graph break (torch._dynamo.explain shows "
-                "it), or quantize ahead with lowra_compile.quantize_ so that every graph reads the packed weights "
-                "as inputs",
+                "lowra: Dynamo runs one graph for weights packed in another shape than those it was compiled for "
+                "(a graph break inside a repeated module's forward, or a base quantized apart from the model "
+                "compiled before it in this process); those run the graph eagerly, unfused and slower. Remove the "
+                "graph break (torch._dynamo.explain shows it), quantize ahead with lowra_compile.quantize_ so that "
+                "every graph reads the packed weights as inputs, or call torch._dynamo.reset() before compiling "
+                "another model",
                 stacklevel=2,
             )
         return self.graph(*args)

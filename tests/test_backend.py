@@ -2,9 +2,11 @@
 
 import collections
 import copy
+import gc
 import itertools
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -309,7 +311,7 @@ def test_a_graph_break_in_every_layer_of_more_layers_than_the_recompile_limit_pa
         assert len(base) == 42 and all(isinstance(p, ReleasedWeight) for p in base.values())
         lowra_compile.codegen.clear_log()
         with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*graph for their own packed weights")
+            warnings.filterwarnings("error", message=".*run the graph eagerly, unfused")
             step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
     fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
     assert sum(e["calls"] for e in fused) == 42  # every LoRA layer of every layer, through the fused op
@@ -604,6 +606,34 @@ def test_report_table_json_and_markdown():
     assert all(set(r.seconds) == stages and min(r.seconds.values()) >= 0 for r in rep.layers)
     assert len({r.seconds["calibrate"] for r in rep.layers}) == 1 and len({r.seconds["plan"] for r in rep.layers}) == 1
     assert sum(rep.seconds.values()) > 0 and set(data["summary"]["seconds"]) == stages and "quantized in" in text
+
+
+def test_graphs_read_the_packed_base_of_the_weights_they_are_called_with_and_keep_none(tmp_path):
+    # the graph compiled on the quantizing step runs for any model whose weights Dynamo's guards let through:
+    # a second model loaded from the first's base (a resume in the same process), a base loaded afterwards
+    first = tiny_peft_llama()
+    compiled = _compile(first)
+    compiled(**batch(16)).loss.backward()
+    lowra_compile.save_quantized(first, tmp_path / "base.safetensors")
+    first_packed = [weakref.ref(t) for p in first.parameters() for t in getattr(p, "_lowra_packed", ())]
+    del first, compiled
+    gc.collect()
+    assert len(first_packed) == 14 * 11 and all(t() is None for t in first_packed)  # the graph kept none
+
+    second = lowra_compile.load_quantized(tiny_peft_llama(seed=1), tmp_path / "base.safetensors")
+    compiled = _compile(second)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*run the graph eagerly, unfused")
+        compiled(**batch(16)).loss.backward()
+        lowra_compile.codegen.clear_log()
+        step_matches_the_dequantized_model(compiled, second, batch(16, seed=1))
+    fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
+    assert sum(e["calls"] for e in fused) == 14  # compiled and fused (the reference runs unfused, eagerly)
+
+    other = lowra_compile.quantize_(tiny_peft_llama(seed=2), batch(16), {**QUIET, "bits": 3.0})
+    lowra_compile.save_quantized(other, tmp_path / "other.safetensors")
+    lowra_compile.load_quantized(second, tmp_path / "other.safetensors")  # another base, another plan
+    step_matches_the_dequantized_model(compiled, second, batch(16, seed=2))
 
 
 def test_save_and_load_quantized_base_skips_requantization(tmp_path, monkeypatch):
