@@ -803,6 +803,21 @@ def test_quantize_ahead_packs_what_the_backend_packs_on_the_same_batch():
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same LoftQ adapters
 
 
+@pytest.mark.parametrize("loss", ["nan", "zero"])
+def test_a_first_batch_without_a_label_plans_on_activations_not_at_the_smallest_width(loss):
+    # every label -100 (completion-only fine-tuning, a truncated answer): the mean loss is NaN, or 0 where the
+    # Trainer divides by the tokens of all accumulated batches; its gradients made every error NaN or 0 and
+    # the plan put every channel at 1 bit
+    data = {**batch(16), "labels": torch.full_like(batch(16)["labels"], -100)}
+    if loss == "zero":
+        data["num_items_in_batch"] = torch.tensor(16)
+    model = tiny_peft_llama()
+    with pytest.warns(UserWarning, match="no loss gradient reached 14 layer"):
+        _compile(model, bits=2.0)(**data)
+    rep = lowra_compile.report(model)
+    assert abs(rep.code_bits - 2.0) <= 0.01 and rep.summary()["channels_per_bits"][2] > 0
+
+
 def test_quantize_ahead_without_labels_plans_on_activations_and_says_to_give_labels(planned_statistics):
     model = tiny_peft_llama()
     with pytest.warns(UserWarning, match=r"no loss gradient reached 14 layer\(s\) \(e.g. 'base_model.model.model."

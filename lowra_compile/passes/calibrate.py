@@ -207,7 +207,9 @@ def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dic
     return {
         key: SiteStats(
             experts[key] if key in experts else sums.x2[key] / sums.tokens[key],
-            sums.g2[key] / batches if key in sums.g2 else None,
+            # all zero (a loss with no tokens to count, as the Trainer's under gradient accumulation): no
+            # gradient reached the layer, and every error weighed by it would be 0
+            sums.g2[key] / batches if key in sums.g2 and sums.g2[key].any() else None,
             grams[sums.gram_of[key]] if key in sums.gram_of else None,
             sums.tokens[key],
             sums.expert_rows.get(key),
@@ -250,6 +252,12 @@ class ModelCalibration:
     def end_batch(self, out) -> None:
         """Add the gradient of the loss in `out`, the batch's output (`_find_loss`), to every layer it ran."""
         loss = _find_loss(out) if self.use_loss else None
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            # a batch whose every label is -100 has a NaN mean loss; its gradients would make every error NaN,
+            # and the plan would put every channel at the smallest width
+            warnings.warn(f"lowra: a calibration batch's loss is {loss.item()} (are all its labels -100?); its "
+                          "loss gradients are left out of the plan", stacklevel=3)
+            loss = None
         if loss is not None and self.probes:
             _add_loss_gradients(self.sums, loss, self.probes)
         self.probes = []
