@@ -32,6 +32,9 @@ def quantize_(
     and rounding: docs/accuracy.md), and across graph breaks. Then save, inspect or report the model, or
     compile it: `torch.compile(model, backend="lowra")` finds the packed weights and quantizes nothing again.
     """
+    if torch.is_inference_mode_enabled():  # its packed tensors would be inference tensors, which training refuses
+        raise ValueError("lowra: quantize_ cannot run under torch.inference_mode(): the packed base would be made of "
+                         "inference tensors, which autograd cannot save for training; call it outside (no_grad is fine)")
     batches = [example_batch] if isinstance(example_batch, Mapping) else list(example_batch)
     _check_batches(batches)
     options = config

@@ -54,7 +54,8 @@ def load_quantized(
     gets its packed base straight onto the GPU, and `model.to(device)` moves the rest: the dense base never
     has to fit there."""
     device = torch.device(device) if device is not None else None
-    with safe_open(str(path), framework="pt") as f:
+    # under torch.inference_mode() too, the packed tensors must be ordinary ones: training saves them for backward
+    with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         if "lowra" not in header:
             raise ValueError(f"lowra: {path} holds no packed weights (it was not written by save_quantized); "

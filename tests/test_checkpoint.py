@@ -42,6 +42,17 @@ def test_a_file_of_something_else_is_refused_naming_it(tmp_path):
         lowra_compile.load_quantized(_frozen_mlp(), tmp_path / "adapter.safetensors")
 
 
+def test_a_base_loaded_under_inference_mode_trains_and_quantizing_there_is_refused(tmp_path):
+    lowra_compile.save_quantized(_quantized_mlp(), tmp_path / "base.safetensors")
+    with torch.inference_mode():
+        fresh = lowra_compile.load_quantized(_frozen_mlp(), tmp_path / "base.safetensors")
+        with pytest.raises(ValueError, match=r"quantize_ cannot run under torch.inference_mode\(\)"):
+            _quantized_mlp()
+    x = torch.randn(4, 64, requires_grad=True)
+    fresh(x).sum().backward()  # the packed tensors are saved for the backward: no inference tensors
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_saving_a_model_without_packed_weights_says_to_quantize_first(tmp_path):
     with pytest.raises(ValueError, match=r"no packed weights; run one compiled step \(or quantize_\) first"):
         lowra_compile.save_quantized(_frozen_mlp(), tmp_path / "base.safetensors")
