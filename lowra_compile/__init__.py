@@ -12,11 +12,13 @@ from .api import materialize, merge, quantize_
 from .backend import lowra_backend
 from .checkpoint import load_quantized, save_quantized
 from .config import LowRAConfig
+from .hub_kernels_tracing import trace_hub_kernel_layers
 from .peft_tracing import trace_peft_dora
 from .report import KernelReport, report
 
 codegen.register_kernels()
 trace_peft_dora()
+trace_hub_kernel_layers()
 
 # An installed package publishes the backend through its `torch_dynamo_backends` entry point, which
 # list_backends() already includes; a source checkout on PYTHONPATH has none, so register it here.

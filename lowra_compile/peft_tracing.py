@@ -25,14 +25,11 @@ lets the write through (docs/design.md, "DoRA").
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
 from types import ModuleType
-from typing import Callable
 
 import torch
 
+from .after_import import call_after_import
 from .passes.release import ReleasedWeight
 
 _PEFT_DORA = "peft.tuners.lora.dora"
@@ -90,33 +87,6 @@ def _clear_only_a_filled_cache(layer: type | None) -> None:
     layer._cache_clear = _cache_clear
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `action(module)` right after the module `name` is first imported: a finder ahead of the others
-    that hands the import to them and wraps the loader it gets back."""
-
-    def __init__(self, name: str, action: Callable[[ModuleType], None]):
-        self.name, self.action = name, action
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)  # once; and the lookup below must not come back here
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_act(module: ModuleType) -> None:
-            exec_module(module)
-            self.action(module)
-
-        spec.loader.exec_module = exec_then_act
-        return spec
-
-
 def trace_peft_dora() -> None:
     """Register the stand-in now if PEFT's DoRA is imported, else as soon as it is."""
-    if _PEFT_DORA in sys.modules:
-        _register(sys.modules[_PEFT_DORA])
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_PEFT_DORA, _register))
+    call_after_import(_PEFT_DORA, _register)
