@@ -25,18 +25,16 @@ def is_lowra_op(node: fx.Node) -> bool:
 
 def is_dequant(node) -> bool:
     """A `lowra.dequant` call whose only reader is the product it feeds (a packed weight seen after a recompile)."""
-    return (
-        isinstance(node, fx.Node) and node.op == "call_function"
-        and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant) and len(node.users) == 1
-    )
+    return isinstance(node, fx.Node) and _calls_dequant(node) and len(node.users) == 1
 
 
 def is_dequant_of(node: fx.Node, packed: list[fx.Node]) -> bool:
     """A `lowra.dequant` call of the packed tensors `packed` (a released weight read otherwise than by a linear)."""
-    return (
-        node.op == "call_function" and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant)
-        and list(node.args[0]) == list(packed)
-    )
+    return _calls_dequant(node) and list(node.args[0]) == list(packed)
+
+
+def _calls_dequant(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant)
 
 
 def example_value(node: fx.Node):

@@ -55,12 +55,15 @@ def dora_cast_reads(node: fx.Node, transposed: bool) -> list[fx.Node] | None:
     if not isinstance(cast, torch.Tensor) or (cast.dtype, cast.device) != (value.dtype, value.device):
         return None
     reads = _dora_reads(node, transposed)
-    if reads is None or not all(
-        (is_linear(u) and u.args[0] is not read and u.args[1] is read) or _row_norm_of(u)
-        for read in reads for u in read.users
-    ):
+    if reads is None or not all(_read_as_dora_does(read) for read in reads):
         return None
     return reads
+
+
+def _read_as_dora_does(read: fx.Node) -> bool:
+    """Every reader of `read` (W as the (out, in) matrix) is a linear taking it as its weight, or the sum whose
+    row norm DoRA takes."""
+    return all((is_linear(u) and u.args[0] is not read and u.args[1] is read) or _row_norm_of(u) for u in read.users)
 
 
 def _dora_reads(cast: fx.Node, transposed: bool) -> list[fx.Node] | None:
@@ -100,13 +103,7 @@ def packed_dora_read(packed: list[fx.Node]) -> DoraRead | None:
     a `lowra.dequant` of the same packed tensors, read only by linears, as their weight, and by the sum whose
     row norm DoRA takes; for a weight stored (in, out) nothing (its reads pass through PEFT's transpose, left
     to dequantize)."""
-    reads = tuple(
-        u for u in packed[0].users
-        if is_dequant_of(u, packed) and all(
-            (is_linear(r) and r.args[0] is not u and r.args[1] is u) or _row_norm_of(r) for r in u.users
-        )
-    )
-    return _dora_read_of(reads)
+    return _dora_read_of(tuple(u for u in packed[0].users if is_dequant_of(u, packed) and _read_as_dora_does(u)))
 
 
 def _dora_read_of(reads: tuple[fx.Node, ...]) -> DoraRead | None:
