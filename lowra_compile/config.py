@@ -91,6 +91,10 @@ class LowRAConfig:
     candidates_dir: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("bit_choices", "skip"):  # a generator is read once: keep what it gave for every check
+            value = getattr(self, name)
+            if isinstance(value, Iterable) and not isinstance(value, (str, tuple)):
+                object.__setattr__(self, name, tuple(value))
         self._check_types()
         if isinstance(self.bit_choices, Real):  # one width
             object.__setattr__(self, "bit_choices", (self.bit_choices,))

@@ -264,6 +264,8 @@ def test_options_are_normalised_and_the_quantizing_ones_listed():
     assert config.bit_choices == (1, 2, 4) and config.calibrate == "fisher" and config.skip == ("lm_head",)
     one = lowra_compile.LowRAConfig(bit_choices=2, skip="lm_head")  # one width, one name (not its letters)
     assert one.bit_choices == (2,) and one.skip == ("lm_head",)
+    generated = lowra_compile.LowRAConfig(bit_choices=(b for b in (2, 4)), skip=(n for n in ["lm_head"]))
+    assert generated.bit_choices == (2, 4) and generated.skip == ("lm_head",)
     with pytest.raises(ValueError, match="options must be a dict"):
         lowra_compile.LowRAConfig.from_options(2.0)
     assert lowra_compile.LowRAConfig(min_bits=2, max_bits=3).allowed_bits == (2, 3)
