@@ -51,7 +51,7 @@ def _register(layer_module: ModuleType) -> None:
     that change nothing (module docstring). Only that one object is changed, not its class."""
     active = getattr(layer_module, "_ACTIVE_KERNEL_FUNCS", None)
     original_set, original_reset = getattr(active, "set", None), getattr(active, "reset", None)
-    if original_set is None or original_reset is None or getattr(original_set, "_skips_empty_routes", False):
+    if original_set is None or original_reset is None or getattr(original_set, "_skips_routes_that_change_nothing", False):
         return
 
     def set(routes):  # noqa: A001 - the method it stands in for
@@ -63,7 +63,7 @@ def _register(layer_module: ModuleType) -> None:
         if token is not _NOTHING_STORED:
             original_reset(token)
 
-    set._skips_empty_routes = True
+    set._skips_routes_that_change_nothing = True
     active.set, active.reset = set, reset
 
 

@@ -69,6 +69,6 @@ def test_a_layer_given_a_hub_kernel_runs_it_when_compiled():
 def test_the_routes_are_changed_whichever_of_transformers_and_lowra_is_imported_first(imports):
     script = (
         f"import {imports[0]}\nimport {imports[1]}\nimport kernels._internals.layer.layer as layer\n"
-        "assert layer._ACTIVE_KERNEL_FUNCS.set._skips_empty_routes\n"
+        "assert layer._ACTIVE_KERNEL_FUNCS.set._skips_routes_that_change_nothing\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
