@@ -10,7 +10,7 @@ import torch
 from .config import LowRAConfig
 from .experts_class import hold_peft_experts, release_class
 from .passes.pipeline import quantize_layers
-from .passes.release import ReleasedWeight, materialize_weight, release
+from .passes.release import ReleasedWeight, leave_out_of_ddp_sync, materialize_weight, release
 from .recording import record_model
 
 
@@ -46,6 +46,7 @@ def quantize_(
         for layer in layers:
             if id(layer.weight) not in tied:
                 release(layer.weight)
+        leave_out_of_ddp_sync(model)
     return model
 
 
@@ -64,6 +65,7 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         if isinstance(p, ReleasedWeight):
             materialize_weight(p)
+    leave_out_of_ddp_sync(model)
     release_class(model)
     return model
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .passes.release import attach, packed_shape, packed_weight, quantized_with, release
+from .passes.release import attach, leave_out_of_ddp_sync, packed_shape, packed_weight, quantized_with, release
 from .runtime.format import TENSOR_COUNT, PackedWeight
 
 
@@ -81,4 +81,5 @@ def load_quantized(
             packed = PackedWeight.from_tensors(tensors, tuple(info["shape"]), p.dtype, info["group_size"])
             attach(p, packed, transposed=transposed, options=info.get("options"))  # older files: unknown
             release(p)
+    leave_out_of_ddp_sync(model)
     return model

@@ -280,6 +280,21 @@ def release(p: Tensor) -> None:
     p.__class__ = ReleasedWeight
 
 
+def leave_out_of_ddp_sync(model: torch.nn.Module) -> None:
+    """List `model`'s released weights in `_ddp_params_and_buffers_to_ignore`, the names DDP leaves alone.
+
+    When DDP wraps a model it broadcasts rank 0's parameters, reading each with `detach()`: for a released
+    weight a dense copy on the CPU, so the whole base came back dequantized at once (host memory of the dense
+    model) and went over the wire, and a process group of NCCL alone refuses CPU tensors. They are frozen and
+    the ranks already hold the same packed weights (`quantize_` shares rank 0's, `load_quantized` reads one
+    file), so there is nothing to broadcast. The names are relative to `model`, the module DDP is expected to
+    wrap; the user's own entries are kept, and a weight materialized again leaves the list."""
+    listed = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) - getattr(model, "_lowra_ddp_ignored", set())
+    released = {name for name, p in model.named_parameters() if isinstance(p, ReleasedWeight)}
+    model._lowra_ddp_ignored = released
+    model._ddp_params_and_buffers_to_ignore = sorted(listed | released)
+
+
 def materialize_weight(p: Tensor) -> None:
     """Give a released weight its dense storage back (dequantized) and its plain Parameter class."""
     if not isinstance(p, ReleasedWeight):

@@ -1,6 +1,7 @@
 """Data-parallel replicas quantize as one: two gloo ranks on CPU, each with its own batches."""
 
 import socket
+import tempfile
 from datetime import timedelta
 
 import torch
@@ -129,10 +130,38 @@ def _quantize_ahead_under_ddp(rank: int) -> dict:
     compiled(**batch(16, seed=10 * rank + 5)).loss.backward()  # DDP's reducer still works: gradients all-reduced
     packed = {n: list(p._lowra_packed) for n, p in model.named_parameters() if hasattr(p, "_lowra_packed")}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"packed": packed, "grads": grads}
+    return {"packed": packed, "grads": grads, "dequantized_by_ddp": _dequantized_when_ddp_wraps_a_packed_model(rank)}
+
+
+def _dequantized_when_ddp_wraps_a_packed_model(rank: int) -> dict:
+    """How many weights DDP dequantizes as it wraps a model packed by quantize_, and one loaded packed."""
+    import lowra_compile
+    from lowra_compile.passes import release
+    from torch.nn.parallel import DistributedDataParallel
+
+    quantized, loaded = tiny_peft_llama(layers=1), tiny_peft_llama(layers=1)
+    lowra_compile.quantize_(quantized, batch(16, seed=rank), {"bits": 2.0, "progress": False})
+    with tempfile.TemporaryDirectory() as tmp:
+        lowra_compile.save_quantized(quantized, f"{tmp}/base.lowra.safetensors")
+        lowra_compile.load_quantized(loaded, f"{tmp}/base.lowra.safetensors")
+    counted, dequantized = {}, release.dequantized
+    for name, model in (("quantize_", quantized), ("load_quantized", loaded)):
+        calls = []
+        release.dequantized = lambda p, calls=calls: calls.append(p) or dequantized(p)
+        try:
+            DistributedDataParallel(model)  # broadcasts rank 0's parameters: it read each one dense
+        finally:
+            release.dequantized = dequantized
+        counted[name] = len(calls)
+    lowra_compile.materialize(quantized)
+    counted["listed after materialize"] = len(getattr(quantized, "_ddp_params_and_buffers_to_ignore", ()))
+    return counted
 
 
 def test_ddp_ranks_quantizing_ahead_on_their_own_batches_pack_the_same_base(tmp_path):
     first, second = _spawn(_quantize_ahead_under_ddp, tmp_path)
     _same_on_both_ranks(first, second, "packed", 14, rtol=0, atol=0)
     _same_on_both_ranks(first, second, "grads", 28)
+    # a packed model wrapped by DDP: its frozen packed weights are left out of DDP's first broadcast
+    for rank in (first, second):
+        assert rank["dequantized_by_ddp"] == {"quantize_": 0, "load_quantized": 0, "listed after materialize": 0}
