@@ -29,6 +29,24 @@ def test_a_saved_base_loads_into_a_fresh_model_as_it_was(tmp_path):
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+def test_a_packed_model_moves_to_meta_and_back_through_to_empty_and_load_quantized(tmp_path, monkeypatch):
+    model, x = _quantized_mlp(), torch.randn(4, 64)
+    expected, biases = model(x), [model[i].bias.clone() for i in (0, 2)]
+    lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
+    dequantized = []
+    monkeypatch.setattr(torch.ops.lowra, "dequant", lambda *a: dequantized.append(a) or torch.zeros(0))
+    model.to("meta")  # no values to dequantize there: the packed form moves, as for any other device
+    assert dequantized == [] and all(p.is_meta for p in model.parameters())
+    assert all(isinstance(model[i].weight, ReleasedWeight) and model[i].weight._lowra_packed[0].is_meta for i in (0, 2))
+    monkeypatch.undo()
+    model.to_empty(device="cpu")  # the skeleton's way back: uninitialised dense weights, then the files
+    lowra_compile.load_quantized(model, tmp_path / "base.safetensors")
+    with torch.no_grad():
+        for i, bias in zip((0, 2), biases):
+            model[i].bias.copy_(bias)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 def test_a_base_loaded_into_a_cast_model_dequantizes_to_its_dtype(tmp_path):
     model = _quantized_mlp()
     lowra_compile.save_quantized(model, tmp_path / "base.safetensors")

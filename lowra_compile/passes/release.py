@@ -13,7 +13,8 @@ op directly. `materialize` undoes it all.
 A few calls are special. `detach()`, which `state_dict()` calls on every parameter and whose results it
 holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `save_pretrained` builds the
 whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
-one layer's at a time. `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
+one layer's at a time. On the meta device, which holds no values, it gives the weight itself
+(`model.to("meta")`). `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
 values (a checkpoint of this model); any other values raise instead of being dropped. And `to()`, `cuda()`,
 `half()` and the like (what `model.to(...)` calls) return the weight itself when nothing changes, and
 otherwise a released weight of the new device and dtype holding the packed form moved there, which the
@@ -102,7 +103,7 @@ class ReleasedWeight(torch.nn.Parameter):
             if func in _METADATA:
                 return func(*args, **kwargs)
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
-                return dequantized(args[0]).cpu()
+                return _detached(args[0])
             if func == Tensor.data.__set__ and isinstance(args[0], ReleasedWeight) and isinstance(args[1], ReleasedWeight):
                 _adopt(args[0], args[1])  # Module._apply after a move or cast (`_converted`), or `p.data = p`
                 return None
@@ -161,6 +162,16 @@ def _linear_call(func, args: tuple, kwargs: dict) -> tuple | None:
     if w.dim() != 2:  # a mixture's stacked experts: dequantized, for the product to read as it is
         return None
     return x, w, bias
+
+
+def _detached(p: "ReleasedWeight") -> Tensor:
+    """`p.detach()`: the dequantized weight on the CPU (see the module's docstring), or `p` itself on the meta
+    device, where there are no values to dequantize or copy: `model.to("meta")` wraps the moved weight in
+    `Parameter(...)`, which detaches it and wants a `ReleasedWeight` back. The weight is frozen, so
+    detaching it changes nothing else."""
+    if p.is_meta:
+        return p
+    return dequantized(p).cpu()
 
 
 def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> None:
