@@ -36,8 +36,10 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    on = t.to(_comm_device(), torch.float32)
+def _all_reduce_sum(t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The sum over ranks, reduced in `dtype` (counts in int64: float32 is exact only up to 2^24), into a copy:
+    the all-reduce works in place, and `t` is the caller's."""
+    on = t.to(_comm_device(), dtype, copy=True)
     dist.all_reduce(on)
     return on.to(t.device)
 
@@ -48,7 +50,7 @@ def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
     had no labels has none): the ranks then make the same collectives and plan on the same weighting."""
     ranks = dist.get_world_size()
     has_g2 = any(s is not None and s.g2 is not None for s in stats)
-    if int(_all_reduce_sum(torch.tensor([float(has_g2)])).item()) < ranks:
+    if int(_all_reduce_sum(torch.tensor([int(has_g2)]), torch.int64).item()) < ranks:
         stats = [None if s is None else dataclasses.replace(s, g2=None) for s in stats]
     out: list[SiteStats | None] = []
     grams: dict[int, Tensor] = {}  # layers that read one input share its E[x x^T]: reduced once, still shared
@@ -56,12 +58,12 @@ def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
         if s is None:
             out.append(None)
             continue
-        tokens = int(_all_reduce_sum(torch.tensor([float(s.tokens)])).item())
+        tokens = int(_all_reduce_sum(torch.tensor([s.tokens]), torch.int64).item())
         share = s.tokens / tokens
         x2 = _all_reduce_sum(s.x2 * share)
         expert_tokens = None
         if s.expert_tokens is not None:  # each expert's mean over the tokens it took on every rank
-            expert_tokens = _all_reduce_sum(s.expert_tokens.float()).round().long()
+            expert_tokens = _all_reduce_sum(s.expert_tokens, torch.int64)
             own = _all_reduce_sum(s.x2 * s.expert_tokens.to(s.x2)[:, None])
             # an expert no rank reached keeps the ranks' average of the pooled E[x^2] it was given
             reached = (expert_tokens > 0).to(x2.device)[:, None]
