@@ -202,6 +202,7 @@ def _expert_x2(names: Mapping[Hashable, str], sums: _Sums) -> dict[Hashable, Ten
 
 def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dict[Hashable, SiteStats]:
     """The means of the totals, per layer key of `names`."""
+    _check_inputs(sums, names)
     experts = _expert_x2(names, sums)
     grams = {gram: total / sums.gram_tokens[gram] for gram, total in sums.grams.items()}
     return {
@@ -216,6 +217,21 @@ def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dic
         )
         for key in names
     }
+
+
+def _check_inputs(sums: _Sums, names: Mapping[Hashable, str]) -> None:
+    """Raise, naming the first such layer, when a layer ran on no token or on non-finite inputs: its means
+    would be NaN, and planned and rounded on them its weight would come out garbage (nearest rounding: no
+    error at all) or fail deep in a Cholesky factorisation."""
+    for key, name in names.items():
+        if not sums.tokens.get(key):
+            raise ValueError(f"lowra: layer {name!r} ran on no calibration tokens (a batch with no rows?); "
+                             "calibrate on batches of at least one token")
+        if not torch.isfinite(sums.x2[key]).all():
+            raise ValueError(
+                f"lowra: the calibration inputs of layer {name!r} are not finite (NaN or inf), so its statistics are "
+                "too; check the calibration batches for NaN or inf, and that the model does not overflow in its "
+                "dtype (run it once in float32)")
 
 
 def calibrate(

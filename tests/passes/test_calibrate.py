@@ -47,6 +47,22 @@ def test_graph_without_loss_gives_activation_statistics_only():
     torch.testing.assert_close(stats[0].x2, (x**2).mean(0))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_calibration_input_raises_naming_the_layer(bad):
+    model, x = TwoLayers(), torch.randn(3, 8)
+    x[1, 2] = bad
+    gm, inputs = capture_graph(model, x)
+    with pytest.raises(ValueError, match=r"calibration inputs of layer 'a.weight' are not finite"):
+        calibrate(gm, match_sites(gm), inputs)
+
+
+def test_a_calibration_batch_of_no_tokens_raises_naming_the_layer():
+    model = TwoLayers()
+    gm, inputs = capture_graph(model, torch.randn(0, 8))
+    with pytest.raises(ValueError, match=r"layer 'a.weight' ran on no calibration tokens"):
+        calibrate(gm, match_sites(gm), inputs)
+
+
 def test_second_moment_matrices_are_shared_by_layers_reading_one_input_and_count_its_tokens():
     model, x = TwoLayers(), torch.randn(3, 5, 8)
     gm, inputs = capture_graph(lambda x: (model.a(x), model.a(x), model.b(torch.tanh(model.a(x)))), x)
