@@ -61,17 +61,10 @@ def load_quantized(
             raise ValueError(f"lowra: {path} holds no packed weights (it was not written by save_quantized); "
                              "adapters load with PEFT, the packed base with load_quantized")
         meta = json.loads(header["lowra"])
+        # every layer checked before any is changed: a file of another model leaves this one as it was
+        params = {name: _matching_parameter(model, name, info, path) for name, info in meta.items()}
         for name, info in meta.items():
-            try:
-                p = model.get_parameter(name)
-            except AttributeError as err:
-                raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
-            transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
-            if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
-                raise ValueError(
-                    f"lowra: layer {name!r} is {tuple(p.shape)} here but packed as {tuple(info['shape'])} in {path}"
-                    + (" (stored transposed)" if transposed else "")
-                )
+            p, transposed = params[name], info.get("transposed", False)
             target = device or p.device
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
@@ -83,3 +76,18 @@ def load_quantized(
             release(p)
     leave_out_of_ddp_sync(model)
     return model
+
+
+def _matching_parameter(model: torch.nn.Module, name: str, info: dict, path: str | Path) -> torch.nn.Parameter:
+    """`model`'s parameter `name`, checked to have the shape the file packed it in."""
+    try:
+        p = model.get_parameter(name)
+    except AttributeError as err:
+        raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
+    transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
+    if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
+        raise ValueError(
+            f"lowra: layer {name!r} is {tuple(p.shape)} here but packed as {tuple(info['shape'])} in {path}"
+            + (" (stored transposed)" if transposed else "")
+        )
+    return p

@@ -80,8 +80,11 @@ def test_saving_a_model_without_packed_weights_says_to_quantize_first(tmp_path):
 def test_loading_into_another_architecture_names_the_layer(tmp_path):
     lowra_compile.save_quantized(_quantized_mlp(), tmp_path / "base.safetensors")
     shorter = torch.nn.Sequential(torch.nn.Linear(64, 64)).requires_grad_(False)
+    before = shorter[0].weight.detach().clone()
     with pytest.raises(ValueError, match=r"holds layer '2.weight', which this model does not have"):
         lowra_compile.load_quantized(shorter, tmp_path / "base.safetensors")
+    # every layer is checked before any is loaded: the model is left as it was, not half packed
+    assert not isinstance(shorter[0].weight, ReleasedWeight) and torch.equal(shorter[0].weight, before)
     wider = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
     with pytest.raises(ValueError, match=r"layer '0.weight' is \(128, 64\) here but packed as \(64, 64\)"):
         lowra_compile.load_quantized(wider, tmp_path / "base.safetensors")
