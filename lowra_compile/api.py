@@ -22,7 +22,8 @@ def quantize_(
     """Quantize `model`'s frozen linear weights in place now, calibrating on `example_batch` (kwargs of one
     forward) or on every batch of a list or other iterable of them (a DataLoader: all of it, so give
     `itertools.islice(loader, n)` for its first n batches); returns `model`. A batch's tensors move to the
-    model's device when its parameters are all on one, as a training loop would move them.
+    model's device when its parameters are all on one, as a training loop would move them. With
+    `calibrate="off"` only the first batch runs: it finds the layers, and there is nothing to measure.
 
     The backend does the same on the first call of `torch.compile(model, backend="lowra")`, one graph at a
     time on that call's batch. This helper runs the whole model on each batch first (training batches with

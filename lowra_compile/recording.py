@@ -76,6 +76,8 @@ def record_model(
     Returns the frozen linears it ran that are not packed yet, their statistics (None each with
     calibrate="off"), the ids of the weights that must stay dense beside their packed form, and the seconds
     it took."""
+    if config.calibrate == "off":  # one batch finds the layers; there are no statistics to gather
+        batches = batches[:1]
     recorder = _RecordingBackend(options, config)
     compiled = torch.compile(model, backend=recorder)
     start = time.perf_counter()

@@ -838,6 +838,14 @@ def test_quantize_ahead_rejects_no_batch_and_batches_that_are_not_kwargs():
     assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())  # checked before any work
 
 
+def test_quantize_ahead_without_calibration_runs_the_first_batch_only():
+    # the first batch finds the layers; with calibrate="off" the others would be run for nothing (this one
+    # cannot run at all: its ids are past the vocabulary)
+    out_of_vocabulary = {"input_ids": torch.full((2, 8), 10**6), "labels": torch.full((2, 8), 10**6)}
+    model = lowra_compile.quantize_(tiny_peft_llama(), [batch(8), out_of_vocabulary], {"calibrate": "off", "progress": False})
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+
+
 def test_quantize_ahead_takes_the_first_batches_of_a_data_loader():
     # what a training script has at hand: a DataLoader, cut to its first batches
     options = {"progress": False, "rounding": "nearest"}
