@@ -103,6 +103,10 @@ class LowRAConfig:
         choices = tuple(sorted(set(int(b) for b in self.bit_choices)))
         object.__setattr__(self, "bit_choices", choices)
         object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))  # one name
+        if "" in self.skip:  # a part of every name: it would keep every layer dense
+            raise ValueError(f"lowra: skip {self.skip} holds an empty name, which is part of every layer's name and "
+                             "would keep them all dense; give parts of the names to keep dense, e.g. ('lm_head',), or "
+                             "skip=() to skip none")
         if self.calibrate is True:
             object.__setattr__(self, "calibrate", "fisher")
         elif self.calibrate is False:

@@ -230,6 +230,8 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"group_size": 64.0}, "group_size=64.0 must be a whole number"),
         ({"lloyd_iters": "12"}, "lloyd_iters='12' must be a whole number"),
         ({"skip": None}, "skip=None must be a tuple of layer names"),
+        ({"skip": ""}, "holds an empty name, which is part of every layer's name"),
+        ({"skip": ("lm_head", "")}, "holds an empty name"),
         ({"progress": "no"}, "progress='no' must be True or False"),
         ({"candidates_dir": 5}, "candidates_dir=5 must be a directory path or None"),
     ],
