@@ -63,6 +63,11 @@ def _set_kernel_mode(kernels: str) -> None:
 
 
 def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_options: dict | None = None) -> Callable:
+    if inner == "eager" and _checkpoints(gm):
+        # Run as it is, a checkpointed region recomputes its forward with preserve_rng_state=False (the op
+        # leaves the random numbers to a compiler), so dropout draws new masks and the gradients are wrong
+        # (plain backend="eager" too). aot_eager replays the forward's random numbers.
+        inner = "aot_eager"
     if inner == "eager":
         return gm.forward
     tag = f"{torch.compiler.config.cache_key_tag}lowra-ops-{_OPS_DIGEST}"
@@ -72,6 +77,11 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, inner: str, inductor_option
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, inputs, config_patches=inductor_options or None)
+
+
+def _checkpoints(gm: fx.GraphModule) -> bool:
+    """Whether `gm` holds an activation-checkpointed region."""
+    return any(n.target is torch.ops.higher_order.tag_activation_checkpoint for n in gm.graph.nodes)
 
 
 def mode_options(mode: str | None, inner: str) -> dict:

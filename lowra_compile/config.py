@@ -59,7 +59,8 @@ class LowRAConfig:
     kernels:      "auto" (on CUDA, per shape, the fastest of the Triton kernels and cuBLAS by the selection table
                   or a short autotune; the reference elsewhere), "triton" (no cuBLAS GEMM for the LoRA ops)
                   or "reference" (pure torch).
-    inner:        compiler run on the rewritten graph.
+    inner:        compiler run on the rewritten graph ("eager" runs a graph holding a checkpointed region
+                  through "aot_eager": run as it is, its recomputation draws new dropout masks).
     mode:         torch.compile's `mode` for that compiler (Inductor only), given here so that it goes with
                   the other options: torch.compile takes `mode` or `options`, not both. CUDA graphs stay
                   off (backend.mode_options).
