@@ -911,6 +911,20 @@ def test_merge_folds_adapters_into_the_dequantized_base(dora):
         torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_compiled_in_place_runs_its_merged_base_dense_after_merge():
+    # the Trainer holds the PEFT model it compiled in place, and evaluates it after the merge
+    model = tiny_peft_llama()
+    model.compile(backend="lowra", options={"progress": False, "inner": "eager"})
+    data = batch(8)
+    model(**data).loss.backward()
+    merged = lowra_compile.merge(model)
+    with torch.no_grad():
+        want = merged(**data).logits
+        got = model(**data).logits  # compiled, it would quantize the merged weights again, in place
+    assert not any(isinstance(p, ReleasedWeight) for p in merged.parameters())
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_bfloat16_model_trains_as_the_dequantized_model():
     model = tiny_peft_llama().to(torch.bfloat16)
     compiled = _compile(model)
