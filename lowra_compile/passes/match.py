@@ -161,6 +161,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
     other_products: dict[str, str] = {}  # frozen weight name -> the op that reads it instead of F.linear
     stacked: dict[fx.Node, str] = {}  # frozen 3-D weights (a mixture's experts): packed only as grouped sites
     adapters = _branch_linears(graph)
+    told: set[fx.Node] = set()  # frozen weights already warned about
     for node in graph.nodes:
         if is_grouped_mm(node):
             site = grouped_site(node, outer, index, stays_dense, scope)
@@ -192,7 +193,9 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                 )
             reason = _unsupported(w, transposed)
             if reason:
-                warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=3)
+                if w not in told:  # one weight read by two linears (as W and as W^T): one warning
+                    warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=3)
+                    told.add(w)
                 continue
             lora = _match_lora(node)
             if lora is not None and _match_lora(lora.add) is not None:
@@ -307,5 +310,6 @@ def _unsupported(w: fx.Node, transposed: bool) -> str | None:
         return "it is tied to an embedding table (F.embedding needs the dense rows)"
     if others:
         ops = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
-        return f"its weight is also read outside F.linear ({', '.join(ops)}), e.g. by a tied embedding"
+        return (f"its weight is also read outside its F.linear ({', '.join(ops)}; e.g. a tied output layer, or the "
+                "weight used as a matrix), which needs it dense")
     return None

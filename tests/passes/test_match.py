@@ -52,9 +52,27 @@ class _CastAndSummed(torch.nn.Module):
         return F.linear(x, self.proj.weight) + torch.linalg.norm(w + 1, dim=0)  # columns, not DoRA's rows
 
 
+class _LinearAndItsWeightAsAMatrix(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 48).requires_grad_(False)
+
+    def forward(self, x):
+        return self.proj(x) @ self.proj.weight  # read as W by F.linear and as W^T by the product's linear form
+
+
+def test_a_weight_read_by_two_linears_stays_dense_with_one_warning():
+    gm, _ = capture_graph(_LinearAndItsWeightAsAMatrix(), torch.randn(4, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert match_sites(gm) == []
+    told = [str(w.message) for w in caught if "stays dense" in str(w.message)]
+    assert len(told) == 1 and "layer 'proj.weight' stays dense" in told[0], told
+
+
 def test_a_cast_weight_read_otherwise_than_by_dora_stays_dense_with_a_warning():
     gm, _ = capture_graph(_CastAndSummed(), torch.randn(4, 64))
-    with pytest.warns(UserWarning, match=r"layer 'proj.weight' stays dense: its weight is also read outside F.linear \(to\)"):
+    with pytest.warns(UserWarning, match=r"layer 'proj.weight' stays dense: its weight is also read outside its F.linear \(to;"):
         assert match_sites(gm) == []
 
 
