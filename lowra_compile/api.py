@@ -24,6 +24,8 @@ def quantize_(
     `itertools.islice(loader, n)` for its first n batches); returns `model`. A batch's tensors move to the
     model's device when its parameters are all on one, as a training loop would move them. With
     `calibrate="off"` only the first batch runs: it finds the layers, and there is nothing to measure.
+    The run goes through a compile of its own, whose graphs must not keep the model alive; so it ends with
+    `torch._dynamo.reset()`, and whatever was compiled before compiles again on its next call.
 
     The backend does the same on the first call of `torch.compile(model, backend="lowra")`, one graph at a
     time on that call's batch. This helper runs the whole model on each batch first (training batches with
