@@ -57,8 +57,8 @@ class LowRAConfig:
     pack_routers: quantize a mixture's routers (transformers' *Router modules) too; by default they stay
                   dense: one row per expert, and their error changes which experts a token takes.
     kernels:      "auto" (on CUDA, per shape, the fastest of the Triton kernels and cuBLAS by the selection table
-                  or a short autotune; the reference elsewhere), "triton" (no cuBLAS GEMM for the LoRA ops)
-                  or "reference" (pure torch).
+                  or a short autotune; the reference elsewhere), "triton" (on CUDA, no cuBLAS GEMM for the LoRA
+                  ops; the reference elsewhere too, as `report()` shows) or "reference" (pure torch).
     inner:        compiler run on the rewritten graph ("eager" runs a graph holding a checkpointed region
                   through "aot_eager": run as it is, its recomputation draws new dropout masks).
     mode:         torch.compile's `mode` for that compiler (Inductor only), given here so that it goes with
