@@ -116,7 +116,9 @@ ENOUGH_CALIBRATION_TOKENS = 4096
 
 
 def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -> None:
-    tokens = max((s.tokens for s in stats if s is not None), default=0)
+    # a mixture's experts count a token once per expert it was routed to (top-k rows): the other layers count tokens
+    plain = [s.tokens for s in stats if s is not None and s.expert_tokens is None]
+    tokens = max(plain or [s.tokens for s in stats if s is not None] or [0])
     if 0 < tokens < ENOUGH_CALIBRATION_TOKENS:
         given, fix = (
             ("the first batch", "quantize ahead on several batches with lowra_compile.quantize_(model, [batch, ...], "

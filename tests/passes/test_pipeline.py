@@ -6,6 +6,7 @@ import torch
 
 import lowra_compile
 from lowra_compile.passes import candidates, gptq, pipeline, release
+from lowra_compile.passes.calibrate import SiteStats
 from lowra_compile.passes.quantize import quantize_rows
 from lowra_compile.runtime.reference import dequantize
 
@@ -187,3 +188,12 @@ def test_each_expert_of_a_mixture_takes_codebooks_weighted_by_its_own_tokens():
         own_error += ((tokens @ (dense[e] - own).t()) ** 2).sum().item()
         pooled_error += ((tokens @ (dense[e] - pooled).t()) ** 2).sum().item()
     assert own_error < pooled_error  # on the tokens each expert runs
+
+
+def test_the_calibration_hint_counts_tokens_not_the_rows_a_mixture_routes_to_its_experts():
+    attention = SiteStats(torch.ones(8), None, None, 16)
+    experts = SiteStats(torch.ones(4, 8), None, None, 32, torch.tensor([10, 12, 6, 4]))  # top-2: each token twice
+    with pytest.warns(UserWarning, match=r"calibrating on 16 tokens \(the first batch\)"):
+        pipeline._hint_more_calibration([experts, None, attention], None)
+    with pytest.warns(UserWarning, match=r"calibrating on 32 tokens \(2 batches\)"):
+        pipeline._hint_more_calibration([experts], 2)  # experts alone: their rows are all there is to count
