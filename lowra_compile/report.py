@@ -5,7 +5,7 @@ Per quantized layer: shape, output channels per bit width, code bits and effecti
 codegen log recorded for that layer's shape (with time and throughput when timing was requested), and
 the seconds spent quantizing it per stage (calibrate, quantize, plan, pack, loftq; the whole-model
 stages shared equally between the layers they covered). Then the frozen linear weights that stay dense:
-skipped (`skip`, lm_head by default), left dense with a warning, or never seen by the backend because the
+skipped (`skip`, lm_head by default; a mixture's routers unless `pack_routers`), left dense with a warning, or never seen by the backend because the
 model calls them outside any compiled graph (PEFT's LoHa and LoKr layers call their base layer so).
 """
 
@@ -222,12 +222,14 @@ def report(model: torch.nn.Module) -> KernelReport:
 
 
 def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
-    """Names of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers' Conv1D)
-    that have no packed form (a frozen LoRA adapter's factors are not base layers)."""
+    """Names of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers' Conv1D,
+    a mixture's *Router modules, which call F.linear on their own weight) that have no packed form (a
+    frozen LoRA adapter's factors are not base layers)."""
     names = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        kind = type(module).__name__
+        linear = isinstance(module, torch.nn.Linear) or kind == "Conv1D" or kind.lower().endswith("router")
         if linear and not is_peft_factor(name) and is_frozen_matrix(weight) and packed_weight(weight) is None:
             names.append(f"{name.removeprefix('_orig_mod.')}.weight")
     return tuple(names)

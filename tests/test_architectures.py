@@ -121,6 +121,8 @@ def test_a_mixture_of_experts_packs_its_stacked_experts_and_trains_as_the_dequan
     assert row.shape == (4 * 256, 64) and any(k.startswith("grouped_linear:") for k in row.kernels)
     routers = [p for n, p in model.named_parameters() if n.endswith(("mlp.gate.weight", "mlp.router.weight"))]
     assert len(routers) == 2 and not any(isinstance(p, ReleasedWeight) for p in routers)  # routers stay dense
+    dense = lowra_compile.report(model).dense  # and the report says so, as for lm_head
+    assert sum(n.endswith(("mlp.gate.weight", "mlp.router.weight")) for n in dense) == 2 and dense[-1].endswith("lm_head.weight")
 
     model.zero_grad(set_to_none=True)
     reference = copy.deepcopy(model)  # dense dequantized weights, transformers' own grouped product
