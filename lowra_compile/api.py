@@ -77,14 +77,16 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
     """Fold the LoRA adapters into dense weights: dequantize the base, then PEFT's `merge_and_unload`.
 
     Returns the merged plain transformers model (dense, in the base weights' dtype), ready for export or
-    for quantizing again with a new `torch.compile(..., backend="lowra")`. The PEFT model's own compile
-    (`model.compile(...)`, what the Trainer holds) is undone: its next call (`trainer.evaluate()`) would
-    otherwise quantize the merged weights again, in place, and the returned model with them. A
-    `torch.compile(model)` wrapper cannot be undone: call the returned model, not the wrapper.
+    for quantizing again with a new `torch.compile(..., backend="lowra")`. Every `module.compile(...)` of
+    the PEFT model and its modules (what the Trainer holds; each decoder layer compiled on its own) is
+    undone: the next call (`trainer.evaluate()`) would otherwise quantize the merged weights again, in
+    place, and the returned model with them. A `torch.compile(model)` wrapper cannot be undone: call the
+    returned model, not the wrapper.
     """
     base = getattr(model, "_orig_mod", model)
     if not hasattr(base, "merge_and_unload"):  # before materializing: a refused model stays packed
         raise ValueError("lowra: merge needs a PEFT model (it has no merge_and_unload); use materialize() instead")
     materialize(model)
-    base._compiled_call_impl = None  # nn.Module.compile's compiled call; None: the module runs eagerly
+    for module in base.modules():
+        module._compiled_call_impl = None  # nn.Module.compile's compiled call; None: the module runs eagerly
     return base.merge_and_unload()

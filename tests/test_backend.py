@@ -911,10 +911,13 @@ def test_merge_folds_adapters_into_the_dequantized_base(dora):
         torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_a_model_compiled_in_place_runs_its_merged_base_dense_after_merge():
+@pytest.mark.parametrize("scope", ["model", "layers"])
+def test_a_model_compiled_in_place_runs_its_merged_base_dense_after_merge(scope):
     # the Trainer holds the PEFT model it compiled in place, and evaluates it after the merge
     model = tiny_peft_llama()
-    model.compile(backend="lowra", options={"progress": False, "inner": "eager"})
+    options = {"progress": False, "inner": "eager"}
+    for module in [model] if scope == "model" else model.base_model.model.model.layers:
+        module.compile(backend="lowra", options=options)
     data = batch(8)
     model(**data).loss.backward()
     merged = lowra_compile.merge(model)
