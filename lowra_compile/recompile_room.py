@@ -12,9 +12,10 @@ it eagerly after that, on every call. Three cases compile a frame once per layer
   graphs compiled for the models before expect `ReleasedWeight`s where the new one still has dense
   Parameters, and Dynamo keeps those graphs after their models are freed (their guards hold no reference to
   the model), so they still take room.
-The first two happen on the first step only. Past the limit the other layers would keep their dense weights, or run unfused, for good (and the ninth
-model of a sweep would train dense, silently). Raising the limit leaves room for each layer the frame
-compiled for, freed or not, plus the default's room for other recompiles; lowra never lowers it.
+The first two happen on the first step only. Past the limit the other layers would keep their dense
+weights, or run unfused, for good (and the ninth model of a sweep would train dense, silently). Raising the
+limit leaves room for each layer the frame compiled for, freed or not, plus the default's room for other
+recompiles; lowra never lowers it.
 
     a graph break in each MLP of a 12-layer model, compiled straight away (tiny Llama, 2.0 bits):
         before:  layers 1-8 packed and fused, layers 9-12 dense and unfused (Dynamo: "hit recompile_limit")

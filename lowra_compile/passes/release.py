@@ -300,8 +300,11 @@ def leave_out_of_ddp_sync(model: torch.nn.Module) -> None:
     the ranks already hold the same packed weights (`quantize_` shares rank 0's, `load_quantized` reads one
     file), so there is nothing to broadcast. The names are relative to `model`, the module DDP is expected to
     wrap; the user's own entries are kept, and a weight materialized again leaves the list."""
-    listed = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) - getattr(model, "_lowra_ddp_ignored", set())
     released = {name for name, p in model.named_parameters() if isinstance(p, ReleasedWeight)}
+    ours = vars(model).get("_lowra_ddp_ignored")  # the model's own: a PEFT model forwards unknown names inward
+    if not released and ours is None:  # nothing listed, nothing to list
+        return
+    listed = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) - (ours or set())
     model._lowra_ddp_ignored = released
     model._ddp_params_and_buffers_to_ignore = sorted(listed | released)
 
