@@ -22,6 +22,7 @@ starts as the quantized layer with its LoftQ adapter.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..runtime import ops as _ops  # noqa: F401  (defines torch.ops.lowra.dora_row_norms)
@@ -40,7 +41,11 @@ def _low_rank(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         u, s, v = torch.svd_lowrank(residual, q=min(rank + 16, min(residual.shape)), niter=4)
         vh = v.t()
     root = s[:rank].sqrt()
-    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root[None, :]).contiguous()
+    a, b = root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+    # A layer narrower than the rank (a 1-output gate under "all-linear") has fewer components: the adapter's
+    # other rank-directions start at zero, as its whole B does without LoftQ
+    missing = rank - root.numel()
+    return F.pad(a, (0, 0, 0, missing)).contiguous(), F.pad(b, (0, missing)).contiguous()
 
 
 @torch.no_grad()

@@ -26,6 +26,23 @@ def test_loftq_factors_reduce_the_quantization_error():
     assert errors[1] <= errors[0] * 1.05
 
 
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_layer_narrower_than_the_rank_gets_its_components_and_zeros_for_the_rest(n):
+    # a 1-output gate under target_modules="all-linear": broadcast into [rank, K] its one component would count
+    # rank times, and a rank above N did not fit at all
+    torch.manual_seed(0)
+    k, rank, s = 128, 8, 2.0
+    w = torch.randn(n, k) * 0.02
+    bits = torch.full((n,), 2)
+    fit = CodebookFit(64, "lloyd", 6)
+    plain = quantize_rows(w, bits, fit)
+    plain_error = (w - dequantize(plain.tensors(), k, 64, torch.float32)).norm()
+    packed, a, b = loftq_init(w, plain, bits, rank, s, 1, fit)
+    assert a.shape == (rank, k) and b.shape == (n, rank)
+    assert not a[n:].any() and not b[:, n:].any()
+    assert (w - dequantize(packed.tensors(), k, 64, torch.float32) - s * b @ a).norm() < 0.5 * plain_error
+
+
 @pytest.mark.parametrize("fit_scales", [False, True])
 @pytest.mark.parametrize("gptq", [False, True])
 def test_the_pipelines_first_quantization_is_what_loftq_would_fit_itself(gptq, fit_scales):
