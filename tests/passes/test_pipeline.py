@@ -197,3 +197,17 @@ def test_the_calibration_hint_counts_tokens_not_the_rows_a_mixture_routes_to_its
         pipeline._hint_more_calibration([experts, None, attention], None)
     with pytest.warns(UserWarning, match=r"calibrating on 32 tokens \(2 batches\)"):
         pipeline._hint_more_calibration([experts], 2)  # experts alone: their rows are all there is to count
+
+
+@pytest.mark.parametrize("options", [{}, {"calibrate": "off", "loftq_iters": 0}])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_raises_naming_its_layer_before_anything_is_packed(options, bad):
+    # calibrated, the SVD of LoftQ failed with no layer named; on nearest rounding with no LoftQ the one bad
+    # element took over its row's codebook and scale, packing the whole row as NaN without a word
+    model = tiny_peft_llama()
+    weight = model.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
+    with torch.no_grad():
+        weight[7, 3] = bad
+    with pytest.raises(ValueError, match=r"weight of layer '[^']*layers\.1\.mlp\.down_proj[^']*' holds NaN or inf"):
+        lowra_compile.quantize_(model, batch(), {"progress": False, **options})
+    assert not any(isinstance(p, release.ReleasedWeight) for p in model.parameters())
