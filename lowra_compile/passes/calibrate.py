@@ -3,7 +3,8 @@
 For each site, over all the tokens it was run on:
 
     x2[k]  = E[x_k^2] per input channel                               (always)
-    g2[n]  = E[(dL/dy_n)^2] per output channel, the mean over batches  (when the run ends in a scalar loss)
+    g2[n]  = E[(dL/dy_n)^2] per output channel, each batch's rows     (when the run ends in a scalar loss)
+             scaled by their count (its loss is their mean)
     gram   = E[x x^T] [K, K], per input                                 (for rounding="gptq"; sites reading the
                                                                          same input share one tensor; kept in
                                                                          host memory: ~22 GB over a 7B model)
@@ -63,7 +64,8 @@ class _Sums:
     def __init__(self):
         self.x2: dict[Hashable, Tensor] = {}  # sum of x^2 over rows, per layer
         self.tokens: dict[Hashable, int] = {}  # rows summed, per layer
-        self.g2: dict[Hashable, Tensor] = {}  # sum over batches of each batch's E[(dL/dy)^2], per layer
+        self.g2: dict[Hashable, Tensor] = {}  # sum over rows of (rows * dL/dy)^2 / rows, per layer (see below)
+        self.g2_rows: dict[Hashable, int] = {}  # rows summed into each of those
         self.grams: dict[tuple, Tensor] = {}  # sum of x x^T over rows, per input, on the CPU
         self.gram_tokens: dict[tuple, int] = {}  # rows summed into each of those
         self.gram_of: dict[Hashable, tuple] = {}  # the input each layer reads: (node, key of its first reader)
@@ -158,14 +160,19 @@ def _concrete(value):
 
 
 def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, Tensor, Tensor | None]]) -> None:
-    """Add this batch's E[(dL/dy)^2] of every probed output to its layer's g2."""
+    """Add this batch's (dL/dy)^2 of every probed output to its layer's g2, per row and weighted by rows.
+
+    A loss that is a mean over a batch's n rows gives each row a gradient 1/n of its own: scaled back by n,
+    every row counts alike, so a short last batch weighs by its rows (it took over E[g^2] as 1/n^2, 5,000
+    times the three long batches beside it). Only a common scale is left, which the plan does not see."""
     grads = torch.autograd.grad(loss, [p for _, p, _ in probes], allow_unused=True)
     for (key, _, offsets), g in zip(probes, grads):
         if g is not None:
-            if offsets is None:
-                _add(sums.g2, key, _rows(g).pow(2).mean(0))
-            else:  # [E*N]: the mean over all tokens of what each expert's output error costs
-                _add(sums.g2, key, (_expert_sums(_rows(g).pow(2), offsets) / len(g)).reshape(-1))
+            rows = _rows(g)
+            squares = rows.pow(2) * len(rows) ** 2
+            # a grouped layer: [E*N], the mean over all tokens of what each expert's output error costs
+            _add(sums.g2, key, squares.sum(0) if offsets is None else _expert_sums(squares, offsets).reshape(-1))
+            _add(sums.g2_rows, key, len(rows))
 
 
 def _expert_sums(values: Tensor, offsets: Tensor) -> Tensor:
@@ -200,7 +207,7 @@ def _expert_x2(names: Mapping[Hashable, str], sums: _Sums) -> dict[Hashable, Ten
     return means
 
 
-def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dict[Hashable, SiteStats]:
+def _statistics(sums: _Sums, names: Mapping[Hashable, str]) -> dict[Hashable, SiteStats]:
     """The means of the totals, per layer key of `names`."""
     _check_inputs(sums, names)
     experts = _expert_x2(names, sums)
@@ -210,7 +217,7 @@ def _statistics(sums: _Sums, names: Mapping[Hashable, str], batches: int) -> dic
             experts[key] if key in experts else sums.x2[key] / sums.tokens[key],
             # all zero (a loss with no tokens to count, as the Trainer's under gradient accumulation): no
             # gradient reached the layer, and every error weighed by it would be 0
-            sums.g2[key] / batches if key in sums.g2 and sums.g2[key].any() else None,
+            sums.g2[key] / sums.g2_rows[key] if key in sums.g2 and sums.g2[key].any() else None,
             grams[sums.gram_of[key]] if key in sums.gram_of else None,
             sums.tokens[key],
             sums.expert_rows.get(key),
@@ -256,7 +263,6 @@ class ModelCalibration:
         self.use_loss, self.gram = use_loss, gram
         self.sums = _Sums()
         self.probes: list[tuple[Hashable, Tensor, Tensor | None]] = []
-        self.batches = 0
 
     def run(self, gm: fx.GraphModule, sites: list[LinearSite], keys: Mapping[int, Hashable], inputs: list):
         """Run `gm` on `inputs` (its real arguments), recording `sites[i]` under `keys[i]` for each i in keys."""
@@ -277,8 +283,7 @@ class ModelCalibration:
         if loss is not None and self.probes:
             _add_loss_gradients(self.sums, loss, self.probes)
         self.probes = []
-        self.batches += 1
 
     def statistics(self, names: Mapping[Hashable, str]) -> dict[Hashable, SiteStats]:
         """SiteStats per layer key of `names` (key -> the layer's name, for warnings)."""
-        return _statistics(self.sums, names, self.batches)
+        return _statistics(self.sums, names)

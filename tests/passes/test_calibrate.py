@@ -34,8 +34,9 @@ def test_first_batch_second_moments_and_loss_gradients():
     ga, gb = torch.autograd.grad(loss, [ya, yb])
     torch.testing.assert_close(stats[0].x2, (x**2).reshape(-1, 8).mean(0))
     torch.testing.assert_close(stats[1].x2, (torch.tanh(ya) ** 2).reshape(-1, 6).mean(0))
-    torch.testing.assert_close(stats[0].g2, (ga**2).reshape(-1, 6).mean(0))
-    torch.testing.assert_close(stats[1].g2, (gb**2).reshape(-1, 4).mean(0))
+    rows = x.numel() // 8  # each row's gradient of the loss summed over rows, not averaged
+    torch.testing.assert_close(stats[0].g2, (ga**2).reshape(-1, 6).mean(0) * rows**2)
+    torch.testing.assert_close(stats[1].g2, (gb**2).reshape(-1, 4).mean(0) * rows**2)
     assert model.head.grad is None, "calibration must not leave gradients on parameters"
 
 
@@ -100,24 +101,26 @@ def _model_calibration(gm, sites, runs) -> ModelCalibration:
 
 
 def test_batches_add_up_to_statistics_over_all_their_tokens():
+    # batches of 15 and 2 rows: each loss is a mean over its own rows, and yet every row counts alike, as in
+    # one batch of all 17 (the 2-row batch's gradients are 7.5 times each row's share of a 15-row loss)
     model = TwoLayers()
-    (x1, t1), (x2, t2) = [(torch.randn(3, 5, 8), torch.randn(3, 5, 4)) for _ in range(2)]
+    (x1, t1), (x2, t2) = [(torch.randn(rows, 8), torch.randn(rows, 4)) for rows in (15, 2)]
     gm, inputs = capture_graph(model, x1, t1)
     sites = match_sites(gm)
     second = [x2 if v is x1 else t2 if v is t1 else v for v in inputs]
     keys = {0: "a", 1: "b"}
     both = _model_calibration(gm, sites, [[(inputs, keys)], [(second, keys)]]).statistics({"a": "a", "b": "b"})
-    one, two = calibrate(gm, sites, inputs, gram=True), calibrate(gm, sites, second, gram=True)
+    whole_gm, whole_inputs = capture_graph(model, torch.cat([x1, x2]), torch.cat([t1, t2]))
+    whole = calibrate(whole_gm, match_sites(whole_gm), whole_inputs, gram=True)
 
-    flat = torch.cat([x1, x2]).reshape(-1, 8)
+    flat = torch.cat([x1, x2])
     torch.testing.assert_close(both["a"].x2, (flat**2).mean(0))
-    torch.testing.assert_close(both["a"].gram, flat.t() @ flat / 30)
-    assert [s.tokens for s in both.values()] == [30, 30]
-    for b, o, t in zip(both.values(), one, two):
-        torch.testing.assert_close(b.x2, (o.x2 + t.x2) / 2)
-        # each batch's loss is a mean over its own tokens: its E[g^2] is averaged per batch
-        torch.testing.assert_close(b.g2, (o.g2 + t.g2) / 2)
-    assert not torch.allclose(both["a"].x2, one[0].x2)
+    torch.testing.assert_close(both["a"].gram, flat.t() @ flat / 17)
+    assert [s.tokens for s in both.values()] == [17, 17]
+    for b, w in zip(both.values(), whole):
+        torch.testing.assert_close(b.x2, w.x2)
+        torch.testing.assert_close(b.g2, w.g2)
+    assert not torch.allclose(both["a"].x2, calibrate(gm, sites, inputs)[0].x2)
     assert model.head.grad is None, "calibration must not leave gradients on parameters"
 
 
@@ -159,7 +162,7 @@ def test_stacked_experts_get_their_own_statistics_and_an_unreached_expert_the_ot
 
     y = torch.ops.transformers.grouped_mm_fallback(x, model.weight.transpose(-2, -1), offs=offsets).requires_grad_()
     (g,) = torch.autograd.grad(((y * model.head - target) ** 2).mean(), [y])
-    per_expert = torch.stack([(g[s:e] ** 2).sum(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])]) / len(g)
+    per_expert = torch.stack([(g[s:e] ** 2).sum(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])]) * len(g)
     per_expert[1] = per_expert[[0, 2, 3]].mean(0)
     torch.testing.assert_close(stats.g2, per_expert.reshape(-1))
     own = torch.stack([(x[s:e] ** 2).mean(0) for s, e in zip([0, 3, 3, 8], [3, 3, 8, 10])])
