@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,9 +81,7 @@ def quantize_for_plan(model: torch.nn.Module, ids: torch.Tensor, args: argparse.
 
 def _check(args: argparse.Namespace) -> None:
     """What can be refused before the model loads (minutes): the quantizing options, the demo's calibration
-    batches, the report's output folders. Raises ValueError."""
-    from pathlib import Path
-
+    batches, the report's output files. Raises ValueError."""
     from . import demo
 
     if args.command in ("plan", "report"):
@@ -92,8 +92,25 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
     if args.command == "report":
         for path in filter(None, (args.json, args.markdown, args.png)):
-            if not Path(path).resolve().parent.is_dir():
-                raise ValueError(f"the folder of {path} does not exist")
+            _check_writable(Path(path))
+        if args.png and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--png needs matplotlib: pip install matplotlib (or the project's [demo] extra)")
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output file now, rather than after the minutes of quantizing (and the files before it)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name in it")
+    if not path.resolve().parent.is_dir():
+        raise ValueError(f"the folder of {path} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror}") from None
+    if not existed:
+        path.unlink()
 
 
 def _planned_model(args: argparse.Namespace) -> torch.nn.Module:

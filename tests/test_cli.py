@@ -1,5 +1,6 @@
 """The `lowra` command's plan and bench on tiny inputs (the SmolLM2 loading around them is the demo's)."""
 
+import importlib.util
 import json
 import warnings
 
@@ -38,6 +39,8 @@ def test_plan_quantizes_every_linear_of_a_trainable_model_at_the_budget(bits):
     (("plan", "--choices", "1,5"), "must be a non-empty subset"),
     (("plan", "--choices", "a,b"), "expected comma-separated bit widths"),
     (("report", "--json", "/nonexistent-folder/r.json"), "the folder of /nonexistent-folder/r.json does not exist"),
+    (("report", "--json", "/"), "/ is a folder; give a file name in it"),
+    (("report", "--markdown", "/proc/r.md"), "cannot write /proc/r.md"),
     (("bench", "--iters", "0"), "--iters: must be at least 1"),
 ])
 def test_bad_arguments_stop_before_the_model_loads(argv, message, model_must_not_load, capsys):
@@ -58,3 +61,11 @@ def test_bench_refuses_a_budget_it_has_no_widths_for(capsys):
     with pytest.raises(SystemExit):  # it timed the 2.5-bit mix for any unknown value
         cli.main(["bench", "--bits", "1.25"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_report_png_without_matplotlib_stops_before_the_model_loads(model_must_not_load, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--png", "r.png"])
+    assert "--png needs matplotlib" in capsys.readouterr().err
