@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .passes.release import attach, leave_out_of_ddp_sync, packed_shape, packed_weight, quantized_with, release
@@ -61,21 +61,34 @@ def load_quantized(
             raise ValueError(f"lowra: {path} holds no packed weights (it was not written by save_quantized); "
                              "adapters load with PEFT, the packed base with load_quantized")
         meta = json.loads(header["lowra"])
-        # every layer checked before any is changed: a file of another model leaves this one as it was
+        # every layer checked and read before any is changed: a file of another model, or a damaged one, leaves
+        # this one as it was (the packed base is small, read into host memory at once)
         params = {name: _matching_parameter(model, name, info, path) for name, info in meta.items()}
+        packed = {name: _read_packed(f, name, info, params[name].dtype, path) for name, info in meta.items()}
         for name, info in meta.items():
-            p, transposed = params[name], info.get("transposed", False)
+            p = params[name]
             target = device or p.device
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
-            tensors = [f.get_tensor(f"{name}::{i}").to(target) for i in range(TENSOR_COUNT)]
-            # dequantized to the parameter's dtype, which may differ from the file's: a model cast before loading
-            packed = PackedWeight.from_tensors(tensors, tuple(info["shape"]), p.dtype, info["group_size"])
-            attach(p, packed, transposed=transposed, options=info.get("options"))  # older files: unknown
+            attach(p, packed.pop(name).to(target), transposed=info.get("transposed", False),
+                   options=info.get("options"))  # older files: unknown
             release(p)
     leave_out_of_ddp_sync(model)
     return model
+
+
+def _read_packed(f, name: str, info: dict, dtype: torch.dtype, path: str | Path) -> PackedWeight:
+    """Layer `name`'s packed weight from the open file `f`, dequantizing to `dtype` (the parameter's, which may
+    differ from the file's: a model cast before loading); raises naming the layer if the file's is damaged."""
+    try:
+        tensors = [f.get_tensor(f"{name}::{i}") for i in range(TENSOR_COUNT)]
+    except SafetensorError as err:
+        raise ValueError(f"lowra: {path} is damaged: layer {name!r} lacks a tensor ({err})") from err
+    packed = PackedWeight.from_tensors(tensors, tuple(info["shape"]), dtype, info["group_size"])
+    if errors := packed.layout_errors():
+        raise ValueError(f"lowra: {path} is damaged: in layer {name!r}, " + "; ".join(errors))
+    return packed
 
 
 def _matching_parameter(model: torch.nn.Module, name: str, info: dict, path: str | Path) -> torch.nn.Parameter:

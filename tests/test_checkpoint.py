@@ -95,3 +95,25 @@ def test_merge_of_a_model_without_adapters_points_to_materialize():
     with pytest.raises(ValueError, match=r"merge needs a PEFT model .* use materialize\(\) instead"):
         lowra_compile.merge(model)
     assert isinstance(model[0].weight, ReleasedWeight)  # left packed
+
+
+@pytest.mark.parametrize("damage", ["a tensor missing", "perm a row short", "perm not a permutation"])
+def test_a_damaged_file_is_refused_naming_the_layer_before_any_layer_is_loaded(tmp_path, damage):
+    # the second layer is damaged: before, the first was packed already, and a wrong-sized or scrambled perm
+    # loaded without a word, to fail in the first forward with an index error that named nothing
+    from safetensors import safe_open
+
+    lowra_compile.save_quantized(_quantized_mlp(), tmp_path / "base.safetensors")
+    with safe_open(str(tmp_path / "base.safetensors"), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    if damage == "a tensor missing":
+        del tensors["2.weight::5"]
+    elif damage == "perm a row short":
+        tensors["2.weight::0"] = tensors["2.weight::0"][:-1].clone()
+    else:
+        tensors["2.weight::0"][0] = tensors["2.weight::0"][1]
+    save_file(tensors, str(tmp_path / "damaged.safetensors"), metadata=metadata)
+    model = _frozen_mlp()
+    with pytest.raises(ValueError, match=r"damaged.safetensors is damaged: .*layer '2.weight'"):
+        lowra_compile.load_quantized(model, tmp_path / "damaged.safetensors")
+    assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())

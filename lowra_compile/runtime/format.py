@@ -154,6 +154,23 @@ class PackedWeight:
         n, k = self.shape
         return 8 * self.nbytes() / (n * k)
 
+    def layout_errors(self) -> list[str]:
+        """What in the tensors does not fit `shape` and `group_size` (none: all of it does), as in a damaged file."""
+        n, k = self.shape
+        groups = math.ceil(k / self.group_size)
+        rows = self.rows_per_width()
+        expected = {"perm": (n,), "absmax codes": (n, groups), "absmax scales": (n, math.ceil(groups / ABSMAX_BLOCK))}
+        for b in BIT_WIDTHS:
+            expected[f"{b}-bit codes"] = (rows[b], words_per_row(b, k))
+            expected[f"{b}-bit codebooks"] = (rows[b], 2**b)
+        errors = [f"{what} are {tuple(t.shape)}, not {shape}"
+                  for (what, shape), t in zip(expected.items(), self.tensors()) if tuple(t.shape) != shape]
+        if sum(rows.values()) != n:
+            errors.append(f"{sum(rows.values())} rows of codes, not {n}")
+        elif not errors and not torch.equal(self.perm.sort().values.cpu(), torch.arange(n, dtype=self.perm.dtype)):
+            errors.append("perm is not a permutation of the rows")
+        return errors
+
     def to(self, device: torch.device | str) -> "PackedWeight":
         moved = [t.to(device) for t in self.tensors()]
         return PackedWeight.from_tensors(moved, self.shape, self.dtype, self.group_size)
