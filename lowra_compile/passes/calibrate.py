@@ -64,7 +64,7 @@ class _Sums:
     def __init__(self):
         self.x2: dict[Hashable, Tensor] = {}  # sum of x^2 over rows, per layer
         self.tokens: dict[Hashable, int] = {}  # rows summed, per layer
-        self.g2: dict[Hashable, Tensor] = {}  # sum over rows of (rows * dL/dy)^2 / rows, per layer (see below)
+        self.g2: dict[Hashable, Tensor] = {}  # sum over rows of (n dL/dy)^2, n its batch's rows (_add_loss_gradients)
         self.g2_rows: dict[Hashable, int] = {}  # rows summed into each of those
         self.grams: dict[tuple, Tensor] = {}  # sum of x x^T over rows, per input, on the CPU
         self.gram_tokens: dict[tuple, int] = {}  # rows summed into each of those

@@ -72,7 +72,8 @@ def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int]
     layers = []
     for i in indices:
         site, weight = sites[i], inputs[sites[i].weight_index]
-        if not torch.isfinite(weight).all():  # else its row's codebook and scale: the whole row NaN, or a bare SVD error
+        # a NaN would take over its row's codebook and scale (the whole row NaN), or fail in an SVD naming nothing
+        if not torch.isfinite(weight).all():
             raise ValueError(f"lowra: the weight of layer {site.name!r} holds NaN or inf; check the checkpoint it was "
                              "loaded from, or keep the layer dense with options={'skip': (<part of its name>,)}")
         adapter = site.adapter
