@@ -46,3 +46,15 @@ def test_a_lora_variant_packs_the_base_and_trains_as_the_dequantized_model(varia
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 14  # adapted or not, every decoder linear is packed
     assert len(got) == 2 * 14 + extra
+
+
+def test_an_adapter_prepared_for_compiled_hotswap_is_started_by_loftq_and_trains_as_the_dequantized_model():
+    # PEFT's compiled hotswap keeps each scaling as a tensor (and pads the ranks): LoftQ must read it there
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS)).train()
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert_trains_as_dequantized(model, batch(16))
+    assert all(p.any() for n, p in model.named_parameters() if ".lora_B." in n)  # LoftQ started them
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14

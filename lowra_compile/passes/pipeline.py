@@ -42,9 +42,12 @@ def placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node
 
 
 def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> float:
-    """The LoRA scaling as a number: a python float, or `item()` of a placeholder under dynamic=True."""
+    """The LoRA scaling as a number: a python float, a tensor placeholder (PEFT's compiled hotswap keeps it
+    a tensor), or `item()` of a placeholder under dynamic=True."""
     if not isinstance(scaling, fx.Node):
         return float(scaling)
+    if scaling in values:
+        return float(values[scaling])
     source = scaling.args[0] if scaling.args else None
     if isinstance(source, fx.Node) and source in values:
         return float(values[source])
