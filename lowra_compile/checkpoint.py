@@ -96,7 +96,11 @@ def _matching_parameter(model: torch.nn.Module, name: str, info: dict, path: str
     try:
         p = model.get_parameter(name)
     except AttributeError as err:
-        raise ValueError(f"lowra: {path} holds layer {name!r}, which this model does not have") from err
+        raise ValueError(
+            f"lowra: {path} holds layer {name!r}, which this model does not have; the names are those of the model "
+            "saved, wrapped as it was (a PEFT model's start with 'base_model.model.' and a LoRA layer's end in "
+            "'.base_layer.weight'): wrap this one the same way first, e.g. PeftModel.from_pretrained, then load"
+        ) from err
     transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
     if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
         raise ValueError(
