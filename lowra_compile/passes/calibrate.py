@@ -166,13 +166,19 @@ def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, 
     every row counts alike, so a short last batch weighs by its rows (it took over E[g^2] as 1/n^2, 5,000
     times the three long batches beside it). Only a common scale is left, which the plan does not see."""
     grads = torch.autograd.grad(loss, [p for _, p, _ in probes], allow_unused=True)
-    for (key, _, offsets), g in zip(probes, grads):
-        if g is not None:
-            rows = _rows(g)
-            squares = rows.pow(2) * len(rows) ** 2
-            # a grouped layer: [E*N], the mean over all tokens of what each expert's output error costs
-            _add(sums.g2, key, squares.sum(0) if offsets is None else _expert_sums(squares, offsets).reshape(-1))
-            _add(sums.g2_rows, key, len(rows))
+    found = [(key, offsets, g) for (key, _, offsets), g in zip(probes, grads) if g is not None]
+    # the batch's rows, one scale for every layer: what a plain linear reads (a grouped layer reads each token
+    # once per expert it takes)
+    n = max((g.numel() // g.shape[-1] for _, offsets, g in found if offsets is None),
+            default=max((g.numel() // g.shape[-1] for *_, g in found), default=0))
+    for key, offsets, g in found:
+        rows = _rows(g)
+        squares = rows.pow(2) * n**2
+        if offsets is None:
+            _add(sums.g2, key, squares.sum(0))
+        else:  # [E*N]: what each expert's output error costs, its routed rows counted as a share of the n
+            _add(sums.g2, key, (_expert_sums(squares, offsets) * n / len(rows)).reshape(-1))
+        _add(sums.g2_rows, key, n)
 
 
 def _expert_sums(values: Tensor, offsets: Tensor) -> Tensor:
