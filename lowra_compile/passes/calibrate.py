@@ -169,8 +169,8 @@ def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, 
     found = [(key, offsets, g) for (key, _, offsets), g in zip(probes, grads) if g is not None]
     # the batch's rows, one scale for every layer: what a plain linear reads (a grouped layer reads each token
     # once per expert it takes)
-    n = max((g.numel() // g.shape[-1] for _, offsets, g in found if offsets is None),
-            default=max((g.numel() // g.shape[-1] for *_, g in found), default=0))
+    plain = [g for _, offsets, g in found if offsets is None] or [g for *_, g in found]
+    n = max((g.numel() // g.shape[-1] for g in plain), default=0)
     for key, offsets, g in found:
         rows = _rows(g)
         squares = rows.pow(2) * n**2
