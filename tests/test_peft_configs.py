@@ -58,3 +58,24 @@ def test_an_adapter_prepared_for_compiled_hotswap_is_started_by_loftq_and_trains
     assert_trains_as_dequantized(model, batch(16))
     assert all(p.any() for n, p in model.named_parameters() if ".lora_B." in n)  # LoftQ started them
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+
+
+def test_a_lorafa_adapter_with_a_frozen_a_is_fused_and_loftq_leaves_it_alone():
+    # PEFT's LoRA-FA (create_lorafa_optimizer) freezes A and trains B alone: the adapter is still fused into the
+    # packed op (its backward gives B's gradient only), and LoftQ, which would have to move the frozen A, leaves
+    # it as it is: B starts at zero, A at PEFT's draw
+    from peft import LoraConfig, get_peft_model
+
+    import lowra_compile
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS)).train()
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(False)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    lowra_compile.codegen.clear_log()
+    got = assert_trains_as_dequantized(model, batch(16))
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+    assert len(got) == 14 and all(".lora_B." in n for n in got)
+    fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
+    assert sum(e["calls"] for e in fused) == 2 * 14  # both steps ran every adapted layer through the fused op

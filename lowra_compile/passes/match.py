@@ -76,16 +76,17 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
 
 
 def _lora_factors(lora_a, lora_b) -> bool:
-    """Whether A and B are a LoRA adapter's factors: trainable graph inputs, or frozen ones (an adapter loaded
-    for inference: PEFT's `from_pretrained` freezes it) of low rank, r < min(k, n), which no base layer has."""
+    """Whether A and B are a LoRA adapter's factors: trainable graph inputs, or graph inputs of low rank,
+    r < min(k, n), which no base layer has, with one or both frozen: an adapter loaded for inference (PEFT's
+    `from_pretrained` freezes both) or LoRA-FA's (PEFT's `create_lorafa_optimizer` freezes A)."""
     if is_trainable_placeholder(lora_a) and is_trainable_placeholder(lora_b):
         return True
     if not (is_placeholder(lora_a) and is_placeholder(lora_b)):
         return False
     a, b = example_value(lora_a), example_value(lora_b)
-    if not (is_frozen_matrix(a) and is_frozen_matrix(b)) or a.shape[0] != b.shape[1]:
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype.is_floating_point for t in (a, b)):
         return False
-    return a.shape[0] < min(a.shape[1], b.shape[0])
+    return a.shape[0] == b.shape[1] and a.shape[0] < min(a.shape[1], b.shape[0])
 
 
 def _branch_linears(graph: fx.Graph) -> set[fx.Node]:

@@ -57,8 +57,8 @@ def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> f
 @dataclass(frozen=True)
 class Layer:
     """A frozen linear to quantize: its site, its weight and, for LoftQ, its LoRA factors and their scaling
-    (scaling None: B is not zero, LoftQ leaves the adapter as it is), and DoRA's magnitude, set after LoftQ
-    (None: no DoRA, or B is not zero)."""
+    (scaling None: B is not zero, LoftQ leaves the adapter as it is; so it does when A is frozen, LoRA-FA's, which
+    LoftQ would have to move), and DoRA's magnitude, set after LoftQ (None: no DoRA, or B is not zero)."""
 
     site: LinearSite
     weight: torch.Tensor
@@ -253,7 +253,7 @@ def quantize_layers(
         packed = assemble(candidates[j], matrix, bits[j], factor, config.refit_rounds)
         seconds[j]["pack"] = device_clock(weight.device) - start
         start = device_clock(weight.device)
-        if layer.scaling is not None and config.loftq_iters > 0:
+        if layer.scaling is not None and layer.lora_a.requires_grad and config.loftq_iters > 0:
             x2 = _row_moments(stats[j], site, weight.device)
             packed, a, b = loftq_init(
                 matrix, packed, bits[j], layer.lora_a.shape[0], layer.scaling, config.loftq_iters, fit, x2, factor,
