@@ -35,6 +35,11 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated bit widths such as 1,2,4; got {text!r}") from None
 
 
+def _output_file(text: str) -> Path:
+    """argparse type: a file to write, with ~ expanded (the shell leaves the ~ of --json=~/r.json alone)."""
+    return Path(text).expanduser()
+
+
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=2.0, help="average code bits per weight (budget)")
     p.add_argument("--choices", type=_widths, default=(1, 2, 3, 4), help="bit widths a channel may take, comma separated")
@@ -92,7 +97,7 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
     if args.command == "report":
         for path in filter(None, (args.json, args.markdown, args.png)):
-            _check_writable(Path(path))
+            _check_writable(path)
         if args.png and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--png needs matplotlib: pip install matplotlib (or the project's [demo] extra)")
 
@@ -186,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(sub.add_parser("plan", help="print the bits-per-layer plan for SmolLM2 at a budget"))
     rep = sub.add_parser("report", help="write the kernel report of a planned SmolLM2 to files")
     _add_plan_args(rep)
-    rep.add_argument("--json")
-    rep.add_argument("--markdown")
-    rep.add_argument("--png")
+    rep.add_argument("--json", type=_output_file, help="write the report as JSON to this file")
+    rep.add_argument("--markdown", type=_output_file, help="write the report as a Markdown table to this file")
+    rep.add_argument("--png", type=_output_file, help="plot bits per layer (and kernel times) to this PNG (matplotlib)")
     bench = sub.add_parser("bench", help="time one layer step on this device")
     for name, default in (("m", 512), ("k", 1024), ("n", 1024), ("rank", 16), ("iters", 5)):
         bench.add_argument(f"--{name}", type=_count, default=default)

@@ -12,6 +12,7 @@ model calls them outside any compiled graph (PEFT's LoHa and LoKr layers call th
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -148,7 +149,7 @@ class KernelReport:
     def to_markdown(self) -> str:
         return "\n".join([*self._table(" | ", True), "", self._footer()])
 
-    def plot(self, path: str) -> None:
+    def plot(self, path: str | os.PathLike) -> None:
         """PNG: code bits per layer (stacked channel shares per width) and kernel times when measured."""
         import matplotlib
 

@@ -69,3 +69,13 @@ def test_a_report_png_without_matplotlib_stops_before_the_model_loads(model_must
     with pytest.raises(SystemExit):
         cli.main(["report", "--png", "r.png"])
     assert "--png needs matplotlib" in capsys.readouterr().err
+
+
+def test_report_files_given_as_option_equals_tilde_are_under_the_home_folder(monkeypatch, tmp_path, model_must_not_load, capsys):
+    # the shell expands ~ in `--json ~/r.json` but not in `--json=~/r.json`: it reached open() as a folder "~"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = cli.build_parser().parse_args(["report", "--json=~/r.json", "--markdown=~/r.md"])
+    assert (args.json, args.markdown) == (tmp_path / "r.json", tmp_path / "r.md")
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--json=~/missing/r.json"])
+    assert f"the folder of {tmp_path}/missing/r.json does not exist" in capsys.readouterr().err
