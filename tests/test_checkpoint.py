@@ -117,3 +117,24 @@ def test_a_damaged_file_is_refused_naming_the_layer_before_any_layer_is_loaded(t
     with pytest.raises(ValueError, match=r"damaged.safetensors is damaged: .*layer '2.weight'"):
         lowra_compile.load_quantized(model, tmp_path / "damaged.safetensors")
     assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())
+
+
+def test_peft_adapters_saved_from_the_trainable_tensors_match_the_full_save_without_dequantizing(tmp_path, monkeypatch):
+    # README: PEFT's save_pretrained builds the whole state dict, every packed weight dequantized into host
+    # memory; given the trainable tensors it writes the same adapter file and dequantizes none
+    from safetensors.torch import load_file
+
+    from lowra_compile.passes import release
+
+    from .tiny_models import batch, tiny_peft_llama
+
+    model = lowra_compile.quantize_(tiny_peft_llama(), batch(16), {"bits": 2.0, "progress": False})
+    model.save_pretrained(tmp_path / "full")
+    dequantized = []
+    monkeypatch.setattr(release, "dequantized", lambda p: dequantized.append(p) or pytest.fail("dequantized"))
+    model.save_pretrained(tmp_path / "light",
+                          state_dict={n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    assert not dequantized
+    full, light = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "light"))
+    assert full.keys() == light.keys() and len(full) == 2 * 14
+    assert all(torch.equal(full[k], light[k]) for k in full) and any(full[k].any() for k in full if "lora_B" in k)
