@@ -20,7 +20,8 @@ PEFT's cached read of the stack still makes Dynamo compile the frame once per la
 `recompile_limit` is raised to leave room for every layer held.
 
 `release_class` takes the anchor off again (`lowra_compile.merge` and `materialize` do), so the model
-given back has its own class, which pickles whole.
+given back has its own class. A held module pickles (`torch.save(model)`) as its own class without the
+anchor: parametrize's class is nobody's to import, and refuses pickling; the next compile holds it again.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def hold_class(module: nn.Module) -> None:
     # properties for them would shadow its plain parameters of those names
     shareable = all(name == ANCHOR or _is_peft(plist) for name, plist in module.parametrizations.items())
     shared = _SHARED.setdefault(now.__bases__[0], now) if shareable else now
+    if shareable:
+        shared.__reduce_ex__ = _pickled_without_anchor
     if shared is not now:
         # parametrize reads each parametrized tensor through a property of the class: those of this forward
         # (PEFT's, which PEFT deletes from the class after it) move along
@@ -88,6 +91,23 @@ def hold_class(module: nn.Module) -> None:
     # PEFT reads the stack under `parametrize.cached()`, whose cache key is `id(module)`: Dynamo guards each
     # layer's experts by identity and compiles their frame once per layer (the same graph; first step only)
     count_layer(now.__bases__[0], module)
+
+
+def _pickled_without_anchor(module: nn.Module, protocol: int):
+    """`__reduce_ex__` of a held class: the module rebuilt as its own class, without the anchor (and without
+    PEFT's parametrizations, which are there only during a forward: should one be, parametrize refuses)."""
+    if set(module.parametrizations) != {ANCHOR}:
+        return object.__reduce_ex__(module, protocol)
+    state = dict(vars(module))
+    state["_modules"] = {name: m for name, m in module._modules.items() if name != "parametrizations"}
+    state["_non_persistent_buffers_set"] = module._non_persistent_buffers_set - {ANCHOR}
+    return _unpickled_module, (type(module).__bases__[0], state)
+
+
+def _unpickled_module(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
 
 
 def release_class(model: nn.Module) -> None:

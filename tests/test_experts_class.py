@@ -82,3 +82,23 @@ def test_held_modules_of_one_class_share_one_unless_they_have_parametrizations_o
     assert parametrize.is_parametrized(scaled, "weight") and not parametrize.is_parametrized(scaled, ANCHOR)
     for m, y in zip((plain, other, scaled), want):
         torch.testing.assert_close(m(x), y)
+
+
+def test_a_model_with_held_experts_pickles_whole_as_its_own_classes(tmp_path):
+    # torch.save(model) refused a held module ("Serialization of parametrized modules is only supported
+    # through state_dict()"), and parametrize's class is nobody's to import: it pickles as its own class,
+    # without the anchor, which the next compile gives it again
+    model = tiny_moe_with_lora_on_the_experts()
+    data = batch(16)
+    with torch.no_grad():
+        before = model(**data).logits
+    hold_peft_experts(model.modules())
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert {type(m).__name__ for m in _experts(loaded)} == {"MixtralExperts"}
+    assert not any(parametrize.is_parametrized(m) for m in _experts(loaded))
+    assert all(parametrize.is_parametrized(m, ANCHOR) for m in _experts(model))  # the model itself keeps it
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**data).logits, before)
+    loaded(**data).loss.backward()  # PEFT parametrizes it on the forward, as on a model never held
+    assert list(loaded.state_dict()) == list(model.state_dict())
