@@ -204,9 +204,10 @@ def warn_kept_quantization(
         was = ", ".join(f"{k}={v!r}" for k, v in made_with.items())
         now = ", ".join(f"{k}={wanted[k]!r}" for k in made_with)
         warnings.warn(
-            f"lowra: {len(names)} layer(s) (e.g. {names[0]!r}) were quantized earlier with {was}; this compile's "
-            f"{now} does not apply to them: a packed layer keeps its quantization (its dense weights are gone). "
-            "To quantize with other options, load the model again (e.g. from_pretrained) and compile that.",
+            f"lowra: {len(names)} layer(s) (e.g. {names[0]!r}) were quantized earlier with {was}; the "
+            f"{now} asked for now does not apply to them: a packed layer keeps its quantization (its dense weights "
+            "are gone). To quantize with other options, load the model again (e.g. from_pretrained) and quantize "
+            "or compile that.",
             stacklevel=2,
         )
 

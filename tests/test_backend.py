@@ -692,7 +692,7 @@ def test_a_compile_asking_other_quantizing_options_of_a_packed_model_warns(tmp_p
     torch._dynamo.reset()
     config = lowra_compile.LowRAConfig(bits=3.0, progress=False)
     (message,) = _kept_quantization_warnings(lambda: torch.compile(model, backend="lowra", options=config)(**data))
-    assert "bits=1.5;" in message and "bits=3.0 does not apply" in message
+    assert "bits=1.5;" in message and "bits=3.0 asked for now does not apply" in message
     torch._dynamo.reset()
     (message,) = _kept_quantization_warnings(lambda: _compile(model, bits=3.0, group_size=32)(**data))
     assert "14 layer(s)" in message and "bits=1.5, group_size=64" in message and "bits=3.0, group_size=32" in message
