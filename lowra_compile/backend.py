@@ -178,38 +178,41 @@ def warn_kept_quantization(
     config: LowRAConfig,
 ) -> None:
     """A layer packed earlier keeps its quantization whatever a later compile asks (its dense weights are
-    gone). When this compile names quantizing options other than a packed layer's, say so: the run would
-    otherwise train on another base than the one asked for. Options left at their defaults ask nothing
-    (`quantize_` with options, then a plain compile, is the usual way); of a `LowRAConfig`, the quantizing
-    options that differ from the defaults are the ones asked."""
+    gone). When this compile names quantizing options other than a packed layer's, or a `skip` that names a
+    packed layer, say so: the run would otherwise train on another base than the one asked for. Options left
+    at their defaults ask nothing (`quantize_` with options, then a plain compile, is the usual way); of a
+    `LowRAConfig`, the options that differ from the defaults are the ones asked."""
     if isinstance(options, LowRAConfig):
-        defaults = LowRAConfig().quantizing()
-        asked = [k for k, v in options.quantizing().items() if v != defaults[k]]
+        defaults = LowRAConfig()
+        asked = [k for k in (*QUANTIZING, "skip") if getattr(options, k) != getattr(defaults, k)]
     else:
-        asked = [k for k in options or {} if k in QUANTIZING]
+        asked = [k for k in options or {} if k in (*QUANTIZING, "skip")]
     if not asked:
         return
     wanted, values = config.quantizing(), placeholder_values(gm, example_inputs)
-    names, made_with = [], {}
+    names, made_with, skipped = [], {}, []
     for site in sites:
         weight = example_inputs[site.weight_index] if site.packed is None else None
         if weight is not None and packed_weight(weight) is None:
             continue  # quantized now, with these options
+        if "skip" in asked and any(s in site.name for s in config.skip):
+            skipped.append(site.name)
         made = quantized_with(weight._lowra_packed[0] if weight is not None else values.get(site.packed[0]))
         differ = {k: made[k] for k in asked if made and k in made and made[k] != wanted[k]}
         if differ:
             names.append(site.name)
             made_with.update(differ)
+    keep = ("a packed layer keeps its quantization (its dense weights are gone). To quantize with other options, "
+            "load the model again (e.g. from_pretrained) and quantize or compile that")
     if names:
         was = ", ".join(f"{k}={v!r}" for k, v in made_with.items())
         now = ", ".join(f"{k}={wanted[k]!r}" for k in made_with)
-        warnings.warn(
-            f"lowra: {len(names)} layer(s) (e.g. {names[0]!r}) were quantized earlier with {was}; the "
-            f"{now} asked for now does not apply to them: a packed layer keeps its quantization (its dense weights "
-            "are gone). To quantize with other options, load the model again (e.g. from_pretrained) and quantize "
-            "or compile that.",
-            stacklevel=2,
-        )
+        warnings.warn(f"lowra: {len(names)} layer(s) (e.g. {names[0]!r}) were quantized earlier with {was}; the "
+                      f"{now} asked for now does not apply to them: {keep}.", stacklevel=2)
+    if skipped:
+        warnings.warn(f"lowra: skip={config.skip!r} names {len(skipped)} layer(s) quantized earlier (e.g. "
+                      f"{skipped[0]!r}), which stay packed: {keep}, or lowra_compile.materialize(model) to make every "
+                      "layer dense again.", stacklevel=2)
 
 
 def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | LowRAConfig | None,

@@ -706,6 +706,18 @@ def test_a_compile_asking_other_quantizing_options_of_a_packed_model_warns(tmp_p
     assert lowra_compile.report(fresh).code_bits == pytest.approx(1.5, abs=0.05)
 
 
+def test_a_compile_skipping_packed_layers_warns_that_they_stay_packed():
+    # skip keeps a layer dense only before it is quantized: asked of a packed one it changed nothing, silently
+    model = tiny_peft_llama()
+    data = batch(8)
+    lowra_compile.quantize_(model, data, {"bits": 2.0, "progress": False})
+    assert not _warnings_saying("stay packed", lambda: _compile(model, skip=("lm_head",))(**data))  # none packed
+    torch._dynamo.reset()
+    (message,) = _warnings_saying("stay packed", lambda: _compile(model, skip=("lm_head", "q_proj"))(**data))
+    assert "names 2 layer(s) quantized earlier" in message and "q_proj" in message and "materialize" in message
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14  # still packed
+
+
 def _packed_tensors(model) -> list[torch.Tensor]:
     return [t for p in model.parameters() if isinstance(p, ReleasedWeight) for t in p._lowra_packed]
 
