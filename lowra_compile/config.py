@@ -179,8 +179,12 @@ class LowRAConfig:
         for name in ("progress", "pack_routers"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
-        if self.candidates_dir is not None and not isinstance(self.candidates_dir, (str, os.PathLike)):
-            raise bad("candidates_dir", "a directory path or None")
+        if self.candidates_dir is not None:
+            # refused now, not after the calibration: "" (an unset environment variable) would fill the working
+            # folder, a file would fail in the first layer's save
+            path = os.path.expanduser(self.candidates_dir) if isinstance(self.candidates_dir, (str, os.PathLike)) else ""
+            if not os.fspath(path) or os.path.exists(path) and not os.path.isdir(path):
+                raise bad("candidates_dir", "a folder's path (made if missing) or None")
 
     @property
     def allowed_bits(self) -> tuple[int, ...]:

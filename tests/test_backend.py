@@ -233,7 +233,9 @@ def test_plain_sequential_without_adapters_under_no_grad():
         ({"skip": ""}, "holds an empty name, which is part of every layer's name"),
         ({"skip": ("lm_head", "")}, "holds an empty name"),
         ({"progress": "no"}, "progress='no' must be True or False"),
-        ({"candidates_dir": 5}, "candidates_dir=5 must be a directory path or None"),
+        ({"candidates_dir": 5}, "candidates_dir=5 must be a folder's path"),
+        ({"candidates_dir": ""}, "candidates_dir='' must be a folder's path"),  # it filled the working folder
+        ({"candidates_dir": __file__}, "candidates_dir=.* must be a folder's path"),  # it failed after calibrating
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):

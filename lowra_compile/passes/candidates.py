@@ -124,7 +124,7 @@ def quantize_layer_cached(
     """`quantize_layer` with its widths loaded from / saved to `directory` (None: no cache)."""
     if directory is None:
         return quantize_layer(weight, bit_choices, fit, x2, factor)
-    path = Path(directory) / f"{_digest(weight, fit, x2, factor)}.safetensors"
+    path = Path(directory).expanduser() / f"{_digest(weight, fit, x2, factor)}.safetensors"
     # width -> (absmax codes, absmax scales, levels, error). Not torch.load: inside the backend's compile
     # it detects the fake mode of the tracing context and returns meta tensors.
     stored = _load(path, weight.device, quiet=True) if path.exists() else {}  # read again, warning, under the lock
