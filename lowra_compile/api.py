@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ def quantize_(
     _check_batches(batches)
     options = config
     config = LowRAConfig.from_options(options)
+    _warn_unmatched_skip(model, config.skip)
     hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
     layers, stats, tied, seconds = record_model(model, batches, options, config)
     if layers:
@@ -51,6 +53,21 @@ def quantize_(
                 release(layer.weight)
         leave_out_of_ddp_sync(model)
     return model
+
+
+def _warn_unmatched_skip(model: torch.nn.Module, skip: tuple[str, ...]) -> None:
+    """A `skip` entry that is part of no name keeps nothing dense; a typo, or a name from before PEFT wrapped the
+    model, would quantize the layer it meant with no word (and an entry replaces the default, lm_head)."""
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_modules()]
+    for entry in skip:
+        if not any(entry in name for name in names):
+            example = next((f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)), "")
+            warnings.warn(
+                f"lowra: skip entry {entry!r} is part of no parameter or module name of this model, so it keeps "
+                f"nothing dense; give a part of a name as the model has it now, e.g. {example!r} (a PEFT model's "
+                "names start with 'base_model.model.', and a LoRA layer's weight ends in '.base_layer.weight')",
+                stacklevel=3,
+            )
 
 
 def _check_batches(batches: list) -> None:

@@ -720,6 +720,16 @@ def test_a_compile_skipping_packed_layers_warns_that_they_stay_packed():
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14  # still packed
 
 
+def test_quantize_ahead_warns_of_a_skip_entry_that_names_nothing():
+    # a name from before PEFT wrapped the model (no '.base_layer'), or a typo, kept nothing dense, silently
+    model = tiny_peft_llama()
+    skip = ("model.layers.1.mlp.down_proj.weight", "lm_head", "layers.0.self_attn")
+    (message,) = _warnings_saying("skip entry", lambda: lowra_compile.quantize_(model, batch(8), {"skip": skip, "progress": False}))
+    assert "'model.layers.1.mlp.down_proj.weight' is part of no parameter or module name" in message
+    assert "'base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight'" in message  # a name to copy
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14 - 4  # the other entries did skip
+
+
 def _packed_tensors(model) -> list[torch.Tensor]:
     return [t for p in model.parameters() if isinstance(p, ReleasedWeight) for t in p._lowra_packed]
 
