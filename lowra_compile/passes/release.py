@@ -15,7 +15,9 @@ holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `sa
 whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
 one layer's at a time. On the meta device, which holds no values, it gives the weight itself
 (`model.to("meta")`). `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
-values (a checkpoint of this model); any other values raise instead of being dropped. And `to()`, `cuda()`,
+values (a checkpoint of this model); any other values raise instead of being dropped. `requires_grad_(True)`
+raises too (`model.requires_grad_(True)` calls it): the packed op gives the weight no gradient, so it would
+stay as it is while the loop believed it trained. And `to()`, `cuda()`,
 `half()` and the like (what `model.to(...)` calls) return the weight itself when nothing changes, and
 otherwise a released weight of the new device and dtype holding the packed form moved there, which the
 `.data =` of `Module._apply` makes the weight's own: a move copies only the packed tensors, and a cast
@@ -100,6 +102,8 @@ class ReleasedWeight(torch.nn.Parameter):
             if linear is not None:
                 x, w, bias = linear
                 return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
+            if func in (Tensor.requires_grad_, Tensor.requires_grad.__set__) and isinstance(args[0], ReleasedWeight):
+                _refuse_training(args[0], args[1] if len(args) > 1 else kwargs.get("requires_grad", True))
             if func in _METADATA:
                 return func(*args, **kwargs)
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
@@ -172,6 +176,17 @@ def _detached(p: "ReleasedWeight") -> Tensor:
     if p.is_meta:
         return p
     return dequantized(p).cpu()
+
+
+def _refuse_training(p: "ReleasedWeight", requires_grad: bool) -> None:
+    """`p.requires_grad_(True)` (`model.requires_grad_(True)` calls it on every parameter): a packed weight has
+    no dense values to update and the packed op gives it no gradient, so it would stay as it is, silently."""
+    if requires_grad:
+        raise RuntimeError(
+            f"lowra: a quantized frozen weight of shape {tuple(p.shape)} cannot train: its dense storage is freed "
+            "and only its packed form is kept, which gets no gradient. Keep the packed layers frozen and unfreeze "
+            "the others by name, or lowra_compile.materialize(model) first to train every weight dense."
+        )
 
 
 def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> None:

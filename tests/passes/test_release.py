@@ -30,3 +30,25 @@ def test_a_weight_sharing_a_buffer_leaves_the_other_tensors_their_values():
     other = buffer[1].clone()
     _released(buffer[0])
     assert buffer.untyped_storage().nbytes() == 2 * 8 * 64 * 4 and torch.equal(buffer[1], other)
+
+
+def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not():
+    # model.requires_grad_(True) ("now train everything") left packed weights requires_grad=True with no
+    # gradient ever: the base stayed as it was while the loop believed it trained
+    import pytest
+
+    from lowra_compile.passes.release import materialize_weight
+
+    p = _released(torch.randn(8, 64))
+    module = torch.nn.Linear(64, 8, bias=False)
+    module.weight = p
+    for unfreeze in (lambda: module.requires_grad_(True), lambda: p.requires_grad_(), lambda: setattr(p, "requires_grad", True)):
+        with pytest.raises(RuntimeError, match=r"weight of shape \(8, 64\) cannot train.*materialize"):
+            unfreeze()
+        assert not p.requires_grad
+    module.requires_grad_(False)
+    p.requires_grad = False
+    materialize_weight(p)  # dense again: it may train
+    module.requires_grad_(True)
+    module(torch.randn(2, 64)).sum().backward()
+    assert p.grad is not None and p.grad.shape == (8, 64)
