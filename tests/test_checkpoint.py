@@ -138,3 +138,20 @@ def test_peft_adapters_saved_from_the_trainable_tensors_match_the_full_save_with
     full, light = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "light"))
     assert full.keys() == light.keys() and len(full) == 2 * 14
     assert all(torch.equal(full[k], light[k]) for k in full) and any(full[k].any() for k in full if "lora_B" in k)
+
+
+def test_quantizing_weights_dequantized_from_a_packed_base_warns_and_points_to_load_quantized():
+    # resuming through model.state_dict() -> load_state_dict into a fresh model, then compiling, quantized the
+    # dequantized base again: another base than the adapters trained on, silently
+    from .tiny_models import batch, tiny_peft_llama
+
+    options = {"bits": 2.0, "progress": False}
+    saved = lowra_compile.quantize_(tiny_peft_llama(), batch(16), options).state_dict()
+    fresh = tiny_peft_llama(seed=1)
+    with pytest.warns(UserWarning) as caught:
+        lowra_compile.quantize_(fresh, batch(16), options)
+    assert not any("hold at most 16 values" in str(w.message) for w in caught)  # a dense base says nothing
+    resumed = tiny_peft_llama(seed=1)
+    resumed.load_state_dict(saved)
+    with pytest.warns(UserWarning, match=r"14 layer\(s\) .* hold at most 16 values in each group of 64.*load_quantized"):
+        lowra_compile.quantize_(resumed, batch(16), options)
