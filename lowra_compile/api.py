@@ -43,7 +43,8 @@ def quantize_(
     _check_batches(batches)
     options = config
     config = LowRAConfig.from_options(options)
-    _warn_unmatched_skip(model, config.skip)
+    if config.skip != LowRAConfig().skip:  # the default, lm_head, is for the models that have one
+        _warn_unmatched_skip(model, config.skip)
     hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
     layers, stats, tied, seconds = record_model(model, batches, options, config)
     if layers:

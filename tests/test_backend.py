@@ -728,6 +728,8 @@ def test_quantize_ahead_warns_of_a_skip_entry_that_names_nothing():
     assert "'model.layers.1.mlp.down_proj.weight' is part of no parameter or module name" in message
     assert "'base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight'" in message  # a name to copy
     assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14 - 4  # the other entries did skip
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 64)).requires_grad_(False)  # no lm_head: the default asks nothing
+    assert not _warnings_saying("skip entry", lambda: lowra_compile.quantize_(mlp, {"input": torch.randn(8, 64)}, QUIET))
 
 
 def _packed_tensors(model) -> list[torch.Tensor]:
