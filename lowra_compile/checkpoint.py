@@ -15,6 +15,7 @@ are packed as (E*N, K)) and the quantizing options (`options`) per parameter.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
 def load_quantized(
     model: torch.nn.Module, path: str | Path, device: torch.device | str | None = None
 ) -> torch.nn.Module:
-    """Attach the packed weights in `path` to `model`'s parameters of the same names and free the dense ones.
+    """Attach the packed weights in `path` to `model`'s parameters of the same names (with or without PEFT's
+    wrapping), freeze them and free the dense ones.
 
     `device`: where the packed weights go (default: where each parameter is). A model built on the CPU then
     gets its packed base straight onto the GPU, and `model.to(device)` moves the rest: the dense base never
@@ -63,7 +65,8 @@ def load_quantized(
         meta = json.loads(header["lowra"])
         # every layer checked and read before any is changed: a file of another model, or a damaged one, leaves
         # this one as it was (the packed base is small, read into host memory at once)
-        params = {name: _matching_parameter(model, name, info, path) for name, info in meta.items()}
+        unwrapped = _by_unwrapped_name(model)
+        params = {name: _matching_parameter(model, unwrapped, name, info, path) for name, info in meta.items()}
         packed = {name: _read_packed(f, name, info, params[name].dtype, path) for name, info in meta.items()}
         for name, info in meta.items():
             p = params[name]
@@ -71,6 +74,7 @@ def load_quantized(
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
+            p.requires_grad_(False)  # a packed weight gets no gradient: loaded into a model not yet frozen, it trains no more
             attach(p, packed.pop(name).to(target), transposed=info.get("transposed", False),
                    options=info.get("options"))  # older files: unknown
             release(p)
@@ -91,16 +95,35 @@ def _read_packed(f, name: str, info: dict, dtype: torch.dtype, path: str | Path)
     return packed
 
 
-def _matching_parameter(model: torch.nn.Module, name: str, info: dict, path: str | Path) -> torch.nn.Parameter:
-    """`model`'s parameter `name`, checked to have the shape the file packed it in."""
+def _unwrapped(name: str) -> str:
+    """A parameter's name as the model has it without PEFT's LoRA: PEFT wraps the model as `base_model.model`
+    and moves each adapted layer's own parameters into its `base_layer` (twice for two parameters of one
+    module: a mixture's experts)."""
+    return re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("_orig_mod.").removeprefix("base_model.model."))
+
+
+def _by_unwrapped_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """`model`'s parameters by unwrapped name: a file saved from a PEFT model loads into the plain one (to
+    run it, or to wrap it after), and one saved from a plain model into a PEFT one."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        params.setdefault(_unwrapped(name), p)
+    return params
+
+
+def _matching_parameter(model: torch.nn.Module, unwrapped: dict[str, torch.nn.Parameter], name: str, info: dict,
+                        path: str | Path) -> torch.nn.Parameter:
+    """`model`'s parameter `name`, or the one of the same name without PEFT's wrapping, checked to have the
+    shape the file packed it in."""
     try:
         p = model.get_parameter(name)
     except AttributeError as err:
-        raise ValueError(
-            f"lowra: {path} holds layer {name!r}, which this model does not have; the names are those of the model "
-            "saved, wrapped as it was (a PEFT model's start with 'base_model.model.' and a LoRA layer's end in "
-            "'.base_layer.weight'): wrap this one the same way first, e.g. PeftModel.from_pretrained, then load"
-        ) from err
+        p = unwrapped.get(_unwrapped(name))
+        if p is None:
+            raise ValueError(
+                f"lowra: {path} holds layer {name!r}, which this model does not have (with or without PEFT's "
+                "wrapping): load it into the architecture it was saved from"
+            ) from err
     transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
     if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
         raise ValueError(

@@ -81,7 +81,7 @@ def test_loading_into_another_architecture_names_the_layer(tmp_path):
     lowra_compile.save_quantized(_quantized_mlp(), tmp_path / "base.safetensors")
     shorter = torch.nn.Sequential(torch.nn.Linear(64, 64)).requires_grad_(False)
     before = shorter[0].weight.detach().clone()
-    with pytest.raises(ValueError, match=r"holds layer '2.weight', which this model does not have; .* wrap this one the same"):
+    with pytest.raises(ValueError, match=r"holds layer '2.weight', which this model does not have .* architecture it was saved"):
         lowra_compile.load_quantized(shorter, tmp_path / "base.safetensors")
     # every layer is checked before any is loaded: the model is left as it was, not half packed
     assert not isinstance(shorter[0].weight, ReleasedWeight) and torch.equal(shorter[0].weight, before)
@@ -155,3 +155,29 @@ def test_quantizing_weights_dequantized_from_a_packed_base_warns_and_points_to_l
     resumed.load_state_dict(saved)
     with pytest.warns(UserWarning, match=r"14 layer\(s\) .* hold at most 16 values in each group of 64.*load_quantized"):
         lowra_compile.quantize_(resumed, batch(16), options)
+
+
+def test_a_base_saved_from_a_peft_model_loads_into_the_plain_one_and_back(tmp_path):
+    # the file's names are the saved model's: one written under PEFT's wrapping ('base_model.model.',
+    # '.base_layer.') was refused by the plain model it came from, and the other way round
+    from peft import LoraConfig, get_peft_model
+
+    from .dequantized import step_matches_the_dequantized_model
+    from .tiny_models import batch, tiny_llama, tiny_peft_llama
+
+    data = batch(16)
+    peft_model = lowra_compile.quantize_(tiny_peft_llama(), data, {"bits": 2.0, "loftq_iters": 0, "progress": False})
+    lowra_compile.save_quantized(peft_model, tmp_path / "peft.safetensors")
+    plain = lowra_compile.load_quantized(tiny_llama(), tmp_path / "peft.safetensors")  # not frozen: load freezes
+    assert sum(isinstance(p, ReleasedWeight) and not p.requires_grad for p in plain.parameters()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**data).logits, peft_model(**data).logits, rtol=0, atol=0)  # B = 0
+
+    lowra_compile.save_quantized(plain, tmp_path / "plain.safetensors")
+    wrapped = lowra_compile.load_quantized(tiny_peft_llama(), tmp_path / "plain.safetensors")
+    assert sum(isinstance(p, ReleasedWeight) for p in wrapped.parameters()) == 14
+    rewrapped = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))  # after loading
+    for model in (wrapped, rewrapped):
+        compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+        step_matches_the_dequantized_model(compiled, model, data)
+        torch._dynamo.reset()

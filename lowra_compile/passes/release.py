@@ -44,7 +44,7 @@ _METADATA = (
     Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
     Tensor.is_leaf.__get__, Tensor.grad.__get__, Tensor.ndim.__get__, Tensor.layout.__get__,
     Tensor.is_cuda.__get__, Tensor.is_sparse.__get__, Tensor.is_quantized.__get__, Tensor.is_meta.__get__,
-    Tensor.requires_grad_, Tensor.__hash__,
+    Tensor.__hash__,
     # what Dynamo reads when it makes a fake copy of the weight on a recompile: one full dequantization
     # each otherwise (13 per weight, measured)
     Tensor._is_view, Tensor.storage_offset, Tensor.is_conj, Tensor.is_neg, Tensor.is_nested.__get__,
@@ -104,6 +104,7 @@ class ReleasedWeight(torch.nn.Parameter):
                 return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
             if func in (Tensor.requires_grad_, Tensor.requires_grad.__set__) and isinstance(args[0], ReleasedWeight):
                 _refuse_training(args[0], args[1] if len(args) > 1 else kwargs.get("requires_grad", True))
+                return func(*args, **kwargs)  # on the weight itself: PEFT freezes every base so, each dequantized before
             if func in _METADATA:
                 return func(*args, **kwargs)
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):

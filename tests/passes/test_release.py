@@ -32,11 +32,12 @@ def test_a_weight_sharing_a_buffer_leaves_the_other_tensors_their_values():
     assert buffer.untyped_storage().nbytes() == 2 * 8 * 64 * 4 and torch.equal(buffer[1], other)
 
 
-def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not():
+def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not(monkeypatch):
     # model.requires_grad_(True) ("now train everything") left packed weights requires_grad=True with no
     # gradient ever: the base stayed as it was while the loop believed it trained
     import pytest
 
+    from lowra_compile.passes import release as release_module
     from lowra_compile.passes.release import materialize_weight
 
     p = _released(torch.randn(8, 64))
@@ -46,8 +47,10 @@ def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not():
         with pytest.raises(RuntimeError, match=r"weight of shape \(8, 64\) cannot train.*materialize"):
             unfreeze()
         assert not p.requires_grad
-    module.requires_grad_(False)
-    p.requires_grad = False
+    with monkeypatch.context() as m:  # on the weight itself: `p.requires_grad = False` (PEFT's) set it on a copy
+        m.setattr(release_module, "dequantized", lambda p: pytest.fail("dequantized"))
+        module.requires_grad_(False)
+        p.requires_grad = False
     materialize_weight(p)  # dense again: it may train
     module.requires_grad_(True)
     module(torch.randn(2, 64)).sum().backward()
