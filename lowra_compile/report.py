@@ -2,8 +2,9 @@
 
 Per quantized layer: shape, output channels per bit width, code bits and effective bits per weight
 (codes + codebooks + scales + permutation), bytes before and after, and the kernel path(s) the
-codegen log recorded for that layer's shape (with time and throughput when timing was requested), and
-the seconds spent quantizing it per stage (calibrate, quantize, plan, pack, loftq; the whole-model
+codegen log recorded for that layer's shape and rows per width (with time and throughput when timing was
+requested; the log is process-wide, so layers alike in both share their entries, and `codegen.clear_log()`
+starts it afresh), and the seconds spent quantizing it per stage (calibrate, quantize, plan, pack, loftq; the whole-model
 stages shared equally between the layers they covered). Then the frozen linear weights that stay dense:
 skipped (`skip`, lm_head by default; a mixture's routers unless `pack_routers`), left dense with a warning, or never seen by the backend because the
 model calls them outside any compiled graph (PEFT's LoHa and LoKr layers call their base layer so).
@@ -176,10 +177,15 @@ class KernelReport:
         plt.close(fig)
 
 
-def _kernels_by_shape(log: list[dict]) -> dict[tuple[int, int], list[str]]:
-    out: dict[tuple[int, int], list[str]] = {}
+def _layer_key(n: int, k: int, rows_per_width: dict[int, int]) -> tuple:
+    """What the kernel log knows of a layer: its packed shape and its non-empty bit groups."""
+    return n, k, tuple(sorted((b, r) for b, r in rows_per_width.items() if r))
+
+
+def _kernels_by_layer(log: list[dict]) -> dict[tuple, list[str]]:
+    out: dict[tuple, list[str]] = {}
     for rec in log:
-        key = (rec.get("N"), rec.get("K"))
+        key = _layer_key(rec.get("N"), rec.get("K"), rec.get("bits", {}))
         label = f"{rec.get('op', '?')}:{rec.get('path', '?')}"
         if rec.get("config"):
             label += f"[{rec['config']}]"
@@ -197,7 +203,7 @@ def _kernels_by_shape(log: list[dict]) -> dict[tuple[int, int], list[str]]:
 def report(model: torch.nn.Module) -> KernelReport:
     """The kernel report of a model compiled with `backend="lowra"` (or quantized with `quantize_`)."""
     log = list(codegen.kernel_log())
-    by_shape = _kernels_by_shape(log)
+    by_layer = _kernels_by_layer(log)
     rows = []
     for name, p in model.named_parameters(remove_duplicate=True):
         pw = packed_weight(p)
@@ -214,7 +220,7 @@ def report(model: torch.nn.Module) -> KernelReport:
                 bytes_dense=n * k * torch.empty((), dtype=pw.dtype).element_size(),
                 bytes_packed=pw.nbytes(),
                 released=isinstance(p, ReleasedWeight),
-                kernels=tuple(by_shape.get((n, k), ())),
+                kernels=tuple(by_layer.get(_layer_key(n, k, pw.rows_per_width()), ())),
                 seconds=dict(getattr(p, "_lowra_seconds", {})),
             )
         )

@@ -617,6 +617,20 @@ def test_report_table_json_and_markdown():
     assert sum(rep.seconds.values()) > 0 and set(data["summary"]["seconds"]) == stages and "quantized in" in text
 
 
+
+def test_report_lists_only_the_kernels_run_on_layers_of_the_same_widths():
+    # the kernel log is process-wide: a layer of another model of the same shape, planned at other widths,
+    # must not lend this one its kernels
+    x = torch.randn(16, 64)
+    ran = torch.nn.Linear(64, 64).requires_grad_(False)
+    lowra_compile.quantize_(ran, {"input": x}, {**QUIET, "bits": 4.0})
+    lowra_compile.codegen.clear_log()
+    ran(x)
+    idle = torch.nn.Linear(64, 64).requires_grad_(False)
+    lowra_compile.quantize_(idle, {"input": x}, {**QUIET, "bits": 2.0})
+    assert lowra_compile.report(idle).layers[0].kernels == ()
+    assert lowra_compile.report(ran).layers[0].kernels != ()
+
 def test_graphs_read_the_packed_base_of_the_weights_they_are_called_with_and_keep_none(tmp_path):
     # the graph compiled on the quantizing step runs for any model whose weights Dynamo's guards let through:
     # a second model loaded from the first's base (a resume in the same process), a base loaded afterwards
