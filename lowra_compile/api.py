@@ -46,12 +46,11 @@ def quantize_(
     if config.skip != LowRAConfig().skip:  # the default, lm_head, is for the models that have one
         _warn_unmatched_skip(model, config.skip)
     hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
-    layers, stats, tied, seconds = record_model(model, batches, options, config)
+    layers, stats, seconds = record_model(model, batches, options, config)
     if layers:
         quantize_layers(layers, stats, config, batches=len(batches), calibrate_seconds=seconds)
         for layer in layers:
-            if id(layer.weight) not in tied:
-                release(layer.weight)
+            release(layer.weight)
         leave_out_of_ddp_sync(model)
     return model
 

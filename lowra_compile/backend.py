@@ -105,15 +105,6 @@ def mode_options(mode: str | None, inner: str) -> dict:
     return options
 
 
-def shares_storage(weight: torch.Tensor, others: list) -> bool:
-    """True when another input views the same storage (tied embeddings): that weight must stay dense."""
-    ptr = weight.untyped_storage().data_ptr()
-    return any(
-        isinstance(t, torch.Tensor) and t is not weight and t.untyped_storage().data_ptr() == ptr
-        for t in others
-    )
-
-
 def _frame():
     """Dynamo's translator of the frame it is compiling, or None outside a compile (a direct call of the
     backend). Dynamo's backend API does not hand the frame over; its translator does."""
@@ -251,8 +242,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in extra] if fake_mode else extra
     compiled = _compile_inner(new_gm, [*example_inputs, *fakes], config.inner, inductor_options)
     for weight in weights.values():
-        if not shares_storage(weight, example_inputs):
-            release(weight)
+        release(weight)
     if not weights:  # every packed tensor is a graph input: the graph is right for any module's weights
         return lambda *args: compiled(*args, *extra)
     return BoundGraph(graph, compiled, extra, [sites[i].weight_index for i in weights], next(iter(weights.values())))

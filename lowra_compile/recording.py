@@ -26,7 +26,7 @@ from torch import fx
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .backend import graph_sites, shares_storage
+from .backend import graph_sites
 from .config import LowRAConfig
 from .passes.calibrate import ModelCalibration, SiteStats
 from .passes.pipeline import Layer, graph_layers, loss_weighted_or_not
@@ -46,7 +46,6 @@ class _RecordingBackend:
         self.options, self.config = options, config
         self.calibration = ModelCalibration(use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq")
         self.layers: dict[int, Layer] = {}  # id(weight) -> its layer, in the order they first ran
-        self.tied: set[int] = set()  # weights that share storage with another input: packed, never released
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         gm, sites = graph_sites(gm, example_inputs, self.options, self.config)
@@ -60,8 +59,6 @@ class _RecordingBackend:
             unseen = [i for i in new if keys[i] not in self.layers]
             for layer in graph_layers(gm, sites, unseen, list(args)) if unseen else []:
                 self.layers[id(layer.weight)] = layer
-                if shares_storage(layer.weight, args):
-                    self.tied.add(id(layer.weight))
             return self.calibration.run(gm, sites, keys, list(args))
 
         return run
@@ -70,12 +67,11 @@ class _RecordingBackend:
 def record_model(
     model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], options: Mapping | LowRAConfig | None,
     config: LowRAConfig,
-) -> tuple[list[Layer], list[SiteStats | None], set[int], float]:
+) -> tuple[list[Layer], list[SiteStats | None], float]:
     """Run `model` on each batch (kwargs of a forward) through a recording compile.
 
     Returns the frozen linears it ran that are not packed yet, their statistics (None each with
-    calibrate="off"), the ids of the weights that must stay dense beside their packed form, and the seconds
-    it took."""
+    calibrate="off"), and the seconds it took."""
     if config.calibrate == "off":  # one batch finds the layers; there are no statistics to gather
         batches = batches[:1]
     recorder = _RecordingBackend(options, config)
@@ -91,12 +87,12 @@ def record_model(
         torch._dynamo.reset()  # the recording graphs must not keep the model alive or their guards active
     layers = list(recorder.layers.values())
     if not layers or config.calibrate == "off":
-        return layers, [None] * len(layers), recorder.tied, time.perf_counter() - start
+        return layers, [None] * len(layers), time.perf_counter() - start
     names = {id(p): n for n, p in model.named_parameters()}
     by_weight = recorder.calibration.statistics({id(layer.weight): names.get(id(layer.weight), layer.site.name)
                                                  for layer in layers})
     stats = loss_weighted_or_not([by_weight[id(layer.weight)] for layer in layers], layers, config, MODEL_FIX)
-    return layers, stats, recorder.tied, time.perf_counter() - start
+    return layers, stats, time.perf_counter() - start
 
 
 def _only_device(model: torch.nn.Module) -> torch.device | None:

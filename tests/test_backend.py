@@ -148,12 +148,15 @@ def test_four_sequence_lengths_recompile_at_most_once_and_fuse_lora(monkeypatch)
 
 def test_frozen_weights_released_eager_calls_and_checkpoints_keep_working(tmp_path):
     model = tiny_peft_llama()
+    storages = {id(p): p.untyped_storage()._cdata for p in model.parameters()}
     compiled = _compile(model)
     data = batch(16)
     compiled(**data).loss.backward()
     frozen = [p for p in model.parameters() if packed_weight(p) is not None]
     assert len(frozen) == 14  # 7 projections x 2 layers; lm_head is skipped by default
     assert all(isinstance(p, ReleasedWeight) and p.untyped_storage().nbytes() == 0 for p in frozen)
+    # freed in place: nothing of lowra's (nor of Dynamo's) held a view of a weight that kept its memory alive
+    assert all(p.untyped_storage()._cdata == storages[id(p)] for p in frozen)
     rep = lowra_compile.report(compiled)
     held = sum(p.untyped_storage().nbytes() + packed_weight(p).nbytes() for p in frozen)
     rows = [(row.shape[1], bits, count) for row in rep.layers for bits, count in row.channels_per_bits.items()]
@@ -496,6 +499,25 @@ def test_tied_lm_head_stays_dense_and_tied():
     assert not isinstance(model.lm_head.weight, ReleasedWeight)
     assert isinstance(model.model.layers[0].mlp.up_proj.weight, ReleasedWeight)
 
+
+
+@pytest.mark.parametrize("first", ["compile", "quantize_"])
+def test_a_head_on_the_embedding_s_storage_is_packed_in_every_call_and_the_embedding_keeps_its_rows(first):
+    # lm_head.weight = Parameter(embed_tokens.weight.data): tied by storage, not by Parameter. Seen as sharing
+    # storage, the head was packed but never released: compiled calls ran it quantized, eager calls and
+    # copies dense. Now it is released off the shared storage, and the embedding keeps its own rows
+    model = tiny_llama().requires_grad_(False)
+    embed = model.model.embed_tokens.weight
+    model.lm_head.weight = torch.nn.Parameter(embed.data, requires_grad=False)
+    rows = embed.detach().clone()
+    if first == "quantize_":
+        lowra_compile.quantize_(model, batch(16), {**QUIET, "skip": ()})
+    compiled = _compile(model, skip=())
+    with torch.no_grad():
+        logits = compiled(**batch(8)).logits
+        assert isinstance(model.lm_head.weight, ReleasedWeight) and torch.equal(embed, rows)
+        torch.testing.assert_close(logits, model(**batch(8)).logits, atol=1e-5, rtol=1e-5)  # eager: the same
+        torch.testing.assert_close(logits, copy.deepcopy(model)(**batch(8)).logits, atol=1e-5, rtol=1e-5)
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
 def test_gradient_checkpointing_layers_are_quantized_and_gradients_match(inner):

@@ -295,17 +295,28 @@ def quantized_with(packed: Tensor) -> dict | None:
 def release(p: Tensor) -> None:
     """Free `p`'s dense storage; it must already carry its packed form (`attach`).
 
-    A storage that cannot be resized (memory-mapped from a checkpoint: transformers' `from_pretrained` and
-    `torch.load(mmap=True)` on the CPU) or that holds more than `p` (a view into a buffer other tensors
-    share) is left to its other owners: `p` gets a storage of its own first, allocated and never touched."""
+    A storage `p` does not own alone is left to its other owners, and `p` gets a storage of its own first,
+    allocated and never touched: one that cannot be resized (memory-mapped from a checkpoint: transformers'
+    `from_pretrained` and `torch.load(mmap=True)` on the CPU), one that holds more than `p` (a view into a
+    fused buffer), or one another tensor also views (`head.weight = Parameter(embed.weight.data)`: freed in
+    place, the embedding would lose its rows). The memory then goes when its last owner lets it go."""
     if isinstance(p, ReleasedWeight):
         return
     with torch.no_grad():
         storage = p.untyped_storage()
-        if not storage.resizable() or storage.nbytes() != p.numel() * p.element_size():
+        if not _owned_alone(p, storage):
             p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device)
+        del storage
         p.untyped_storage().resize_(0)
     p.__class__ = ReleasedWeight
+
+
+def _owned_alone(p: Tensor, storage: torch.UntypedStorage) -> bool:
+    """Whether `p` is the only tensor on `storage`, spans all of it, and it can be freed in place."""
+    if not storage.resizable() or storage.nbytes() != p.numel() * p.element_size():
+        return False
+    # counted: p itself and the `storage` handle; one more is another tensor (or a view) on the same memory
+    return torch._C._storage_Use_Count(storage._cdata) <= 2
 
 
 def leave_out_of_ddp_sync(model: torch.nn.Module) -> None:

@@ -1,5 +1,5 @@
-"""`release` frees a weight's dense storage whatever holds it: its own storage, a memory-mapped one that
-cannot be resized, or a buffer it shares with other tensors (left to them, unchanged)."""
+"""`release` frees a weight's dense storage whatever holds it: its own storage (in place), a memory-mapped one
+that cannot be resized, or a buffer or storage it shares with other tensors (left to them, unchanged)."""
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +31,23 @@ def test_a_weight_sharing_a_buffer_leaves_the_other_tensors_their_values():
     _released(buffer[0])
     assert buffer.untyped_storage().nbytes() == 2 * 8 * 64 * 4 and torch.equal(buffer[1], other)
 
+
+
+def test_a_weight_alone_on_its_storage_frees_that_storage_in_place():
+    p = torch.nn.Parameter(torch.randn(8, 64), requires_grad=False)
+    storage = p.untyped_storage()._cdata
+    attach(p, random_packed_weight(*p.shape))
+    release(p)
+    assert p.untyped_storage()._cdata == storage and p.untyped_storage().nbytes() == 0  # its memory, not a copy's
+
+
+def test_a_weight_made_from_another_s_data_leaves_the_other_its_values():
+    # head.weight = Parameter(embed.weight.data): two Parameters on one storage; freeing it in place took the
+    # other's values with it, so a model tied that way could not release its head without losing its embedding
+    embed = torch.nn.Parameter(torch.randn(8, 64), requires_grad=False)
+    values = embed.detach().clone()
+    _released(embed.data)
+    assert embed.untyped_storage().nbytes() == 8 * 64 * 4 and torch.equal(embed, values)
 
 def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not(monkeypatch):
     # model.requires_grad_(True) ("now train everything") left packed weights requires_grad=True with no
