@@ -154,9 +154,31 @@ def _add(totals: dict, key, value: Tensor) -> None:
         totals[key] = value
 
 
-def _concrete(value):
-    """Under dynamic shapes Dynamo passes sizes as SymInts; the run needs the values of this batch."""
-    return value.node.hint if isinstance(value, (torch.SymInt, torch.SymFloat)) else value
+def _concrete(gm: fx.GraphModule, example_inputs: list) -> list:
+    """`example_inputs` with every SymInt replaced by its value: the run needs the values of this batch.
+
+    Under dynamic shapes Dynamo passes sizes as SymInts. A backed one carries its value as a hint; an unbacked
+    one (a packed weight's row count, `release._share_one_graph_across_layers`, in a graph that also holds a
+    layer not yet quantized) has none, so its value is read off the tensor it is a size of."""
+    sizes = {}
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        fake = node.meta.get("example_value")
+        if isinstance(value, Tensor) and isinstance(fake, Tensor):
+            for size, real in zip(fake.shape, value.shape):
+                if isinstance(size, torch.SymInt):
+                    sizes.setdefault(size.node.expr, real)
+
+    def concrete(value):
+        if not isinstance(value, (torch.SymInt, torch.SymFloat)):
+            return value
+        if value.node.hint is not None:
+            return value.node.hint
+        if value.node.expr in sizes:
+            return sizes[value.node.expr]
+        raise ValueError(f"lowra: the graph takes a size {value} that no input tensor has, so it cannot run on "
+                         "the calibration batch; quantize the model ahead with lowra_compile.quantize_")
+
+    return [concrete(v) for v in example_inputs]
 
 
 def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, Tensor, Tensor | None]]) -> None:
@@ -253,7 +275,7 @@ def calibrate(
     """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch)."""
     calibration = ModelCalibration(use_loss, gram)
     with torch.enable_grad() if use_loss else torch.no_grad():
-        out = calibration.run(gm, sites, {i: i for i in range(len(sites))}, [_concrete(v) for v in example_inputs])
+        out = calibration.run(gm, sites, {i: i for i in range(len(sites))}, _concrete(gm, example_inputs))
     calibration.end_batch(out)
     stats = calibration.statistics({i: s.name for i, s in enumerate(sites)})
     return [stats[i] for i in range(len(sites))]
