@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .backend import graph_sites
 from .config import LowRAConfig
 from .passes.calibrate import ModelCalibration, SiteStats
-from .passes.pipeline import Layer, graph_layers, loss_weighted_or_not
+from .passes.pipeline import Layer, graph_layers, planning_statistics
 from .passes.release import packed_weight
 
 # What quantize_'s warning tells a user whose batches give no loss gradient to some layers.
@@ -91,7 +91,7 @@ def record_model(
     names = {id(p): n for n, p in model.named_parameters()}
     by_weight = recorder.calibration.statistics({id(layer.weight): names.get(id(layer.weight), layer.site.name)
                                                  for layer in layers})
-    stats = loss_weighted_or_not([by_weight[id(layer.weight)] for layer in layers], layers, config, MODEL_FIX)
+    stats = planning_statistics([by_weight[id(layer.weight)] for layer in layers], layers, config, MODEL_FIX)
     return layers, stats, time.perf_counter() - start
 
 

@@ -224,11 +224,11 @@ def report(model: torch.nn.Module) -> KernelReport:
                 seconds=dict(getattr(p, "_lowra_seconds", {})),
             )
         )
-    dense = _dense_linears(model)
+    dense = dense_linears(model)
     return KernelReport(tuple(rows), tuple(log), dense, _dense_note(model, dense))
 
 
-def _dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
+def dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
     """Names of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers' Conv1D,
     a mixture's *Router modules, which call F.linear on their own weight) that have no packed form (a
     frozen LoRA adapter's factors are not base layers)."""

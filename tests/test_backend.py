@@ -808,6 +808,19 @@ def test_quantize_ahead_warns_of_a_skip_entry_that_names_nothing():
     assert not _warnings_saying("skip entry", lambda: lowra_compile.quantize_(mlp, {"input": torch.randn(8, 64)}, QUIET))
 
 
+
+def test_quantize_ahead_warns_when_no_frozen_linear_ran_in_a_compiled_graph():
+    # a forward Dynamo runs eagerly (here under torch._dynamo.disable; a graph break inside a loop does the same)
+    # calls its linears outside any graph: quantize_ returned with nothing packed and no word
+    model = tiny_peft_llama()
+    model.base_model.model.model.forward = torch._dynamo.disable(model.base_model.model.model.forward)
+    (message,) = _warnings_saying("quantized nothing", lambda: lowra_compile.quantize_(model, batch(8), QUIET))
+    assert "of the model's 14 frozen linear weight(s) outside `skip` (e.g. 'base_model.model.model.layers.0" in message
+    assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())
+    packed = tiny_peft_llama()
+    lowra_compile.quantize_(packed, batch(8), QUIET)
+    assert not _warnings_saying("quantized nothing", lambda: lowra_compile.quantize_(packed, batch(8), QUIET))
+
 def _packed_tensors(model) -> list[torch.Tensor]:
     return [t for p in model.parameters() if isinstance(p, ReleasedWeight) for t in p._lowra_packed]
 

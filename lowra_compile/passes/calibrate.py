@@ -68,7 +68,7 @@ class _Sums:
         self.g2_rows: dict[Hashable, int] = {}  # rows summed into each of those
         self.grams: dict[tuple, Tensor] = {}  # sum of x x^T over rows, per input, on the CPU
         self.gram_tokens: dict[tuple, int] = {}  # rows summed into each of those
-        self.gram_of: dict[Hashable, tuple] = {}  # the input each layer reads: (node, key of its first reader)
+        self.gram_of: dict[Hashable, list[tuple]] = {}  # the inputs each layer reads: (node, key of its first reader)
         self.expert_rows: dict[Hashable, Tensor] = {}  # rows routed to each expert, per grouped layer
 
 
@@ -106,6 +106,7 @@ class _Recorder(fx.Interpreter):
         self.offsets: dict[Hashable, Tensor] = {}  # each grouped site's offsets in this batch
         self.want_grad, self.want_gram = want_grad, want_gram
         self._gram_added: set[tuple] = set()  # this batch's x x^T, added once for all readers
+        self._x_added: set[tuple] = set()  # (layer key, input node) whose rows this run has added
 
     def run_node(self, n: fx.Node):
         if n in self.scopes:
@@ -118,9 +119,10 @@ class _Recorder(fx.Interpreter):
             self.offsets.update(inner.offsets)
             return result
         result = super().run_node(n)
-        if n in self.inputs:
+        if n in self.inputs and (self.keys[self.inputs[n]], n.args[0]) not in self._x_added:
             site = self.sites[self.inputs[n]]
             key, x = self.keys[self.inputs[n]], n.args[0]
+            self._x_added.add((key, x))  # one weight on one input twice (a layer called twice): its rows count once
             rows = _rows(self.env[x])
             if site.experts:
                 _add(self.sums.x2, key, _expert_sums(rows.pow(2), self.env[site.offsets].long()))
@@ -133,7 +135,8 @@ class _Recorder(fx.Interpreter):
                     _add(self.sums.grams, gram, (rows.t() @ rows).cpu())  # moved back per layer
                     self.sums.gram_tokens[gram] = self.sums.gram_tokens.get(gram, 0) + len(rows)
                     self._gram_added.add(gram)
-                self.sums.gram_of[key] = gram
+                if gram not in self.sums.gram_of.setdefault(key, []):  # a layer called on two inputs reads both
+                    self.sums.gram_of[key].append(gram)
         if n in self.outputs and self.sites[self.outputs[n]].experts:
             key = self.keys[self.outputs[n]]
             self.offsets[key] = offsets = self.env[self.sites[self.outputs[n]].offsets].long()
@@ -236,17 +239,18 @@ def _expert_x2(names: Mapping[Hashable, str], sums: _Sums) -> dict[Hashable, Ten
 
 
 def _statistics(sums: _Sums, names: Mapping[Hashable, str]) -> dict[Hashable, SiteStats]:
-    """The means of the totals, per layer key of `names`."""
+    """The means of the totals, per layer key of `names`. A layer no row reached (tokens 0) gets zeros, for
+    the pipeline to fill from the layers of its shape (`pipeline.planning_statistics`)."""
     _check_inputs(sums, names)
     experts = _expert_x2(names, sums)
-    grams = {gram: total / sums.gram_tokens[gram] for gram, total in sums.grams.items()}
+    grams = {gram: total / sums.gram_tokens[gram] for gram, total in sums.grams.items() if sums.gram_tokens[gram]}
     return {
         key: SiteStats(
-            experts[key] if key in experts else sums.x2[key] / sums.tokens[key],
+            experts[key] if key in experts else sums.x2[key] / max(sums.tokens[key], 1),
             # all zero (a loss with no tokens to count, as the Trainer's under gradient accumulation): no
             # gradient reached the layer, and every error weighed by it would be 0
             sums.g2[key] / sums.g2_rows[key] if key in sums.g2 and sums.g2[key].any() else None,
-            grams[sums.gram_of[key]] if key in sums.gram_of else None,
+            _gram(sums, grams, key),
             sums.tokens[key],
             sums.expert_rows.get(key),
         )
@@ -254,14 +258,20 @@ def _statistics(sums: _Sums, names: Mapping[Hashable, str]) -> dict[Hashable, Si
     }
 
 
+def _gram(sums: _Sums, grams: dict[tuple, Tensor], key: Hashable) -> Tensor | None:
+    """The layer's E[x x^T]: its input's, shared with the other readers of that input, or, for a layer called
+    on several inputs, over all their rows."""
+    parts = [gram for gram in sums.gram_of.get(key, ()) if gram in grams]
+    if len(parts) <= 1:
+        return grams[parts[0]] if parts else None
+    return sum(sums.grams[gram] for gram in parts) / sum(sums.gram_tokens[gram] for gram in parts)
+
+
 def _check_inputs(sums: _Sums, names: Mapping[Hashable, str]) -> None:
-    """Raise, naming the first such layer, when a layer ran on no token or on non-finite inputs: its means
-    would be NaN, and planned and rounded on them its weight would come out garbage (nearest rounding: no
-    error at all) or fail deep in a Cholesky factorisation."""
+    """Raise, naming the first such layer, when a layer ran on non-finite inputs: its means would be NaN, and
+    planned and rounded on them its weight would come out garbage (nearest rounding: no error at all) or fail
+    deep in a Cholesky factorisation."""
     for key, name in names.items():
-        if not sums.tokens.get(key):
-            raise ValueError(f"lowra: layer {name!r} ran on no calibration tokens (a batch with no rows?); "
-                             "calibrate on batches of at least one token")
         if not torch.isfinite(sums.x2[key]).all():
             raise ValueError(
                 f"lowra: the calibration inputs of layer {name!r} are not finite (NaN or inf), so its statistics are "
@@ -272,13 +282,15 @@ def _check_inputs(sums: _Sums, names: Mapping[Hashable, str]) -> None:
 def calibrate(
     gm: fx.GraphModule, sites: list[LinearSite], example_inputs: list, use_loss: bool = True, gram: bool = False
 ) -> list[SiteStats]:
-    """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch)."""
+    """Statistics per site, from one run of `gm` on `example_inputs` (the real first batch). The sites of one
+    weight (a layer called more than once) share theirs, over all its calls."""
+    keys = {i: ("site", i) if s.weight_index is None else ("weight", s.weight_index) for i, s in enumerate(sites)}
     calibration = ModelCalibration(use_loss, gram)
     with torch.enable_grad() if use_loss else torch.no_grad():
-        out = calibration.run(gm, sites, {i: i for i in range(len(sites))}, _concrete(gm, example_inputs))
+        out = calibration.run(gm, sites, keys, _concrete(gm, example_inputs))
     calibration.end_batch(out)
-    stats = calibration.statistics({i: s.name for i, s in enumerate(sites)})
-    return [stats[i] for i in range(len(sites))]
+    stats = calibration.statistics({keys[i]: s.name for i, s in enumerate(sites)})
+    return [stats[keys[i]] for i in range(len(sites))]
 
 
 class ModelCalibration:

@@ -91,11 +91,15 @@ def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int]
     return layers
 
 
-def loss_weighted_or_not(
+def planning_statistics(
     stats: list[SiteStats | None], layers: list[Layer], config: LowRAConfig, fix: str
 ) -> list[SiteStats | None]:
-    """The statistics to plan on: with calibrate="fisher" and a layer that no loss gradient reached, every
+    """The statistics to plan on: a layer no calibration row reached takes those of the layers of its shape
+    (`_from_layers_alike`); then, with calibrate="fisher" and a layer that no loss gradient reached, every
     layer's E[g^2] is dropped, with a warning that ends with `fix`."""
+    if config.calibrate == "off":
+        return stats
+    stats = _from_layers_alike(stats, layers)
     if config.calibrate != "fisher":
         return stats
     missing = [layer.site.name for layer, s in zip(layers, stats) if s.g2 is None]
@@ -108,6 +112,42 @@ def loss_weighted_or_not(
         stacklevel=4,
     )
     return [dataclasses.replace(s, g2=None) for s in stats]
+
+
+def _from_layers_alike(stats: list[SiteStats], layers: list[Layer]) -> list[SiteStats]:
+    """A layer no calibration row reached (a mixture written as one Linear per expert, an expert no token was
+    routed to) takes the pooled E[x^2] and the mean E[g^2] of the layers of its weight's shape that were
+    reached, and no E[x x^T] (it is rounded to nearest), with a warning. None of its shape was: raise, naming
+    it (its statistics would be all zero, and every rounding of it as good as any other)."""
+    reached: dict[tuple, list[SiteStats]] = {}
+    for layer, s in zip(layers, stats):
+        if s.tokens:
+            reached.setdefault(tuple(layer.weight.shape), []).append(s)
+    filled, unreached = [], []
+    for layer, s in zip(layers, stats):
+        alike = reached.get(tuple(layer.weight.shape), [])
+        if s.tokens:
+            filled.append(s)
+            continue
+        name = layer.site.name
+        if not alike:
+            raise ValueError(
+                f"lowra: layer {name!r} ran on no calibration tokens, nor did any other layer of its shape here (a "
+                f"branch or an expert the batch never took, or a batch with no rows). Quantize ahead with "
+                f"lowra_compile.quantize_(model, batches): it sees the whole model, so such a layer takes the "
+                f"statistics of those of its shape; or keep it dense with options={{'skip': ({name!r},)}}")
+        g2 = None if any(a.g2 is None for a in alike) else sum(a.g2 for a in alike) / len(alike)
+        x2 = sum(a.x2 * a.tokens for a in alike) / sum(a.tokens for a in alike)
+        filled.append(dataclasses.replace(s, x2=x2, g2=g2, gram=None))
+        unreached.append(name)
+    if unreached:
+        warnings.warn(
+            f"lowra: {len(unreached)} layer(s) ran on no calibration tokens (e.g. {unreached[0]!r}); each is planned "
+            "on the statistics of the layers of its shape and rounded to nearest. Calibrate on more tokens "
+            "(lowra_compile.quantize_ takes several batches) so that every layer is reached",
+            stacklevel=5,
+        )
+    return filled
 
 
 def _graph_statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:
@@ -225,11 +265,16 @@ GRAPH_FIX = (
 def quantize_sites(
     gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig
 ) -> None:
-    """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path)."""
+    """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path). A
+    weight called at several sites is one layer, planned once on the statistics of all its calls."""
+    first_site: dict[int, int] = {}
+    for i in new:
+        first_site.setdefault(sites[i].weight_index, i)
+    new = list(first_site.values())
     layers = graph_layers(gm, sites, new, example_inputs)
     device = layers[0].weight.device
     start = device_clock(device)
-    stats = loss_weighted_or_not(_graph_statistics(gm, sites, new, example_inputs, config), layers, config, GRAPH_FIX)
+    stats = planning_statistics(_graph_statistics(gm, sites, new, example_inputs, config), layers, config, GRAPH_FIX)
     quantize_layers(layers, stats, config, batches=None, calibrate_seconds=device_clock(device) - start)
 
 

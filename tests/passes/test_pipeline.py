@@ -1,15 +1,19 @@
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutput
 
 import lowra_compile
+from lowra_compile.config import LowRAConfig
 from lowra_compile.passes import candidates, gptq, pipeline, release
 from lowra_compile.passes.calibrate import SiteStats
 from lowra_compile.passes.quantize import quantize_rows
 from lowra_compile.runtime.reference import dequantize
 
+from ..dequantized import step_matches_the_dequantized_model
 from ..tiny_models import StackedExperts, batch, tiny_peft_llama
 
 
@@ -211,3 +215,62 @@ def test_a_non_finite_weight_raises_naming_its_layer_before_anything_is_packed(o
     with pytest.raises(ValueError, match=r"weight of layer '[^']*layers\.1\.mlp\.down_proj[^']*' holds NaN or inf"):
         lowra_compile.quantize_(model, batch(), {"progress": False, **options})
     assert not any(isinstance(p, release.ReleasedWeight) for p in model.parameters())
+
+
+def test_a_layer_no_calibration_row_reached_is_planned_on_the_layers_of_its_shape():
+    def layer(name, rows):
+        return pipeline.Layer(SimpleNamespace(name=name), torch.zeros(rows, 8))
+
+    layers = [layer(f"experts.{e}.weight", 6) for e in range(3)] + [layer("head.weight", 4)]
+    gram = torch.eye(8)
+    stats = [SiteStats(torch.full((8,), 1.0), torch.full((6,), 2.0), gram, 10),
+             SiteStats(torch.full((8,), 4.0), torch.full((6,), 4.0), gram, 30),
+             SiteStats(torch.zeros(8), None, None, 0),  # an expert no token was routed to
+             SiteStats(torch.ones(8), torch.ones(4), None, 5)]
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) ran on no calibration tokens \(e.g. 'experts.2.weight'\)"):
+        filled = pipeline.planning_statistics(stats, layers, LowRAConfig(), "")
+    assert filled[0] is stats[0] and filled[1] is stats[1] and filled[3] is stats[3]
+    torch.testing.assert_close(filled[2].x2, torch.full((8,), (10 * 1.0 + 30 * 4.0) / 40))  # pooled over rows
+    torch.testing.assert_close(filled[2].g2, torch.full((6,), 3.0))
+    assert filled[2].gram is None and filled[2].tokens == 0  # no E[x x^T]: rounded to nearest
+    unreached_head = [*stats[:3], SiteStats(torch.zeros(8), None, None, 0)]
+    with pytest.raises(ValueError, match=r"layer 'head.weight' ran on no calibration tokens.*'skip': \('head.weight',\)"):
+        pipeline.planning_statistics(unreached_head, layers, LowRAConfig(), "")
+
+
+class _ExpertPerLinear(torch.nn.Module):
+    """A mixture written as one Linear per expert; tokens go to expert id % 2, so experts 2 and 3 get none."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(128, 64)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(4)).requires_grad_(False)
+        self.head = torch.nn.Linear(64, 128)
+
+    def expert(self, e, h, choice, out):
+        rows = (choice == e).nonzero().squeeze(-1)  # a graph break: each expert in a graph of its own
+        return out.index_add(0, rows, self.experts[e](h[rows]))
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        h = self.embed(input_ids).reshape(-1, 64)
+        choice = input_ids.reshape(-1) % 2
+        out = torch.zeros_like(h)
+        # not a loop: Dynamo runs a frame whose loop breaks the graph eagerly, and quantizes nothing
+        out = self.expert(0, h, choice, out)
+        out = self.expert(1, h, choice, out)
+        out = self.expert(2, h, choice, out)
+        out = self.expert(3, h, choice, out)
+        logits = self.head(out + h).reshape(*input_ids.shape, -1)
+        return CausalLMOutput(loss=torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()),
+                              logits=logits)
+
+
+def test_quantize_plans_experts_no_token_reached_on_the_others_and_the_model_trains_as_dequantized():
+    # quantize_ failed ("ran on no calibration tokens (a batch with no rows?)") though the batch had 32 tokens
+    model = _ExpertPerLinear()
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) ran on no calibration tokens \(e.g. 'experts.2.weight'\)"):
+        lowra_compile.quantize_(model, batch(16), {"progress": False, "inner": "eager"})
+    assert all(isinstance(expert.weight, release.ReleasedWeight) for expert in model.experts)
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
