@@ -41,11 +41,12 @@ class LowRAConfig:
     scales:       "fitted" (the default: per width, the group scale that minimises the E[x^2]-weighted error
                   of the channel's codebook; passes/quantize.py) or "absmax" (each group's largest |weight|,
                   QLoRA's).
-    calibrate:    "fisher" (E[x^2] and E[g^2] from the first batch), "activation" (E[x^2] only) or
-                  "off" (plain weight error, the paper's data-free criterion). True means "fisher".
+    calibrate:    "fisher" (E[x^2] and E[g^2] from the first batch, or every batch given to quantize_),
+                  "activation" (E[x^2] only) or "off" (plain weight error, the paper's data-free criterion).
+                  True means "fisher", False "off".
     rounding:     "gptq" (error-feedback rounding on the calibrated E[x x^T] of each layer's input; needs
                   calibration), "nearest" (each weight to its nearest level), or "auto" (the default):
-                  "gptq" when calibrating, "nearest" with calibrate="off".
+                  "gptq" when calibrating, "nearest" with calibrate="off" (a built config holds the result).
     refit_rounds: with rounding="gptq", times each channel's group scales (when fitted) and levels are
                   refitted to its codes by least squares on E[x x^T] (the codes rounded again onto them
                   in between); 0 (the default) keeps those fitted on the weights. 2 lowers the layers'
