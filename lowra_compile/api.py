@@ -13,7 +13,6 @@ from .experts_class import hold_peft_experts, release_class
 from .passes.pipeline import quantize_layers
 from .passes.release import ReleasedWeight, leave_out_of_ddp_sync, materialize_weight, release
 from .recording import record_model
-from .report import dense_linears
 
 
 def quantize_(
@@ -53,24 +52,7 @@ def quantize_(
         for layer in layers:
             release(layer.weight)
         leave_out_of_ddp_sync(model)
-    else:
-        _warn_nothing_quantized(model, config.skip)
     return model
-
-
-def _warn_nothing_quantized(model: torch.nn.Module, skip: tuple[str, ...]) -> None:
-    """No compiled graph called a frozen linear not packed yet, though the model has some: Dynamo ran the
-    forward, or the part of it that calls them, eagerly (a graph break inside a loop, torch._dynamo.disable)."""
-    dense = [name for name in dense_linears(model) if not any(entry in name for entry in skip)]
-    if dense:
-        warnings.warn(
-            f"lowra: quantize_ quantized nothing: none of the model's {len(dense)} frozen linear weight(s) outside "
-            f"`skip` (e.g. {dense[0]!r}) ran in a compiled graph. Dynamo runs code eagerly where it cannot compile "
-            "it (a graph break inside a loop, a function under torch._dynamo.disable); "
-            "torch._dynamo.explain(model)(**batch) shows the breaks. A loop over layers or experts written out "
-            "call by call, or the break moved out of it, lets lowra see them",
-            stacklevel=3,
-        )
 
 
 def _warn_unmatched_skip(model: torch.nn.Module, skip: tuple[str, ...]) -> None:

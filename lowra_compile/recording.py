@@ -18,6 +18,7 @@ recompile limit never stops a layer from being seen.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from .config import LowRAConfig
 from .passes.calibrate import ModelCalibration, SiteStats
 from .passes.pipeline import Layer, graph_layers, planning_statistics
 from .passes.release import packed_weight
+from .report import dense_linears
 
 # What quantize_'s warning tells a user whose batches give no loss gradient to some layers.
 MODEL_FIX = (
@@ -46,14 +48,16 @@ class _RecordingBackend:
         self.options, self.config = options, config
         self.calibration = ModelCalibration(use_loss=config.calibrate == "fisher", gram=config.rounding == "gptq")
         self.layers: dict[int, Layer] = {}  # id(weight) -> its layer, in the order they first ran
+        self.graph_inputs: set[int] = set()  # ids of every tensor a graph was called with
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         gm, sites = graph_sites(gm, example_inputs, self.options, self.config)
         dense = [i for i, s in enumerate(sites) if s.packed is None]
-        if not dense:
-            return gm.forward
 
         def run(*args):
+            self.graph_inputs.update(id(a) for a in args if isinstance(a, torch.Tensor))
+            if not dense:
+                return gm.forward(*args)
             new = [i for i in dense if packed_weight(args[sites[i].weight_index]) is None]
             keys = {i: id(args[sites[i].weight_index]) for i in new}
             unseen = [i for i in new if keys[i] not in self.layers]
@@ -85,6 +89,7 @@ def record_model(
                 recorder.calibration.end_batch(compiled(**_moved(batch, device)))
     finally:
         torch._dynamo.reset()  # the recording graphs must not keep the model alive or their guards active
+    _warn_outside_graphs(model, recorder.graph_inputs, config.skip)
     layers = list(recorder.layers.values())
     if not layers or config.calibrate == "off":
         return layers, [None] * len(layers), time.perf_counter() - start
@@ -108,3 +113,20 @@ def _moved(batch: Mapping[str, Any], device: torch.device | None) -> Mapping[str
     if device is None:
         return batch
     return {k: tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, v) for k, v in batch.items()}
+
+
+def _warn_outside_graphs(model: torch.nn.Module, graph_inputs: set[int], skip: tuple[str, ...]) -> None:
+    """Frozen linear weights, not packed and not skipped, that no compiled graph was called with: Dynamo ran the
+    code that calls them eagerly, or no batch called them. They stay dense, and `report().dense` lists them."""
+    params = dict(model.named_parameters())
+    missed = [name for name in dense_linears(model)
+              if id(params.get(name)) not in graph_inputs and not any(entry in name for entry in skip)]
+    if missed:
+        warnings.warn(
+            f"lowra: {len(missed)} frozen linear weight(s) were called in no compiled graph, so they stay dense (e.g. "
+            f"{missed[0]!r}): Dynamo runs code eagerly where it cannot compile it (a graph break inside a loop, a "
+            "function under torch._dynamo.disable; PEFT's LoHa and LoKr layers call their base layer so), or no "
+            "batch called them. torch._dynamo.explain(model)(**batch) shows the breaks; a loop over layers or "
+            "experts written out call by call, or the break moved out of it, lets lowra see them",
+            stacklevel=3,
+        )

@@ -14,7 +14,7 @@ it is released, and its `__torch_function__` hands Dynamo a dequantization for `
     %y  = matmul(%x, %wt)                                             None, None, 0.0)
 
 Others store the weight as (in, out) and multiply by it as it is: GPT-2's `Conv1D` flattens the input,
-calls `addmm(b, x, W)` and unflattens the result. Its W becomes a linear's transposed weight, which
+calls `addmm(b, x, W)` and unflattens the result (`addmm(b, x, W.t())` of an (out, in) weight is taken too). Its W becomes a linear's transposed weight, which
 `match` quantizes as the (out, in) matrix it is (a transposed site); on a recompile the released weight
 hands Dynamo the packed op directly (`release`), and only the flattening is left to undo:
 
@@ -76,20 +76,20 @@ def _linear_form(node: fx.Node) -> tuple | None:
     a weight stored (in, out), which `_rewrite` transposes with a new node."""
     if node.op not in ("call_function", "call_method") or node.kwargs:
         return None
-    if node.target in _ADDMMS and len(node.args) == 3:
-        bias, x, w = node.args  # Conv1D: addmm(b, x, W), W (in, out)
-        return (F.linear, (x, w, bias), True) if _frozen_weight(w) and isinstance(bias, fx.Node) else None
-    if node.target not in _PRODUCTS or len(node.args) != 2:
+    if node.target in _ADDMMS and len(node.args) == 3 and isinstance(node.args[0], fx.Node):
+        bias, x, w = node.args  # Conv1D: addmm(b, x, W), W (in, out); or addmm(b, x, W.t()), W (out, in)
+    elif node.target in _PRODUCTS and len(node.args) == 2:
+        (x, w), bias = node.args, None
+    else:
         return None
-    x, w = node.args
     if _frozen_weight(w):  # x @ W, W (in, out)
-        return F.linear, (x, w, None), True
+        return F.linear, (x, w, bias), True
     w = _transposed(w)
     if _frozen_weight(w):
-        return F.linear, (x, w, None), False
+        return F.linear, (x, w, bias), False
     if is_dequant(w):
         packed, _, group_size, _ = w.args
-        return torch.ops.lowra.lora_linear.default, (x, x, packed, group_size, None, None, None, 0.0), False
+        return torch.ops.lowra.lora_linear.default, (x, x, packed, group_size, bias, None, None, 0.0), False
     return None
 
 

@@ -20,8 +20,8 @@ A weight is only a site when every use of it in the graph is such a linear, or P
 (`match_dora.DoraRead`); anything else (a tied embedding) leaves the layer dense, with one warning that names it.
 Products that compute a linear layer another way (`x @ W.T`, `x @ W`, GPT-2's Conv1D `addmm(b, x, W)`) are
 made linears beforehand (`linear_forms`); frozen weights that still reach a matrix product (a batched or
-scaled one, einsum, a grouped product this module does not recognise) stay dense, with one warning per
-graph that names them.
+scaled one, einsum, a grouped product this module does not recognise, a linear of the weight scaled or
+converted) stay dense, with one warning per graph that names them.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ from .sources import is_parameter, is_peft_factor, placeholder_name
 # Matrix products other than F.linear, and the views a weight may pass through on its way to one.
 _MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum}
 _MATMUL_METHODS = {"matmul", "mm", "addmm", "__matmul__"}
-_VIEWS = {torch.t, torch.transpose, torch.permute, torch.reshape}
-_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous"}
+_VIEWS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze}
+_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "unsqueeze", "squeeze", "expand"}
+# ops that make of one weight another it still stands for (scaled, converted): a product of one reads the weight
+_DERIVED = {operator.mul, operator.truediv, operator.neg, torch.mul, torch.div}
+_DERIVED_METHODS = {"mul", "div", "neg", "to", "float", "half", "bfloat16", "clone", "detach"}
 
 
 def _match_lora(base: fx.Node) -> LoraBranch | None:
@@ -139,7 +142,11 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bo
 
 
 def _warn_trainable_only(graphs: list[tuple[fx.Graph, dict[fx.Node, fx.Node]]]) -> None:
-    """A graph whose linears all have trainable weights (not LoRA adapters) is a model nobody froze."""
+    """A graph whose linears have trainable weights (not LoRA adapters) and that holds no frozen matrix is a
+    model nobody froze (frozen weights left dense for a reason of their own were warned about as such)."""
+    if any(node.op == "placeholder" and node in outer and is_parameter(outer[node])
+           and is_frozen_matrix(example_value(node), dims=(2, 3)) for graph, outer in graphs for node in graph.nodes):
+        return
     names = [
         placeholder_name(outer[node.args[1]])
         for graph, outer in graphs for node in graph.nodes
@@ -183,6 +190,9 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                 w = w.args[0]
             value = example_value(w) if isinstance(w, fx.Node) else None
             if w not in outer or not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() != 2:
+                source = _viewed_placeholder(w) if isinstance(w, fx.Node) and w not in outer else None
+                if source in outer and is_frozen_matrix(example_value(source)) and is_parameter(outer[source]):
+                    other_products[placeholder_name(outer[source])] = f"linear of {_op_name(w)}(W)"  # e.g. W * 0.5
                 continue
             name = placeholder_name(outer[w])
             if stays_dense(name, node) or is_peft_factor(name):
@@ -240,16 +250,17 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _viewed_placeholder(node: fx.Node) -> fx.Node | None:
-    """The placeholder that `node` is a view of (W, W.T, W.t(), W.view(...), ...), or None."""
+    """The placeholder that `node` is a view of or is computed from alone (W, W.T, W.t(), W.view(...),
+    W.expand(...), W * 0.5, W.float(), ...), or None."""
     while True:
         if node.op == "placeholder":
             return node
         is_view = (
-            (node.op == "call_function" and node.target in _VIEWS)
-            or (node.op == "call_method" and node.target in _VIEW_METHODS)
+            (node.op == "call_function" and node.target in _VIEWS | _DERIVED)
+            or (node.op == "call_method" and node.target in _VIEW_METHODS | _DERIVED_METHODS)
             or (node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"))
         )
-        if not is_view or not isinstance(node.args[0], fx.Node):
+        if not is_view or not isinstance(node.args[0], fx.Node) or any(isinstance(a, fx.Node) for a in node.args[1:]):
             return None
         node = node.args[0]
 

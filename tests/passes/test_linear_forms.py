@@ -15,11 +15,14 @@ class _Transposed(torch.nn.Module):
         self.a = torch.nn.Parameter(torch.randn(32, 16), requires_grad=False)
         self.b = torch.nn.Parameter(torch.randn(32, 32), requires_grad=False)
         self.c = torch.nn.Parameter(torch.randn(32, 32), requires_grad=False)
+        self.d = torch.nn.Parameter(torch.randn(32, 32), requires_grad=False)
+        self.d_bias = torch.nn.Parameter(torch.randn(32), requires_grad=False)
         self.trained = torch.nn.Parameter(torch.randn(32, 32))
 
     def forward(self, x):
         h = torch.matmul(x @ self.a.T, self.b.t())
-        return (h @ self.c.transpose(0, 1)) @ self.trained.T
+        h = torch.addmm(self.d_bias, (h @ self.c.transpose(0, 1)).flatten(0, 1), self.d.t())  # x @ W.T + b
+        return h @ self.trained.T
 
 
 def test_products_with_a_transposed_frozen_weight_become_linears_in_a_copy():
@@ -28,8 +31,8 @@ def test_products_with_a_transposed_frozen_weight_become_linears_in_a_copy():
     before = [n.format_node() for n in gm.graph.nodes]
     new = linear_forms(gm)
     assert new is not gm and [n.format_node() for n in gm.graph.nodes] == before  # Dynamo's graph untouched
-    assert sum(n.target is F.linear for n in new.graph.nodes) == 3
-    assert [s.name for s in match_sites(new)] == ["a", "b", "c"]  # the trainable product stays a matmul
+    assert sum(n.target is F.linear for n in new.graph.nodes) == 4
+    assert [s.name for s in match_sites(new)] == ["a", "b", "c", "d"]  # the trainable product stays a matmul
     torch.testing.assert_close(new(*inputs), gm(*inputs))
 
 
