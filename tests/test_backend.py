@@ -494,7 +494,7 @@ def test_tied_lm_head_is_skipped_by_module_name():
 def test_tied_lm_head_stays_dense_and_tied():
     model = tiny_llama(tie=True).requires_grad_(False)
     compiled = _compile(model, skip=())
-    with pytest.warns(UserWarning, match="embed_tokens.weight.*tied to an embedding"):
+    with pytest.warns(UserWarning, match=r"layer 'lm_head' \(its weight: 'model.embed_tokens.weight'\) .*tied to an embedding"):
         compiled(**batch(8))  # the first call quantizes (no adapters: activation-weighted plan)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not isinstance(model.lm_head.weight, ReleasedWeight)

@@ -27,6 +27,7 @@ converted) stay dense, with one warning per graph that names them.
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from typing import Callable
 
@@ -205,7 +206,9 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             reason = _unsupported(w, transposed)
             if reason:
                 if w not in told:  # one weight read by two linears (as W and as W^T): one warning
-                    warnings.warn(f"lowra: layer {name!r} stays dense: {reason}", stacklevel=3)
+                    caller = re.sub(r"^L\[[^.]*\.?", "", _module_path(node))  # "L['args'][0].lm_head" -> "lm_head"
+                    layer = f"{caller!r} (its weight: {name!r})" if caller and not name.startswith(caller) else repr(name)
+                    warnings.warn(f"lowra: layer {layer} stays dense: {reason}", stacklevel=3)
                     told.add(w)
                 continue
             lora = _match_lora(node)
