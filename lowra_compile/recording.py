@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .backend import graph_sites
 from .config import LowRAConfig
 from .passes.calibrate import ModelCalibration, SiteStats
-from .passes.pipeline import Layer, graph_layers, planning_statistics
+from .passes.pipeline import Layer, graph_layers, one_site_per_weight, planning_statistics
 from .passes.release import packed_weight
 from .report import dense_linears
 
@@ -60,7 +60,7 @@ class _RecordingBackend:
                 return gm.forward(*args)
             new = [i for i in dense if packed_weight(args[sites[i].weight_index]) is None]
             keys = {i: id(args[sites[i].weight_index]) for i in new}
-            unseen = [i for i in new if keys[i] not in self.layers]
+            unseen = one_site_per_weight(sites, [i for i in new if keys[i] not in self.layers], keys.__getitem__)
             for layer in graph_layers(gm, sites, unseen, list(args)) if unseen else []:
                 self.layers[id(layer.weight)] = layer
             return self.calibration.run(gm, sites, keys, list(args))

@@ -503,6 +503,23 @@ def test_tied_lm_head_stays_dense_and_tied():
 
 
 
+
+@pytest.mark.parametrize("path", ["compile", "quantize_"])
+def test_a_weight_two_modules_share_with_an_adapter_on_the_second_gets_its_loftq_start(path):
+    # the layer was the weight's first call, the one with no adapter, so LoftQ never started the adapter
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama()
+    mlp = base.model.layers[0].mlp
+    mlp.gate_proj.weight = mlp.up_proj.weight  # gate_proj runs first in Llama's MLP
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["layers.0.mlp.up_proj"])).train()
+    if path == "quantize_":
+        lowra_compile.quantize_(model, batch(16), QUIET)
+    else:
+        _compile(model)(**batch(16)).loss.backward()
+    up = model.base_model.model.model.layers[0].mlp.up_proj
+    assert isinstance(up.base_layer.weight, ReleasedWeight) and up.lora_B["default"].weight.any()
+
 class _TwoWays(torch.nn.Module):
     """Which of two frozen linears runs depends on the data: a graph break, and a frame resumed after it."""
 

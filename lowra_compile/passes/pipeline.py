@@ -14,6 +14,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 from torch import fx
@@ -66,6 +67,17 @@ class Layer:
     lora_b: torch.Tensor | None = None
     scaling: float | None = None
     magnitude: torch.Tensor | None = None
+
+
+def one_site_per_weight(sites: list[LinearSite], indices: list[int], weight_of: Callable[[int], Hashable]) -> list[int]:
+    """One of `indices` per weight (`weight_of(i)`): the first site with a LoRA adapter (LoftQ starts it), else
+    the first site (a weight shared by two modules, an adapter on one of them)."""
+    chosen: dict[Hashable, int] = {}
+    for i in indices:
+        j = chosen.setdefault(weight_of(i), i)
+        if sites[j].adapter is None and sites[i].adapter is not None:
+            chosen[weight_of(i)] = i
+    return list(chosen.values())
 
 
 def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int], inputs: list) -> list[Layer]:
@@ -267,10 +279,7 @@ def quantize_sites(
 ) -> None:
     """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path). A
     weight called at several sites is one layer, planned once on the statistics of all its calls."""
-    first_site: dict[int, int] = {}
-    for i in new:
-        first_site.setdefault(sites[i].weight_index, i)
-    new = list(first_site.values())
+    new = one_site_per_weight(sites, new, lambda i: sites[i].weight_index)
     layers = graph_layers(gm, sites, new, example_inputs)
     device = layers[0].weight.device
     start = device_clock(device)
