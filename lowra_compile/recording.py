@@ -32,7 +32,7 @@ from .config import LowRAConfig
 from .passes.calibrate import ModelCalibration, SiteStats
 from .passes.pipeline import Layer, graph_layers, one_site_per_weight, planning_statistics
 from .passes.release import packed_weight
-from .report import dense_linears
+from .report import dense_linear_weights
 
 # What quantize_'s warning tells a user whose batches give no loss gradient to some layers.
 MODEL_FIX = (
@@ -118,9 +118,8 @@ def _moved(batch: Mapping[str, Any], device: torch.device | None) -> Mapping[str
 def _warn_outside_graphs(model: torch.nn.Module, graph_inputs: set[int], skip: tuple[str, ...]) -> None:
     """Frozen linear weights, not packed and not skipped, that no compiled graph was called with: Dynamo ran the
     code that calls them eagerly, or no batch called them. They stay dense, and `report().dense` lists them."""
-    params = dict(model.named_parameters())
-    missed = [name for name in dense_linears(model)
-              if id(params.get(name)) not in graph_inputs and not any(entry in name for entry in skip)]
+    missed = [name for name, weight in dense_linear_weights(model)
+              if id(weight) not in graph_inputs and not any(entry in name for entry in skip)]
     if missed:
         warnings.warn(
             f"lowra: {len(missed)} frozen linear weight(s) were called in no compiled graph, so they stay dense (e.g. "

@@ -229,17 +229,23 @@ def report(model: torch.nn.Module) -> KernelReport:
 
 
 def dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
-    """Names of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers' Conv1D,
-    a mixture's *Router modules, which call F.linear on their own weight) that have no packed form (a
-    frozen LoRA adapter's factors are not base layers)."""
-    names = []
+    """Names of the frozen floating-point weights of linear layers that have no packed form
+    (`dense_linear_weights`)."""
+    return tuple(name for name, _ in dense_linear_weights(model))
+
+
+def dense_linear_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers'
+    Conv1D, a mixture's *Router modules, which call F.linear on their own weight) that have no packed form (a
+    frozen LoRA adapter's factors are not base layers); a weight two modules share is listed under both."""
+    weights = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         kind = type(module).__name__
         linear = isinstance(module, torch.nn.Linear) or kind == "Conv1D" or kind.lower().endswith("router")
         if linear and not is_peft_factor(name) and is_frozen_matrix(weight) and packed_weight(weight) is None:
-            names.append(f"{name.removeprefix('_orig_mod.')}.weight")
-    return tuple(names)
+            weights.append((f"{name}.weight".removeprefix("_orig_mod.").removeprefix("."), weight))
+    return weights
 
 
 # PEFT's DoRA clears a cache dict on its module on every call: a side effect Dynamo refuses inside a
