@@ -231,9 +231,8 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             sites.append(LinearSite(name, node, x, bias, None, None, list(packed), group_size, _match_lora(node), shape, scope,
                                     dora=dora))
     grouped = {site.weight for site in sites if site.experts}
-    for site in sites:
-        if site.experts_lora is not None:  # its update, a baddbmm, is not another product of the weight
-            other_products.pop(site.name, None)
+    for site in sites:  # a site's weight is read only as its linear, DoRA's reads, or (experts) LoRA's update
+        other_products.pop(site.name, None)
     for w, name in stacked.items():
         readers = [u for u in w.users if u.target is not torch.ops.higher_order.tag_activation_checkpoint]
         if w not in grouped and readers and name not in other_products:  # checkpointed bodies: scanned apart
