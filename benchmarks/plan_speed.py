@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [("smollm2-135m", "cpu")] + ([("llama-2-7b", "cuda")] if torch.cuda.is_available() else [])
     if args.model:
         runs = [(args.model, args.device or ("cuda" if args.model == "llama-2-7b" else "cpu"))]
+    if any(device == "cuda" for _, device in runs) and not torch.cuda.is_available():
+        parser.error("this run needs a CUDA GPU (7B: the shapes of Llama-2-7B; --device cpu runs it on the CPU, slowly)")
     date = datetime.date.today().isoformat()
     result = {"date": date, "torch": torch.__version__, "host": platform.processor() or platform.machine(), "runs": []}
     for model, device in runs:
