@@ -137,11 +137,10 @@ def _from_layers_alike(stats: list[SiteStats], layers: list[Layer]) -> list[Site
             reached.setdefault(tuple(layer.weight.shape), []).append(s)
     filled, unreached = [], []
     for layer, s in zip(layers, stats):
-        alike = reached.get(tuple(layer.weight.shape), [])
         if s.tokens:
             filled.append(s)
             continue
-        name = layer.site.name
+        name, alike = layer.site.name, reached.get(tuple(layer.weight.shape), [])
         if not alike:
             raise ValueError(
                 f"lowra: layer {name!r} ran on no calibration tokens, nor did any other layer of its shape here (a "
