@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from . import codegen
-from .config import QUANTIZING, LowRAConfig
+from .config import QUANTIZING, LowRAConfig, skips
 from .experts_class import hold_peft_experts
 from .passes.linear_forms import linear_forms
 from .passes.match import match_sites
@@ -186,7 +186,7 @@ def warn_kept_quantization(
         weight = example_inputs[site.weight_index] if site.packed is None else None
         if weight is not None and packed_weight(weight) is None:
             continue  # quantized now, with these options
-        if "skip" in asked and any(s in site.name for s in config.skip):
+        if "skip" in asked and skips(config.skip, site.name):
             skipped.append(site.name)
         made = quantized_with(weight._lowra_packed[0] if weight is not None else values.get(site.packed[0]))
         differ = {k: made[k] for k in asked if made and k in made and made[k] != wanted[k]}

@@ -212,6 +212,11 @@ class LowRAConfig:
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in QUANTIZING}
 
 
+def skips(skip: tuple[str, ...], name: str) -> bool:
+    """Whether `skip` keeps the layer of this parameter or module name dense: an entry is any part of the name."""
+    return any(entry in name for entry in skip)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .backend import graph_sites
-from .config import LowRAConfig
+from .config import LowRAConfig, skips
 from .passes.calibrate import ModelCalibration, SiteStats
 from .passes.pipeline import Layer, graph_layers, one_site_per_weight, planning_statistics
 from .passes.release import packed_weight
@@ -119,7 +119,7 @@ def _warn_outside_graphs(model: torch.nn.Module, graph_inputs: set[int], skip: t
     """Frozen linear weights, not packed and not skipped, that no compiled graph was called with: Dynamo ran the
     code that calls them eagerly, or no batch called them. They stay dense, and `report().dense` lists them."""
     missed = [name for name, weight in dense_linear_weights(model)
-              if id(weight) not in graph_inputs and not any(entry in name for entry in skip)]
+              if id(weight) not in graph_inputs and not skips(skip, name)]
     if missed:
         warnings.warn(
             f"lowra: {len(missed)} frozen linear weight(s) were called in no compiled graph, so they stay dense (e.g. "

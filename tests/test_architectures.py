@@ -271,3 +271,22 @@ def test_several_adapters_on_the_experts_keep_them_dense_and_say_what_to_change(
     assert any("gate_up_proj" in m and "several active adapters" in m for m in dense), dense
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert not any("gate_up_proj" in n for n in packed) and any("down_proj" in n for n in packed)
+
+
+def test_a_graph_break_before_the_saved_head_gives_no_warning_that_nobody_froze_the_model():
+    # the break leaves the trainable `score` copy (modules_to_save) in a graph of its own, with no frozen
+    # weight beside it: that graph is a fragment of a frozen model, not a model nobody froze
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(num_labels=3), lora).train()
+    score = model.base_model.model.score
+    score.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+    data = {"input_ids": batch(16, size=4)["input_ids"].clamp(min=1), "labels": torch.tensor([0, 1, 2, 1])}
+    compiled = torch.compile(model, backend="lowra", options={"bits": 2.0, "progress": False, "inner": "eager"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(**data).loss.backward()
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "nothing in this graph is quantized" in m], said
+    assert len(lowra_compile.report(model).layers) == 14  # 7 linears in each of 2 layers
