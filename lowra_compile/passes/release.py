@@ -315,8 +315,11 @@ def _owned_alone(p: Tensor, storage: torch.UntypedStorage) -> bool:
     """Whether `p` is the only tensor on `storage`, spans all of it, and it can be freed in place."""
     if not storage.resizable() or storage.nbytes() != p.numel() * p.element_size():
         return False
-    # counted: p itself and the `storage` handle; one more is another tensor (or a view) on the same memory
-    return torch._C._storage_Use_Count(storage._cdata) <= 2
+    # counted: p itself and the `storage` handle; one more is another tensor (or a view) on the same memory.
+    # A private count: a torch without it gets the other way, which is right for every storage and frees
+    # this one too, once its last owner (`p`) moves to a storage of its own.
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(storage._cdata) <= 2
 
 
 def leave_out_of_ddp_sync(model: torch.nn.Module) -> None:

@@ -32,7 +32,6 @@ def test_a_weight_sharing_a_buffer_leaves_the_other_tensors_their_values():
     assert buffer.untyped_storage().nbytes() == 2 * 8 * 64 * 4 and torch.equal(buffer[1], other)
 
 
-
 def test_a_weight_alone_on_its_storage_frees_that_storage_in_place():
     p = torch.nn.Parameter(torch.randn(8, 64), requires_grad=False)
     storage = p.untyped_storage()._cdata
@@ -48,6 +47,22 @@ def test_a_weight_made_from_another_s_data_leaves_the_other_its_values():
     values = embed.detach().clone()
     _released(embed.data)
     assert embed.untyped_storage().nbytes() == 8 * 64 * 4 and torch.equal(embed, values)
+
+
+def test_a_torch_without_the_storage_use_count_still_frees_the_weight_s_memory(monkeypatch):
+    # the in-place check reads a private count of torch's; without it a weight moves to a storage of its
+    # own first, and its old one goes with its last owner
+    import gc
+    import weakref
+
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    data = torch.randn(8, 64)
+    old = weakref.ref(data.untyped_storage())
+    p = _released(data)
+    del data
+    gc.collect()
+    assert old() is None and dequantized(p).shape == (8, 64)
+
 
 def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not(monkeypatch):
     # model.requires_grad_(True) ("now train everything") left packed weights requires_grad=True with no
