@@ -1024,11 +1024,13 @@ def test_quantize_ahead_moves_the_batches_to_the_model_s_gpu():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_peft_s_own_merge_raises_naming_lowra_merge():
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_peft_s_own_merge_raises_naming_lowra_merge(merge):
     model = tiny_peft_llama()
     _compile(model)(**batch(8))
-    with pytest.raises(RuntimeError, match=r"lowra_compile.merge\(model\)"):
-        model.merge_and_unload()
+    with pytest.raises(RuntimeError, match=r"lowra_compile.merge\(model\)") as raised:
+        getattr(model, merge)()
+    assert merge in str(raised.value)
 
 
 @pytest.mark.parametrize("dora", [False, True])

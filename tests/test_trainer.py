@@ -66,3 +66,19 @@ def test_trainer_trains_evaluates_checkpoints_the_adapters_and_resumes_on_the_sa
     _trainer(resumed, data, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     for name, value in _adapters(resumed).items():
         torch.testing.assert_close(value, trained[name], msg=name)
+
+
+def test_a_trainer_computing_the_loss_itself_is_named_by_the_warning_that_no_loss_gradient_reached_the_plan(tmp_path):
+    # with label smoothing Trainer takes the labels out of the batch and computes the loss from the logits, so
+    # the first (calibrating) call has no loss; the warning used to send the user after labels and graph breaks
+    model = tiny_peft_llama()
+    model.compile(backend="lowra", options=OPTIONS)
+    rows = batch(16, size=4)["input_ids"]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, label_smoothing_factor=0.1,
+        save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+    with pytest.warns(UserWarning, match=r"no loss gradient reached .*label_smoothing_factor"):
+        trainer.train()
+    assert any(isinstance(p, ReleasedWeight) for p in model.parameters())

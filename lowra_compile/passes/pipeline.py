@@ -264,8 +264,10 @@ class _HessianFactors:
 
 # What the backend's warning tells a user whose graph has no loss, or a graph break before it.
 GRAPH_FIX = (
-    "The plan is better when the first call is a training batch with labels and the layers and the loss are "
-    "in one graph (no graph break between them: see torch._dynamo.explain; gradient checkpointing keeps one "
+    "The plan is better when the first call is a training batch with labels, the model computes the loss itself "
+    "(Trainer computes it from the logits, outside the model, when label_smoothing_factor or compute_loss_func "
+    "is set or compute_loss is overridden, and so do trainers of preference losses), and the layers and the loss "
+    "are in one graph (no graph break between them: see torch._dynamo.explain; gradient checkpointing keeps one "
     "graph when it is non-reentrant, gradient_checkpointing_kwargs={'use_reentrant': False}, and "
     "model.disable_input_require_grads() removes the hook that breaks it), or when the model is quantized "
     "ahead with lowra_compile.quantize_(model, batches), which calibrates across graph breaks"

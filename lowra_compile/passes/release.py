@@ -199,10 +199,11 @@ def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> None:
         raise RuntimeError(
             f"lowra: cannot write new values into a quantized frozen weight of shape {tuple(p.shape)}: its dense "
             "storage is freed and only its packed form is kept. To merge LoRA adapters into the base (PEFT's "
-            "merge_and_unload), call lowra_compile.merge(model), which dequantizes first. To resume on the same "
-            "packed base, load_quantized the file save_quantized wrote into a fresh model, then its adapters. To "
-            "load other weights, load the checkpoint before compiling, or lowra_compile.materialize(model), load it, "
-            "and compile the model anew (which quantizes it again)."
+            "merge_and_unload), call lowra_compile.merge(model), which dequantizes first; PEFT's merge_adapter, the "
+            "merge it undoes later, has no packed form (the adapters already run inside the packed op). To resume on "
+            "the same packed base, load_quantized the file save_quantized wrote into a fresh model, then its "
+            "adapters. To load other weights, load the checkpoint before compiling, or "
+            "lowra_compile.materialize(model), load it, and compile the model anew (which quantizes it again)."
         )
 
 
