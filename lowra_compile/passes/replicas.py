@@ -47,19 +47,28 @@ def _all_reduce_sum(t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 def average_statistics(stats: list[SiteStats | None]) -> list[SiteStats | None]:
     """Each site's statistics over the tokens of every rank (E[g^2]: the mean of the ranks' means, as for
     several calibration batches on one rank). E[g^2] is kept only if every rank has it (a rank whose batch
-    had no labels has none): the ranks then make the same collectives and plan on the same weighting."""
+    had no labels has none): the ranks then make the same collectives and plan on the same weighting.
+
+    A layer no token reached on some ranks (an expert their router never chose) comes with the stand-ins of
+    `_from_layers_alike` there and no E[x x^T]: those ranks add zeros to the E[x x^T] of the ranks that have
+    one (their share of the tokens is zero anyway), so every rank reduces the same tensors. Reached on no
+    rank, it takes the mean of the ranks' stand-ins."""
     ranks = dist.get_world_size()
     has_g2 = any(s is not None and s.g2 is not None for s in stats)
     if int(_all_reduce_sum(torch.tensor([int(has_g2)]), torch.int64).item()) < ranks:
         stats = [None if s is None else dataclasses.replace(s, g2=None) for s in stats]
+    with_gram = _all_reduce_sum(torch.tensor([s is not None and s.gram is not None for s in stats]), torch.int64)
     out: list[SiteStats | None] = []
     grams: dict[int, Tensor] = {}  # layers that read one input share its E[x x^T]: reduced once, still shared
-    for s in stats:
+    for s, gram_anywhere in zip(stats, with_gram.tolist()):
         if s is None:
             out.append(None)
             continue
+        if s.gram is None and gram_anywhere:
+            k = s.x2.shape[-1]
+            s = dataclasses.replace(s, gram=torch.zeros(k, k, device=s.x2.device))
         tokens = int(_all_reduce_sum(torch.tensor([s.tokens]), torch.int64).item())
-        share = s.tokens / tokens
+        share = s.tokens / tokens if tokens else 1 / ranks
         x2 = _all_reduce_sum(s.x2 * share)
         expert_tokens = None
         if s.expert_tokens is not None:  # each expert's mean over the tokens it took on every rank

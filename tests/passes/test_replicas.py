@@ -61,13 +61,25 @@ def _shared_input_and_odd_bytes(rank: int) -> dict:
     return {"shared": averaged[0].gram is averaged[1].gram, "gram": averaged[0].gram, "codes": codes, "scales": scales}
 
 
+def _layers_some_ranks_never_reached(rank: int) -> list[SiteStats | None]:
+    # one Linear per expert: `b` took tokens on rank 1 only, `c` on neither; a rank that did not reach a layer
+    # brings the stand-ins of the layers of its shape (x2 = 5 + rank) and no E[x x^T]
+    k = rank + 1
+    a = SiteStats(torch.full((3,), float(k)), None, torch.full((3, 3), float(k)), 10)
+    b = SiteStats(torch.full((3,), 9.0), None, torch.full((3, 3), 9.0), 10) if rank else \
+        SiteStats(torch.full((3,), 5.0), None, None, 0)
+    c = SiteStats(torch.full((3,), 5.0 + rank), None, None, 0)
+    return average_statistics([a, b, c])
+
+
 def _collectives_of_rank(rank: int) -> tuple:
-    """The three checks below in one pair of processes (each spawn starts torch twice)."""
-    return _statistics_of_rank(rank), _loss_gradient_on_rank_0_only(rank), _shared_input_and_odd_bytes(rank)
+    """The four checks below in one pair of processes (each spawn starts torch twice)."""
+    return (_statistics_of_rank(rank), _loss_gradient_on_rank_0_only(rank), _shared_input_and_odd_bytes(rank),
+            _layers_some_ranks_never_reached(rank))
 
 
 def test_statistics_are_averaged_over_every_rank_s_tokens_and_their_broadcast_keeps_sharing(tmp_path):
-    for (stats, empty, experts), partial, got in _spawn(_collectives_of_rank, tmp_path):
+    for (stats, empty, experts), partial, got, unreached in _spawn(_collectives_of_rank, tmp_path):
         assert empty is None and stats.tokens == 30
         torch.testing.assert_close(stats.x2, torch.full((3,), 50 / 30))  # token-weighted: (10 * 1 + 20 * 2) / 30
         torch.testing.assert_close(stats.gram, torch.full((3, 3), 50 / 30))
@@ -86,6 +98,13 @@ def test_statistics_are_averaged_over_every_rank_s_tokens_and_their_broadcast_ke
         assert got["shared"]
         torch.testing.assert_close(got["gram"], torch.full((3, 3), 50 / 30))
         assert got["codes"].tolist() == [1, 1, 1] and got["scales"].tolist() == [1.0, 1.0, 1.0]  # rank 0's
+
+        # a layer only rank 1 reached is rank 1's alone (rank 0 reduced no E[x x^T] for it: the ranks' collectives
+        # went out of step and gloo aborted); one neither reached has the mean of their stand-ins
+        a, b, c = unreached
+        torch.testing.assert_close(a.gram, torch.full((3, 3), 1.5))
+        assert b.tokens == 10 and b.x2.tolist() == [9.0] * 3 and b.gram.tolist() == [[9.0] * 3] * 3
+        assert c.tokens == 0 and c.x2.tolist() == [5.5] * 3 and c.gram is None
 
 
 def _train_under_ddp(rank: int) -> dict:
