@@ -184,3 +184,26 @@ def test_ddp_ranks_quantizing_ahead_on_their_own_batches_pack_the_same_base(tmp_
     # a packed model wrapped by DDP: its frozen packed weights are left out of DDP's first broadcast
     for rank in (first, second):
         assert rank["dequantized_by_ddp"] == {"quantize_": 0, "load_quantized": 0, "listed after materialize": 0}
+
+
+def test_a_copy_of_a_packed_model_holds_its_weights_dense_and_lists_none_of_them_for_ddp_to_ignore():
+    # a copy (pickle, deepcopy) holds the base dense: listed still, unfrozen bases trained on each rank
+    # apart, their gradients never averaged
+    import copy
+    import io
+
+    import lowra_compile
+
+    model = tiny_peft_llama(layers=1)
+    model._ddp_params_and_buffers_to_ignore = ["mine"]  # the user's own entry stays
+    lowra_compile.quantize_(model, batch(16), {"bits": 2.0, "progress": False})
+    assert len(model._ddp_params_and_buffers_to_ignore) == 8  # 7 packed weights and "mine"
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(saved, weights_only=False)):
+        assert not any(type(p).__name__ == "ReleasedWeight" for p in twin.parameters())
+        assert twin._ddp_params_and_buffers_to_ignore == ["mine"]
+    assert len(model._ddp_params_and_buffers_to_ignore) == 8
+    lowra_compile.materialize(model)
+    assert model._ddp_params_and_buffers_to_ignore == ["mine"]
