@@ -29,11 +29,10 @@ from .runtime.format import TENSOR_COUNT, PackedWeight
 def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
     """Write every packed weight of `model` to `path`; returns how many layers were saved."""
     tensors, meta = {}, {}
-    for name, p in model.named_parameters(remove_duplicate=True):
+    for name, p in _inner(model).named_parameters(remove_duplicate=True):
         pw = packed_weight(p)
         if pw is None:
             continue
-        name = name.removeprefix("_orig_mod.")
         for i, t in enumerate(pw.tensors()):
             tensors[f"{name}::{i}"] = t.detach().contiguous().cpu()
         meta[name] = {
@@ -56,6 +55,7 @@ def load_quantized(
     gets its packed base straight onto the GPU, and `model.to(device)` moves the rest: the dense base never
     has to fit there."""
     device = torch.device(device) if device is not None else None
+    inner = _inner(model)
     # under torch.inference_mode() too, the packed tensors must be ordinary ones: training saves them for backward
     with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
@@ -65,8 +65,8 @@ def load_quantized(
         meta = json.loads(header["lowra"])
         # every layer checked and read before any is changed: a file of another model, or a damaged one, leaves
         # this one as it was (the packed base is small, read into host memory at once)
-        unwrapped = _by_unwrapped_name(model)
-        params = {name: _matching_parameter(model, unwrapped, name, info, path) for name, info in meta.items()}
+        unwrapped = _by_unwrapped_name(inner)
+        params = {name: _matching_parameter(inner, unwrapped, name, info, path) for name, info in meta.items()}
         packed = {name: _read_packed(f, name, info, params[name].dtype, path) for name, info in meta.items()}
         for name, info in meta.items():
             p = params[name]
@@ -78,8 +78,20 @@ def load_quantized(
             attach(p, packed.pop(name).to(target), transposed=info.get("transposed", False),
                    options=info.get("options"))  # older files: unknown
             release(p)
-    leave_out_of_ddp_sync(model)
+    leave_out_of_ddp_sync(inner)
     return model
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's and DDP's wrappers (`torch.compile(DDP(model))`), whose parameter names
+    those prefix with `_orig_mod.` and `module.`: a file saved through them loads into the bare model."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def _read_packed(f, name: str, info: dict, dtype: torch.dtype, path: str | Path) -> PackedWeight:
@@ -99,7 +111,7 @@ def _unwrapped(name: str) -> str:
     """A parameter's name as the model has it without PEFT's LoRA: PEFT wraps the model as `base_model.model`
     and moves each adapted layer's own parameters into its `base_layer` (twice for two parameters of one
     module: a mixture's experts)."""
-    return re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("_orig_mod.").removeprefix("base_model.model."))
+    return re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("base_model.model."))
 
 
 def _by_unwrapped_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

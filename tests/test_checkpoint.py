@@ -181,3 +181,28 @@ def test_a_base_saved_from_a_peft_model_loads_into_the_plain_one_and_back(tmp_pa
         compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
         step_matches_the_dequantized_model(compiled, model, data)
         torch._dynamo.reset()
+
+
+def test_a_base_saved_through_ddp_and_compile_wrappers_loads_into_the_bare_model_and_back(tmp_path):
+    # DDP prefixes every name with `module.` (and torch.compile with `_orig_mod.`): such a file was refused by
+    # the bare model, as one of the bare model was by the wrapped one, "load it into the architecture it was
+    # saved from"
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    def ddp(model: torch.nn.Module) -> DistributedDataParallel:  # DDP wants something to train: the last bias
+        model[2].bias.requires_grad_(True)
+        return DistributedDataParallel(model)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, x = _quantized_mlp(), torch.randn(4, 64)
+        for i, wrapped in enumerate((ddp(model), torch.compile(ddp(model)))):
+            assert lowra_compile.save_quantized(wrapped, tmp_path / f"{i}.safetensors") == 2
+            bare = lowra_compile.load_quantized(_frozen_mlp(), tmp_path / f"{i}.safetensors")
+            torch.testing.assert_close(bare(x), model(x), rtol=0, atol=0)  # same seed: same biases
+            into_wrapper = ddp(_frozen_mlp())
+            lowra_compile.load_quantized(into_wrapper, tmp_path / f"{i}.safetensors")
+            torch.testing.assert_close(into_wrapper.module(x), model(x), rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
