@@ -160,8 +160,24 @@ def refuse_fsdp(sites: list[LinearSite]) -> None:
             "FSDP-sharded weights: FSDP gathers them dense for every forward, so a packed copy would save "
             "nothing, and the shards, the state_dict and the report would stay dense. A 1-4 bit base fits "
             "where a sharded dense one was needed: train without FSDP, the whole model on each GPU under "
-            "DistributedDataParallel (torch.compile(DDP(model), backend=\"lowra\"); README)."
+            "DistributedDataParallel (lowra_compile.quantize_(model, batches) on every rank, then DDP; README)."
         )
+
+
+def refuse_ddp_split(site: LinearSite) -> None:
+    """Dynamo's DDP optimizer splits a DDP model's graph at DDP's gradient buckets (the first holds 1 MB of
+    gradients: any model's adapters fill more) and hands each piece over on stand-in tensors. Quantizing
+    there would calibrate nothing (the values are not there) and spread one budget per piece; a base packed
+    before DDP wraps the model compiles piece by piece as well as whole."""
+    if getattr(torch._guards.TracingContext.try_get(), "ddp_optimizer_ctx", None) is None:
+        return
+    raise ValueError(
+        f"lowra: layer {site.name!r} comes in one of the pieces Dynamo's DDP optimizer splits a DDP model's graph "
+        "into (at DDP's gradient buckets), on stand-in tensors: lowra cannot calibrate it there nor plan the "
+        "whole model's bit budget over the pieces. Quantize before DDP wraps the model: "
+        "lowra_compile.quantize_(model, batches) on every rank (or load_quantized), then DDP(model) and "
+        "torch.compile; or set torch._dynamo.config.optimize_ddp = False before the first step (README)."
+    )
 
 
 def warn_kept_quantization(
@@ -231,6 +247,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mod
     dense = [i for i, s in enumerate(sites) if s.packed is None]
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
+        refuse_ddp_split(sites[new[0]])
         quantize_sites(gm, sites, new, example_inputs, config)
         # a frame Dynamo compiles once per layer (a graph break in a repeated module) must reach every layer
         count_layer(getattr(_frame(), "f_code", None), example_inputs[sites[new[0]].weight_index])

@@ -1140,6 +1140,28 @@ def test_fsdp_sharded_layers_raise_naming_the_module_and_what_to_use(tmp_path):
         dist.destroy_process_group()
 
 
+def test_ddp_s_graph_split_refuses_to_quantize_the_pieces_and_trains_a_base_packed_ahead(tmp_path, monkeypatch):
+    # with adapters beyond DDP's first gradient bucket (1 MB; any real model's) Dynamo's DDP optimizer split
+    # the graph and handed lowra each piece on stand-in tensors: calibration failed, Dynamo fell back to
+    # graph breaks, and each piece was planned alone (o_proj all at 1 bit on a tiny Llama) without a word
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        data = batch(16)
+        monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1024)  # the tiny model's adapters: 3 buckets
+        split = DistributedDataParallel(tiny_peft_llama(), bucket_cap_mb=0.01)
+        with pytest.raises(Exception, match=r"DDP optimizer splits.*quantize_\(model, batches\) on every rank"):
+            _compile(split)(**data)
+        torch._dynamo.reset()
+        model = lowra_compile.quantize_(tiny_peft_llama(), data, QUIET)
+        _compile(DistributedDataParallel(model, bucket_cap_mb=0.01))(**data).loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_quantize_ahead_on_a_larger_batch_then_compile_reuses_it(monkeypatch):
     # The way to calibrate on more tokens than one training batch: quantize_ on a big batch, then compile.
     model = tiny_peft_llama()
