@@ -131,6 +131,12 @@ def _frame_modules() -> list[torch.nn.Module]:
     return [v for v in values if isinstance(v, torch.nn.Module)]
 
 
+def _frame_holds_frozen_matrix() -> bool:
+    """Whether a module of the compiled frame has a frozen matrix: its graph is then a piece of a model someone
+    froze, not a model nobody did (a graph break leaves a trainable head alone in the graph after it)."""
+    return any(not p.requires_grad and p.dim() >= 2 for m in _frame_modules() for p in m.parameters())
+
+
 def _fsdp_module() -> str | None:
     """The class of the FSDP-sharded module whose forward Dynamo is compiling, or None.
 
@@ -227,7 +233,7 @@ def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | Low
     """`gm` with its linears written as such (`linear_forms`, a copy) and its sites; a graph with sites
     raises under FSDP and warns when it asks other quantizing options of layers packed earlier."""
     gm = linear_forms(gm)
-    sites = match_sites(gm, config.skip, config.pack_routers)
+    sites = match_sites(gm, config.skip, config.pack_routers, _frame_holds_frozen_matrix)
     if sites:
         refuse_fsdp(sites)
         warn_kept_quantization(gm, sites, example_inputs, options, config)

@@ -1452,3 +1452,27 @@ def test_a_cached_compile_is_found_again_only_with_the_same_ops_source(monkeypat
     assert compile_and_step(source)["autograd_cache_hit"] >= 1  # the packed model's graph again, from the cache
     again = compile_and_step(upgraded)
     assert again["autograd_cache_hit"] == 0 and again["autograd_cache_miss"] >= 1
+
+
+def test_a_compiled_model_nobody_froze_is_told_so_and_one_with_a_frozen_body_is_not():
+    # the frame's modules decide: a graph of trainable linears alone is a model nobody froze only if the model
+    # around it has no frozen weight (a graph break can leave a trainable head alone in a graph)
+    unfrozen = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match=r"nothing in this graph is quantized: its 2 linear layer\(s\)"):
+        _compile(unfrozen)(torch.randn(2, 16))
+    torch._dynamo.reset()
+
+    class BrokenBeforeHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(16, 16).requires_grad_(False), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.body(x)
+            torch._dynamo.graph_break()
+            return self.head(h)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compile(BrokenBeforeHead(), calibrate="activation")(torch.randn(2, 16))
+    assert not [w for w in caught if "nothing in this graph is quantized" in str(w.message)]

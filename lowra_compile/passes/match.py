@@ -124,11 +124,13 @@ def body_inputs(call: fx.Node, body: fx.GraphModule) -> dict[fx.Node, object]:
     return dict(zip((n for n in body.graph.nodes if n.op == "placeholder"), call.args[1:]))
 
 
-def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bool = False) -> list[LinearSite]:
+def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bool = False,
+                model_frozen: Callable[[], bool] = lambda: False) -> list[LinearSite]:
     """All rewritable frozen linears of `gm` and of its checkpointed regions, in graph order.
 
     Layers named in `skip` stay dense, and so do a mixture's routers unless `pack_routers`. Warns once per
-    layer it must leave dense.
+    layer it must leave dense, and when the graph's linears are all trainable, unless `model_frozen()`: the
+    model around the graph holds frozen weights (a graph break can leave its trainable head alone in a graph).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
@@ -138,7 +140,7 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bo
               for call, body in checkpoint_bodies(gm)]
     for graph, outer, call in bodies:
         sites += _scan(graph, outer, index, stays_dense, call)
-    if not sites:
+    if not sites and not model_frozen():
         _warn_trainable_only([(gm.graph, {n: n for n in placeholders}), *((g, o) for g, o, _ in bodies)])
     return sites
 
@@ -208,7 +210,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             reason = _unsupported(w, transposed)
             if reason:
                 if w not in told:  # one weight read by two linears (as W and as W^T): one warning
-                    caller = re.sub(r"^L\[[^.]*\.?", "", _module_path(node))  # "L['args'][0].lm_head" -> "lm_head"
+                    caller = _module_name(_module_path(node))
                     layer = f"{caller!r} (its weight: {name!r})" if caller and not name.startswith(caller) else repr(name)
                     warnings.warn(f"lowra: layer {layer} stays dense: {reason}", stacklevel=3)
                     told.add(w)
@@ -308,6 +310,13 @@ def _module_path(node: fx.Node) -> str:
     the embedding, so `skip` also looks at the module."""
     stack = node.meta.get("nn_module_stack")
     return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _module_name(path: str) -> str:
+    """A module path of Dynamo's as the model names the module: "L['args'][0].lm_head" -> "lm_head",
+    "L['self'].__dict__['_modules']['model'].output_projection" -> "model.output_projection" (BioGPT's)."""
+    path = re.sub(r"^L\[[^.]*\.?", "", path)
+    return re.sub(r"(?:__dict__\['_modules'\]|_modules)\['([^']+)'\]", r"\1", path)
 
 
 def _is_transpose(node) -> bool:
