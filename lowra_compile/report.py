@@ -224,14 +224,8 @@ def report(model: torch.nn.Module) -> KernelReport:
                 seconds=dict(getattr(p, "_lowra_seconds", {})),
             )
         )
-    dense = dense_linears(model)
+    dense = tuple(name for name, _ in dense_linear_weights(model))
     return KernelReport(tuple(rows), tuple(log), dense, _dense_note(model, dense))
-
-
-def dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
-    """Names of the frozen floating-point weights of linear layers that have no packed form
-    (`dense_linear_weights`)."""
-    return tuple(name for name, _ in dense_linear_weights(model))
 
 
 def dense_linear_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

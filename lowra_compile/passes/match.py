@@ -43,7 +43,7 @@ from .fx_nodes import (
 from .match_dora import dora_cast_reads, dora_read, packed_dora_read
 from .match_experts import experts_hint, grouped_site, is_grouped_mm
 from .sites import LinearSite, LoraBranch
-from .sources import is_parameter, is_peft_factor, is_peft_saved_copy, placeholder_name
+from .sources import is_parameter, is_peft_factor, placeholder_name
 
 # Matrix products other than F.linear, and the views a weight may pass through on its way to one.
 _MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum}
@@ -146,9 +146,8 @@ def match_sites(gm: fx.GraphModule, skip: tuple[str, ...] = (), pack_routers: bo
 
 
 def _warn_trainable_only(graphs: list[tuple[fx.Graph, dict[fx.Node, fx.Node]]]) -> None:
-    """A graph whose linears have trainable weights (not LoRA adapters, nor the head PEFT keeps trainable, which a
-    graph break can leave alone in a graph) and that holds no frozen matrix is a model nobody froze (frozen
-    weights left dense for a reason of their own were warned about as such)."""
+    """A graph whose linears have trainable weights (not LoRA adapters) and that holds no frozen matrix is a
+    model nobody froze (frozen weights left dense for a reason of their own were warned about as such)."""
     if any(node.op == "placeholder" and node in outer and is_parameter(outer[node])
            and is_frozen_matrix(example_value(node), dims=(2, 3)) for graph, outer in graphs for node in graph.nodes):
         return
@@ -157,7 +156,7 @@ def _warn_trainable_only(graphs: list[tuple[fx.Graph, dict[fx.Node, fx.Node]]]) 
         for graph, outer in graphs for node in graph.nodes
         if is_linear(node) and node.args[1] in outer and is_trainable_placeholder(node.args[1])
     ]
-    names = [n for n in names if not is_peft_factor(n) and not is_peft_saved_copy(n)]
+    names = [n for n in names if not is_peft_factor(n)]
     if names:
         warnings.warn(
             f"lowra: nothing in this graph is quantized: its {len(names)} linear layer(s) have trainable weights "

@@ -50,9 +50,3 @@ def is_peft_factor(name: str) -> bool:
     """Whether a parameter name is a factor of a PEFT LoRA adapter (`...q_proj.lora_A.default.weight`): a linear
     of its own, never a base layer, even when the adapter is frozen (PEFT's `from_pretrained` for inference)."""
     return not {"lora_A", "lora_B"}.isdisjoint(name.split("."))
-
-
-def is_peft_saved_copy(name: str) -> bool:
-    """Whether a parameter name is of the trainable copy PEFT keeps of a module named in `modules_to_save` (a
-    classifier's head): trainable on purpose in a model whose base PEFT froze."""
-    return "modules_to_save" in name.split(".")
