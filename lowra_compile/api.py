@@ -13,6 +13,7 @@ from .experts_class import hold_peft_experts, release_class
 from .passes.pipeline import quantize_layers
 from .passes.release import ReleasedWeight, leave_out_of_ddp_sync, materialize_weight, release
 from .recording import record_model
+from .wrappers import bare_model
 
 
 def quantize_(
@@ -100,7 +101,7 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
     place, and the returned model with them. A `torch.compile(model)` wrapper cannot be undone: call the
     returned model, not the wrapper.
     """
-    base = getattr(model, "_orig_mod", model)
+    base = bare_model(model)
     if not hasattr(base, "merge_and_unload"):  # before materializing: a refused model stays packed
         raise ValueError("lowra: merge needs a PEFT model (it has no merge_and_unload); use materialize() instead")
     materialize(model)

@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 
 from .passes.release import attach, leave_out_of_ddp_sync, packed_shape, packed_weight, quantized_with, release
 from .runtime.format import TENSOR_COUNT, PackedWeight
+from .wrappers import bare_model
 
 
 def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
     """Write every packed weight of `model` to `path`; returns how many layers were saved."""
     tensors, meta = {}, {}
-    for name, p in _inner(model).named_parameters(remove_duplicate=True):
+    for name, p in bare_model(model).named_parameters(remove_duplicate=True):
         pw = packed_weight(p)
         if pw is None:
             continue
@@ -55,7 +56,7 @@ def load_quantized(
     gets its packed base straight onto the GPU, and `model.to(device)` moves the rest: the dense base never
     has to fit there."""
     device = torch.device(device) if device is not None else None
-    inner = _inner(model)
+    inner = bare_model(model)
     # under torch.inference_mode() too, the packed tensors must be ordinary ones: training saves them for backward
     with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
@@ -80,18 +81,6 @@ def load_quantized(
             release(p)
     leave_out_of_ddp_sync(inner)
     return model
-
-
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside torch.compile's and DDP's wrappers (`torch.compile(DDP(model))`), whose parameter names
-    those prefix with `_orig_mod.` and `module.`: a file saved through them loads into the bare model."""
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def _read_packed(f, name: str, info: dict, dtype: torch.dtype, path: str | Path) -> PackedWeight:

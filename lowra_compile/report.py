@@ -23,6 +23,7 @@ from .passes.fx_nodes import is_frozen_matrix
 from .passes.release import ReleasedWeight, packed_weight
 from .passes.sources import is_peft_factor
 from .runtime.format import BIT_WIDTHS
+from .wrappers import bare_model
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ def report(model: torch.nn.Module) -> KernelReport:
     log = list(codegen.kernel_log())
     by_layer = _kernels_by_layer(log)
     rows = []
+    model = bare_model(model)
     for name, p in model.named_parameters(remove_duplicate=True):
         pw = packed_weight(p)
         if pw is None:
@@ -212,7 +214,7 @@ def report(model: torch.nn.Module) -> KernelReport:
         n, k = pw.shape
         rows.append(
             LayerRow(
-                name=name.removeprefix("_orig_mod."),
+                name=name,
                 shape=(n, k),
                 channels_per_bits=pw.rows_per_width(),
                 code_bits=pw.code_bits(),
@@ -238,7 +240,7 @@ def dense_linear_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor
         kind = type(module).__name__
         linear = isinstance(module, torch.nn.Linear) or kind == "Conv1D" or kind.lower().endswith("router")
         if linear and not is_peft_factor(name) and is_frozen_matrix(weight) and packed_weight(weight) is None:
-            weights.append((f"{name}.weight".removeprefix("_orig_mod.").removeprefix("."), weight))
+            weights.append((f"{name}.weight".removeprefix("."), weight))
     return weights
 
 
@@ -255,7 +257,7 @@ _DORA_UNDER_CHECKPOINTING = (
 
 def _dense_note(model: torch.nn.Module, dense: tuple[str, ...]) -> str:
     """Why weights of `dense` stay dense, where a known cause applies: DoRA layers under checkpointing."""
-    modules = {name.removeprefix("_orig_mod."): module for name, module in model.named_modules()}
+    modules = dict(model.named_modules())
     dora = [n for n in dense if getattr(modules.get(n.removesuffix(".base_layer.weight")), "lora_magnitude_vector", None)]
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in modules.values())
     return _DORA_UNDER_CHECKPOINTING if dora and checkpointing else ""

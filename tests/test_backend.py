@@ -1047,6 +1047,30 @@ def test_merge_folds_adapters_into_the_dequantized_base(dora):
         torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_report_and_merge_see_the_model_inside_ddp_and_compile_wrappers():
+    # torch.compile(DDP(model)) names every parameter `_orig_mod.module. ...`: the report listed the layers so,
+    # and merge refused the wrapper as no PEFT model
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, data = tiny_peft_llama(), batch(8)
+        lowra_compile.quantize_(model, data, {"progress": False})
+        wrapped = torch.compile(DistributedDataParallel(model), backend="lowra", options={"inner": "eager"})
+        wrapped(**data).loss.backward()
+        names = [row.name for row in lowra_compile.report(wrapped).layers]
+        assert names == [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
+        with torch.no_grad():
+            want = model(**data).logits
+        merged = lowra_compile.merge(wrapped)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(**data).logits, want, atol=1e-4, rtol=1e-4)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("scope", ["model", "layers"])
 def test_a_model_compiled_in_place_runs_its_merged_base_dense_after_merge(scope):
     # the Trainer holds the PEFT model it compiled in place, and evaluates it after the merge
