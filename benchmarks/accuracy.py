@@ -17,6 +17,7 @@ quantization and again after the same LoRA fine-tune (same steps, seeds, data, r
     python benchmarks/accuracy.py --reduced --bits 2.0 --calib-windows 8 --calib-batch 8   # calibrate on 4,096 tokens
     python benchmarks/accuracy.py --reduced --bits 2.0 --calib-windows 32   # on 16,384, a batch of 2 windows at a time
     python benchmarks/accuracy.py --reduced --methods lowra-group-128 --bits 3.0625   # a method in no grid
+    python benchmarks/accuracy.py --reduced --methods lowra-no-loftq --bits 2.5   # at a budget its grid has not
     python benchmarks/accuracy.py --windows w.pt --shard 0/8 &   # one of 8 processes sharing a GPU
 
 Results go to benchmarks/results/accuracy_<grid>_<device>_<date>.json, merged under a file lock after
@@ -218,33 +219,37 @@ def done_points(out: Path, settings: dict) -> set[tuple[str, float | None]]:
 
 
 def select_points(grid: list, methods: str | None, bits: str | None) -> list:
-    """The points of `grid` for the comma-separated `methods` and `bits` (None: all). A method with no point
-    in the full grid runs at every budget in `bits`."""
+    """The points of `grid` for the comma-separated `methods` and `bits` (None: all). Named both ways, each
+    method runs at every budget named, in a grid or not (the unquantized model once)."""
     budgets = [float(b) for b in bits.split(",")] if bits else None
-    if budgets is not None:
-        grid = [p for p in grid if p[1] is None or p[1] in budgets]
     if not methods:
-        return grid
+        return grid if budgets is None else [p for p in grid if p[1] is None or p[1] in budgets]
     names = methods.split(",")
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     points = []
     for m in names:
-        if any(p[0] == m for p in FULL_GRID):
+        if budgets is None:
+            if not any(p[0] == m for p in FULL_GRID):
+                raise SystemExit(f"{m} is in no grid: name its budgets with --bits")
             points += [p for p in grid if p[0] == m]
-        elif budgets is None:
-            raise SystemExit(f"{m} is in no grid: name its budgets with --bits")
+        elif METHODS[m](1.0) is None:
+            points.append((m, None))
         else:
-            points += [(m, b) for b in budgets]
+            for b in budgets:
+                if len(METHODS[m](b).get("bit_choices", (1, 2))) == 1 and b != int(b):
+                    raise SystemExit(f"{m} puts every channel at one width: give it whole budgets, not {b}")
+                points.append((m, b))
     return points
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
-    parser.add_argument("--methods", help="comma-separated methods to keep from the grid")
-    parser.add_argument("--bits", help="comma-separated budgets to keep from the grid")
+    parser.add_argument("--methods", help="comma-separated methods: their points of the grid, or with "
+                        "--bits each at every budget named")
+    parser.add_argument("--bits", help="comma-separated budgets: the grid's points at them, or those of --methods")
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: by grid)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: by grid)")
     parser.add_argument("--eval-windows", type=int, help="held-out windows per corpus (default: by grid; full: all)")

@@ -169,18 +169,22 @@ def test_points_join_only_a_json_of_the_same_settings(tmp_path):
         accuracy.done_points(out, {**settings, "inner": "inductor"})
 
 
-def test_point_selection_slices_the_grid_and_runs_other_methods_at_named_budgets():
+def test_point_selection_slices_the_grid_and_runs_named_methods_at_every_named_budget():
     accuracy = _accuracy_module()
     grid = accuracy.FULL_GRID
     assert accuracy.select_points(grid, None, None) == grid
+    assert accuracy.select_points(grid, None, "2.0") == [p for p in grid if p[1] in (None, 2.0)]
     assert accuracy.select_points(grid, "lowra,nf", "2.0,3.0") == [
-        ("lowra", 3.0), ("lowra", 2.0), ("nf", 3.0), ("nf", 2.0)
+        ("lowra", 2.0), ("lowra", 3.0), ("nf", 2.0), ("nf", 3.0)
     ]
     assert accuracy.select_points(grid, "unquantized", "2.0") == [("unquantized", None)]
-    # a method in no grid runs at every named budget, even one no grid has
-    assert accuracy.select_points(grid, "lowra-group-128,lowra", "3.0625,3.0") == [
-        ("lowra-group-128", 3.0625), ("lowra-group-128", 3.0), ("lowra", 3.0)
+    assert accuracy.select_points(grid, "lowra-no-loftq", None) == [("lowra-no-loftq", b) for b in (3.0, 2.0, 1.5)]
+    # a method runs at every named budget, even one its grid (or no grid) has: the ablations' is 3, 2, 1.5
+    assert accuracy.select_points(grid, "lowra-group-128,lowra-no-loftq", "3.0625,2.5") == [
+        ("lowra-group-128", 3.0625), ("lowra-group-128", 2.5), ("lowra-no-loftq", 3.0625), ("lowra-no-loftq", 2.5)
     ]
+    with pytest.raises(SystemExit, match="whole budgets, not 2.5"):
+        accuracy.select_points(grid, "nf", "4.0,2.5")
     with pytest.raises(SystemExit, match="name its budgets"):
         accuracy.select_points(grid, "lowra-refit", None)
     with pytest.raises(SystemExit, match="unknown methods.*lowra-typo"):
