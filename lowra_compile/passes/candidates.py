@@ -178,6 +178,8 @@ def _quantize_and_save(
         if new.codes is not None:
             flat[f"{b}.codes"] = pack_codes(new.codes[b], b)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({name: t.contiguous().cpu() for name, t in flat.items()}, tmp)
+    # a copy of each: with absmax scales every width holds the same group tensors, which safetensors refuses
+    save_file({name: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+               for name, t in flat.items()}, tmp)
     tmp.replace(path)  # whole files only: another process may be reading the same digest
     return {**stored, **{b: (*new.groups[b], new.levels[b], new.error[:, j]) for j, b in enumerate(missing)}}

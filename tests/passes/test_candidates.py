@@ -41,11 +41,12 @@ def _assert_same_width(a, b, bits: int, rtol: float = 0.0) -> None:
     torch.testing.assert_close(a.error[:, ia], b.error[:, ib], rtol=rtol, atol=0.0)
 
 
+@pytest.mark.parametrize("fit_scales", [True, False])  # absmax scales: every width holds the same group tensors
 @pytest.mark.parametrize("rounding", ["nearest", "gptq"])
-def test_a_saved_layer_loads_as_quantized_and_subsets_skip_quantizing(tmp_path, monkeypatch, rounding):
+def test_a_saved_layer_loads_as_quantized_and_subsets_skip_quantizing(tmp_path, monkeypatch, rounding, fit_scales):
     w, x2, factor = _layer()
     factor = factor if rounding == "gptq" else None
-    args = (FIT, x2, factor)
+    args = (dataclasses.replace(FIT, fit_scales=fit_scales), x2, factor)
     direct = quantize_layer(w, (1, 2, 3, 4), *args)
     calls = _calls(monkeypatch)
     first = candidates.quantize_layer_cached(tmp_path, w, (1, 2, 3, 4), *args)
