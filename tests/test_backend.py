@@ -1500,3 +1500,33 @@ def test_a_compiled_model_nobody_froze_is_told_so_and_one_with_a_frozen_body_is_
         warnings.simplefilter("always")
         _compile(BrokenBeforeHead(), calibrate="activation")(torch.randn(2, 16))
     assert not [w for w in caught if "nothing in this graph is quantized" in str(w.message)]
+
+
+class _CountingNet(torch.nn.Module):
+    """A frozen linear between two in-place updates of buffers: a call counter and BatchNorm's statistics."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(64, 64).requires_grad_(False)
+        self.bn = torch.nn.BatchNorm1d(64)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.lin(x))
+
+
+@pytest.mark.parametrize("calibrate", ["fisher", "activation"])
+def test_the_quantizing_call_updates_the_model_s_buffers_once(calibrate):
+    # the calibration run is a call of the graph more than the user's: its in-place updates of the inputs
+    # (transformers' StaticCache filled at its running position, as here a counter and BatchNorm's running
+    # statistics) were made twice, and a static-cache generate whose prefill quantized failed or went wrong
+    x, net = torch.randn(32, 64), _CountingNet()
+    _compile(net, calibrate=calibrate)(x)
+    assert packed_weight(net.lin.weight) is not None
+    assert net.calls.item() == 1 and net.bn.num_batches_tracked.item() == 1
+    once = torch.nn.BatchNorm1d(64)
+    once(net.lin(x))  # one update, on the quantized layer's output
+    torch.testing.assert_close(net.bn.running_mean, once.running_mean)
+    torch.testing.assert_close(net.bn.running_var, once.running_var)

@@ -7,7 +7,7 @@ import torch
 
 import lowra_compile
 
-from .tiny_models import batch, tiny_peft_llama
+from .tiny_models import batch, tiny_llama, tiny_peft_llama
 
 
 @pytest.mark.parametrize("compiled,dora", [(False, False), (True, False), (True, True)])
@@ -32,3 +32,27 @@ def test_greedy_generation_on_the_packed_base_matches_the_dequantized_model(comp
         expected = reference.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert tokens.shape == (2, 14)
     torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+
+
+def test_a_static_cache_generate_that_quantizes_on_its_prefill_matches_the_dequantized_model():
+    # the quantizing call's calibration run wrote the prompt's keys and values into the cache too, and the real
+    # run then wrote them again at the next positions: attention saw the prompt twice (or, with no room to
+    # spare, index_copy_ went out of bounds)
+    from transformers import StaticCache
+
+    model = tiny_llama().eval().requires_grad_(False)  # a frozen model, compiled to decode
+    model.forward = torch.compile(model.forward, backend="lowra", options={"progress": False, "inner": "eager"})
+    prompt = batch(16, seed=1)["input_ids"][:2, :8]
+
+    def generate(m):
+        cache = StaticCache(config=m.config, max_cache_len=32)
+        return m.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache)
+
+    with torch.no_grad():
+        tokens = generate(model)  # the prefill quantizes
+    assert lowra_compile.report(model).layers
+    reference = copy.deepcopy(model)
+    lowra_compile.materialize(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens, generate(reference), rtol=0, atol=0)
+    torch._dynamo.reset()

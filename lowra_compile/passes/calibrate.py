@@ -33,6 +33,7 @@ KJV perplexity is 27.1 / 24.8 / 24.3 / 23.7 on 1k / 4k / 16k / 32k tokens (docs/
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -286,11 +287,36 @@ def calibrate(
     weight (a layer called more than once) share theirs, over all its calls."""
     keys = {i: ("site", i) if s.weight_index is None else ("weight", s.weight_index) for i, s in enumerate(sites)}
     calibration = ModelCalibration(use_loss, gram)
-    with torch.enable_grad() if use_loss else torch.no_grad():
-        out = calibration.run(gm, sites, keys, _concrete(gm, example_inputs))
-    calibration.end_batch(out)
+    with _inputs_kept(example_inputs):
+        with torch.enable_grad() if use_loss else torch.no_grad():
+            out = calibration.run(gm, sites, keys, _concrete(gm, example_inputs))
+        calibration.end_batch(out)  # before the inputs are written back: autograd may have saved them
     stats = calibration.statistics({keys[i]: s.name for i, s in enumerate(sites)})
     return [stats[keys[i]] for i in range(len(sites))]
+
+
+@contextlib.contextmanager
+def _inputs_kept(inputs: list):
+    """Give back what the run writes into its inputs. It is a call of the graph more than the user made: the
+    compiled graph then runs on the same batch, and a graph that updates an input in place (a buffer that
+    counts calls, BatchNorm's running statistics, transformers' StaticCache writing a prompt's keys and values
+    at its running position) would be updated twice by the first call. The batch's tensors and the buffers
+    (not the parameters, nor anything autograd tracks) are copied first, and those whose values the run
+    changed are written back (by value: BatchNorm's update does not count in a tensor's version)."""
+    kept = [(t, t.clone()) for t in inputs if isinstance(t, Tensor) and not isinstance(t, torch.nn.Parameter)
+            and not t.requires_grad and not t.is_inference() and not _overlapping(t)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, before in kept:
+                if not torch.equal(t, before):
+                    t.copy_(before)
+
+
+def _overlapping(t: Tensor) -> bool:
+    """Whether elements of `t` share memory (an expanded tensor): nothing can write into it in place."""
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))
 
 
 class ModelCalibration:
