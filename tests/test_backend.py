@@ -368,11 +368,13 @@ def test_dora_layers_are_packed_in_one_graph_and_train_as_the_dequantized_model(
     assert len(magnitudes) == 14 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
 
 
-def test_dora_on_a_base_quantized_ahead_takes_its_norms_from_the_packed_weight():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_on_a_base_quantized_ahead_takes_its_norms_from_the_packed_weight(dtype):
     # a model quantized ahead or loaded (load_quantized) reaches the backend with its weights packed: DoRA's
     # reads of W are dequantizations there, and the norm was one dense W per layer and call; with dropout
-    # each weight has two packed ops (the base output of the dropped-out input too) and one norm
-    model = tiny_peft_llama(use_dora=True, dropout=0.1)
+    # each weight has two packed ops (the base output of the dropped-out input too) and one norm. A bf16
+    # base has float32 adapters, and DoRA's cast of W to them failed to compile (a move of the packed weight)
+    model = tiny_peft_llama(use_dora=True, dropout=0.1, dtype=dtype)
     lowra_compile.quantize_(model, batch(16), QUIET)
     compiled = _compile(model)
     compiled(**batch(8)).loss.backward()
@@ -382,7 +384,17 @@ def test_dora_on_a_base_quantized_ahead_takes_its_norms_from_the_packed_weight()
     for entry in lowra_compile.codegen.kernel_log():
         calls[entry["op"]] += entry["calls"]
     assert calls["dora_row_norms"] == 14 and calls["lora_linear"] == 28 and "dequant" not in calls
-    step_matches_the_dequantized_model(compiled, model, batch(8, seed=1))
+    if dtype == torch.float32:
+        step_matches_the_dequantized_model(compiled, model, batch(8, seed=1))
+        return
+    model.zero_grad(set_to_none=True)
+    reference, losses = copy.deepcopy(model), []
+    for run in (compiled, reference):
+        torch.manual_seed(1)
+        losses.append(run(**batch(8, seed=1)).loss)
+        losses[-1].backward()
+    torch.testing.assert_close(*losses, atol=0, rtol=2e-4)  # W dequantized in float32, PEFT's upcast from bf16
+    _assert_lora_grads_close(model, reference)
 
 
 def test_dora_magnitudes_start_at_the_norms_of_the_quantized_layers_with_their_loftq_adapters():
@@ -401,11 +413,13 @@ def test_dora_magnitudes_start_at_the_norms_of_the_quantized_layers_with_their_l
             assert not torch.allclose(magnitude, dense[f"{name}.lora_magnitude_vector.default.weight"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("bf16", ["model", "autocast"])
+@pytest.mark.parametrize("bf16", ["model", "base", "autocast"])
 def test_dora_in_bfloat16_matches_the_dequantized_model(bf16):
-    # PEFT's DoRA casts W to the input's dtype: a bf16 model's norm reads a bf16 dequantization; under autocast
-    # (a float32 model, Trainer(bf16=True)) the norm stays float32 while the packed linears compute in bf16
-    model = tiny_peft_llama(use_dora=True, dropout=0.1)
+    # PEFT's DoRA casts W to the input's dtype: a bf16 model's norm reads a bf16 dequantization; a bf16 base
+    # wrapped by PEFT (from_pretrained in bf16, then get_peft_model) has float32 adapters, which DoRA's input
+    # and W are cast to (every layer stayed dense); under autocast (a float32 model, Trainer(bf16=True)) the
+    # norm stays float32 while the packed linears compute in bf16
+    model = tiny_peft_llama(use_dora=True, dropout=0.1, dtype=torch.bfloat16 if bf16 == "base" else torch.float32)
     if bf16 == "model":
         model = model.to(torch.bfloat16)
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 == "autocast")
@@ -423,8 +437,9 @@ def test_dora_in_bfloat16_matches_the_dequantized_model(bf16):
         out.loss.backward()
         assert out.logits.dtype == torch.bfloat16
         losses.append(out.loss)
-    # the norm is summed in fp32 from the packed weight, where PEFT's bf16 model adds W and B A in bf16
-    torch.testing.assert_close(*losses, atol=0, rtol=2e-4 if bf16 == "model" else 0)
+    # the norm is summed in fp32 from the packed weight, where PEFT's bf16 model adds W and B A in bf16; for a
+    # bf16 base the float32 reads of W dequantize in float32, where PEFT's upcast W was rounded to bf16
+    torch.testing.assert_close(*losses, atol=0, rtol=0 if bf16 == "autocast" else 2e-4)
     _assert_lora_grads_close(model, reference)
 
 

@@ -19,12 +19,14 @@ def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = Fal
     return (LlamaForCausalLM if num_labels is None else LlamaForSequenceClassification)(config)
 
 
-def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, layers: int = 2, **lora_kwargs):
+def tiny_peft_llama(dropout: float = 0.0, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32,
+                    **lora_kwargs):
+    """PEFT LoRA on every linear of `tiny_llama`, built in `dtype` (PEFT keeps the adapters in float32)."""
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
-    model = get_peft_model(tiny_llama(layers=layers, seed=seed), config)
+    model = get_peft_model(tiny_llama(layers=layers, seed=seed).to(dtype), config)
     model.train()
     return model
 

@@ -14,8 +14,8 @@ from .fx_nodes import ADD, MUL, example_value, is_dequant_of, is_linear, is_plac
 
 @dataclass
 class DoraRead:
-    """PEFT's DoRA reads its layer's frozen W once more, cast to the input's dtype (a cast to W's own dtype
-    here), for the norm of each row of W + s * B A, which it detaches, and, in training with lora_dropout,
+    """PEFT's DoRA reads its layer's frozen W once more, cast to the input's dtype (W's own, or the float32 of
+    the adapters of a bf16 base), for the norm of each row of W + s * B A, which it detaches, and, in training with lora_dropout,
     for the base output of the dropped-out input:
 
         %wc = to(%W, torch.float32)
@@ -45,14 +45,15 @@ _ROW_NORMS = (torch.linalg.norm, torch._C._linalg.linalg_norm, torch.linalg.vect
 
 
 def dora_cast_reads(node: fx.Node, transposed: bool) -> list[fx.Node] | None:
-    """The (out, in) reads (`_dora_reads`) of `node` if it is DoRA's cast of a weight to its own dtype and device
-    (`W.to(x.dtype)`) whose reads are read only by linears, as their weight, and by `add`s whose one reader is
-    a row norm (`DoraRead`); else None."""
+    """The (out, in) reads (`_dora_reads`) of `node` if it is DoRA's cast of a weight to a floating dtype on its
+    own device (`W.to(x.dtype)`: W's own dtype, or float32 where PEFT keeps the adapters of a bf16 base in
+    float32 and casts the input to them) whose reads are read only by linears, as their weight, and by `add`s
+    whose one reader is a row norm (`DoraRead`); else None."""
     w = node.args[0] if node.args else None
     if node.op != "call_method" or node.target != "to" or not isinstance(w, fx.Node):
         return None
     value, cast = example_value(w), example_value(node)
-    if not isinstance(cast, torch.Tensor) or (cast.dtype, cast.device) != (value.dtype, value.device):
+    if not isinstance(cast, torch.Tensor) or cast.device != value.device or not cast.dtype.is_floating_point:
         return None
     reads = _dora_reads(node, transposed)
     if reads is None or not all(_read_as_dora_does(read) for read in reads):
@@ -100,10 +101,21 @@ def dora_read(w: fx.Node, transposed: bool) -> DoraRead | None:
 
 def packed_dora_read(packed: list[fx.Node]) -> DoraRead | None:
     """PEFT DoRA's reads of a weight already packed (a model quantized ahead or loaded, or a recompile): each
-    a `lowra.dequant` of the same packed tensors, read only by linears, as their weight, and by the sum whose
-    row norm DoRA takes; for a weight stored (in, out) nothing (its reads pass through PEFT's transpose, left
+    a `lowra.dequant` of the same packed tensors (or its cast to float32), read only by linears, as their
+    weight, and by the sum whose row norm DoRA takes; for a weight stored (in, out) nothing (its reads pass through PEFT's transpose, left
     to dequantize)."""
-    return _dora_read_of(tuple(u for u in packed[0].users if is_dequant_of(u, packed) and _read_as_dora_does(u)))
+    dequants = [u for u in packed[0].users if is_dequant_of(u, packed)]
+    # a dequantization cast to another dtype (DoRA's float32 reads of a bf16 base) is read through its casts
+    reads = [r for d in dequants for r in ([d] if _read_as_dora_does(d) else _float_casts(d))]
+    return _dora_read_of(tuple(r for r in reads if _read_as_dora_does(r)))
+
+
+def _float_casts(node: fx.Node) -> list[fx.Node]:
+    """The readers of `node` if every one is a cast to a floating dtype (`to`), else none."""
+    casts = list(node.users)
+    ok = all(u.op == "call_method" and u.target == "to" and u.args[0] is node
+             and isinstance(cast := example_value(u), torch.Tensor) and cast.dtype.is_floating_point for u in casts)
+    return casts if ok else []
 
 
 def _dora_read_of(reads: tuple[fx.Node, ...]) -> DoraRead | None:

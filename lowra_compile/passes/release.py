@@ -215,6 +215,8 @@ def _converted(func, p: "ReleasedWeight", args: tuple, kwargs: dict) -> "Release
     target = func(torch.empty(0, dtype=p.dtype, device=p.device), *args, **kwargs)
     if (target.device, target.dtype) == (p.device, p.dtype):
         return p
+    if torch.compiler.is_compiling():  # a cast in the model's code (DoRA's W.to(x.dtype)), not model.to(...)
+        return func(dequantized(p), *args, **kwargs)
     if not target.dtype.is_floating_point:
         raise RuntimeError(
             f"lowra: a quantized frozen weight of shape {tuple(p.shape)} cannot become {target.dtype}: it "
