@@ -36,6 +36,23 @@ def test_weighted_lloyd_never_worse_than_normalfloat_per_row(x2):
     assert (lloyd.error[:, :-1] >= lloyd.error[:, 1:]).float().mean() > 0.95, "more bits, less error"
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lloyd_gives_every_level_weights_in_rows_of_one_sign_and_keeps_a_short_row_s_weights_apart(bits):
+    # a level whose cell was empty kept the NF start's place: a row of one sign used half its levels, and a
+    # row of two weights (its group's others zero) rounded both to one level at every width
+    w = _layer(k=64)[0].abs()
+    w[-1] = 0.0
+    w[-1, :2] = torch.tensor([-0.582, -0.520])
+    q = quantize_layer(w, (bits,), CodebookFit(64, "lloyd", 12), None)
+    nf = quantize_layer(w, (bits,), CodebookFit(64, "nf", 12), None)
+    v, _ = _normalise(w, 64, q.groups[bits])
+    codes = _assign(v, q.levels[bits])
+    used = torch.zeros_like(q.levels[bits]).scatter_add_(1, codes, torch.ones_like(v)) > 0
+    assert used[:-1].all()  # every level of every row of one sign holds weights
+    assert (q.error[:-1, 0] < 0.6 * nf.error[:-1, 0]).all()
+    assert codes[-1, 0] != codes[-1, 1]
+
+
 @pytest.mark.parametrize("k,group", [(200, 64), (128, 64), (90, 32)])
 @pytest.mark.parametrize("codebook,fit_scales", [("lloyd", False), ("nf", False), ("uniform", False), ("lloyd", True), ("nf", True)])
 def test_errors_describe_exactly_what_the_runtime_dequantizes(k, group, codebook, fit_scales):
