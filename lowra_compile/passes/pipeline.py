@@ -128,24 +128,26 @@ def planning_statistics(
 
 def _from_layers_alike(stats: list[SiteStats], layers: list[Layer]) -> list[SiteStats]:
     """A layer no calibration row reached (a mixture written as one Linear per expert, an expert no token was
-    routed to) takes the pooled E[x^2] and the mean E[g^2] of the layers of its weight's shape that were
-    reached, and no E[x x^T] (it is rounded to nearest), with a warning. None of its shape was: raise, naming
-    it (its statistics would be all zero, and every rounding of it as good as any other)."""
+    routed to), or reached only with inputs that are all zero, takes the pooled E[x^2] and the mean E[g^2] of
+    the layers of its weight's shape that were reached, and no E[x x^T] (it is rounded to nearest), with a
+    warning. None of its shape was: raise, naming it (its statistics would be all zero, and every rounding of
+    it as good as any other: the plan put all its rows at the smallest width)."""
     reached: dict[tuple, list[SiteStats]] = {}
     for layer, s in zip(layers, stats):
-        if s.tokens:
+        if _reached(s):
             reached.setdefault(tuple(layer.weight.shape), []).append(s)
     filled, unreached = [], []
     for layer, s in zip(layers, stats):
-        if s.tokens:
+        if _reached(s):
             filled.append(s)
             continue
         name, alike = layer.site.name, reached.get(tuple(layer.weight.shape), [])
         if not alike:
             raise ValueError(
-                f"lowra: layer {name!r} ran on no calibration tokens, nor did any other layer of its shape here (a "
-                f"branch or an expert the batch never took, or a batch with no rows). Quantize ahead with "
-                f"lowra_compile.quantize_(model, batches): it sees the whole model, so such a layer takes the "
+                f"lowra: layer {name!r} ran on no calibration tokens (or only on inputs that are all zero), nor did "
+                f"any other layer of its shape here (a branch or an expert the batch never took, or a batch with no "
+                f"rows). Quantize ahead with lowra_compile.quantize_(model, batches): it sees the whole model, so "
+                f"such a layer takes the "
                 f"statistics of those of its shape; or keep it dense with options={{'skip': ({name!r},)}}")
         g2 = None if any(a.g2 is None for a in alike) else sum(a.g2 for a in alike) / len(alike)
         x2 = sum(a.x2 * a.tokens for a in alike) / sum(a.tokens for a in alike)
@@ -153,12 +155,18 @@ def _from_layers_alike(stats: list[SiteStats], layers: list[Layer]) -> list[Site
         unreached.append(name)
     if unreached:
         warnings.warn(
-            f"lowra: {len(unreached)} layer(s) ran on no calibration tokens (e.g. {unreached[0]!r}); each is planned "
+            f"lowra: {len(unreached)} layer(s) ran on no calibration tokens, or only on zero inputs (e.g. "
+            f"{unreached[0]!r}); each is planned "
             "on the statistics of the layers of its shape and rounded to nearest. Calibrate on more tokens "
             "(lowra_compile.quantize_ takes several batches) so that every layer is reached",
             stacklevel=5,
         )
     return filled
+
+
+def _reached(s: SiteStats) -> bool:
+    """Whether calibration measured the layer: rows ran through it, and not only zeros."""
+    return bool(s.tokens) and bool(s.x2.any())
 
 
 def _graph_statistics(gm, sites, new, example_inputs, config: LowRAConfig) -> list[SiteStats | None]:

@@ -222,21 +222,25 @@ def test_a_layer_no_calibration_row_reached_is_planned_on_the_layers_of_its_shap
     def layer(name, rows):
         return pipeline.Layer(SimpleNamespace(name=name), torch.zeros(rows, 8))
 
-    layers = [layer(f"experts.{e}.weight", 6) for e in range(3)] + [layer("head.weight", 4)]
+    layers = [layer(f"experts.{e}.weight", 6) for e in range(4)] + [layer("head.weight", 4)]
     gram = torch.eye(8)
     stats = [SiteStats(torch.full((8,), 1.0), torch.full((6,), 2.0), gram, 10),
              SiteStats(torch.full((8,), 4.0), torch.full((6,), 4.0), gram, 30),
              SiteStats(torch.zeros(8), None, None, 0),  # an expert no token was routed to
+             # one whose every input was zero: every error 0, and all its rows went to the smallest width
+             SiteStats(torch.zeros(8), torch.zeros(6), torch.zeros(8, 8), 12),
              SiteStats(torch.ones(8), torch.ones(4), None, 5)]
-    with pytest.warns(UserWarning, match=r"1 layer\(s\) ran on no calibration tokens \(e.g. 'experts.2.weight'\)"):
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) ran on no calibration tokens, or only on zero inputs "
+                                         r"\(e.g. 'experts.2.weight'\)"):
         filled = pipeline.planning_statistics(stats, layers, LowRAConfig(), "")
-    assert filled[0] is stats[0] and filled[1] is stats[1] and filled[3] is stats[3]
-    torch.testing.assert_close(filled[2].x2, torch.full((8,), (10 * 1.0 + 30 * 4.0) / 40))  # pooled over rows
-    torch.testing.assert_close(filled[2].g2, torch.full((6,), 3.0))
-    assert filled[2].gram is None and filled[2].tokens == 0  # no E[x x^T]: rounded to nearest
-    unreached_head = [*stats[:3], SiteStats(torch.zeros(8), None, None, 0)]
-    with pytest.raises(ValueError, match=r"layer 'head.weight' ran on no calibration tokens.*'skip': \('head.weight',\)"):
-        pipeline.planning_statistics(unreached_head, layers, LowRAConfig(), "")
+    assert filled[0] is stats[0] and filled[1] is stats[1] and filled[4] is stats[4]
+    for unreached in filled[2:4]:
+        torch.testing.assert_close(unreached.x2, torch.full((8,), (10 * 1.0 + 30 * 4.0) / 40))  # pooled over rows
+        torch.testing.assert_close(unreached.g2, torch.full((6,), 3.0))
+        assert unreached.gram is None  # no E[x x^T]: rounded to nearest
+    for head in (SiteStats(torch.zeros(8), None, None, 0), SiteStats(torch.zeros(8), torch.ones(4), None, 5)):
+        with pytest.raises(ValueError, match=r"layer 'head.weight' ran on no calibration tokens.*'skip': \('head.weight',\)"):
+            pipeline.planning_statistics([*stats[:4], head], layers, LowRAConfig(), "")
 
 
 class _ExpertPerLinear(torch.nn.Module):
@@ -276,7 +280,8 @@ def test_quantize_plans_experts_no_token_reached_on_the_others_and_the_model_tra
         compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
         step_matches_the_dequantized_model(compiled, model, batch(16, seed=1))
     said = [str(w.message) for w in caught if "lowra" in str(w.message)]
-    assert any("2 layer(s) ran on no calibration tokens (e.g. 'experts.2.weight')" in m for m in said), said
+    assert any("2 layer(s) ran on no calibration tokens, or only on zero inputs (e.g. 'experts.2.weight')" in m
+               for m in said), said
     # the head's graph (after the last expert's break) holds no frozen weight, but its model does
     assert not [m for m in said if "nothing in this graph is quantized" in m], said
     assert all(isinstance(expert.weight, release.ReleasedWeight) for expert in model.experts)
