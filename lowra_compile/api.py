@@ -40,6 +40,9 @@ def quantize_(
     if torch.is_inference_mode_enabled():  # its packed tensors would be inference tensors, which training refuses
         raise ValueError("lowra: quantize_ cannot run under torch.inference_mode(): the packed base would be made of "
                          "inference tensors, which autograd cannot save for training; call it outside (no_grad is fine)")
+    if not isinstance(example_batch, (Mapping, Iterable)):
+        raise ValueError(f"lowra: quantize_ takes a batch (the kwargs of a forward call, e.g. {{'input_ids': ids, "
+                         f"'labels': ids}}) or a list or iterable of them, not a {type(example_batch).__name__}")
     batches = [example_batch] if isinstance(example_batch, Mapping) else list(example_batch)
     _check_batches(batches)
     options = config

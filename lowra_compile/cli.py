@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -90,7 +91,10 @@ def _check(args: argparse.Namespace) -> None:
     from . import demo
 
     if args.command in ("plan", "report"):
-        plan_config(args)
+        try:
+            plan_config(args)
+        except ValueError as e:  # named as the flags that set them
+            raise ValueError(re.sub(r"\bbit_choices\b", "--choices", re.sub(r"\bbits=", "--bits=", str(e)))) from e
     if args.command == "demo":
         LowRAConfig.from_options(demo.options(args))
         if args.calib_batches > args.steps:

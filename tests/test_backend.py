@@ -989,6 +989,9 @@ def test_quantize_ahead_rejects_no_batch_and_batches_that_are_not_kwargs():
         lowra_compile.quantize_(model, [])
     with pytest.raises(ValueError, match=r"calibration batch 1 is a Tensor; give each batch as the kwargs"):
         lowra_compile.quantize_(model, [batch(8), batch(8)["input_ids"]])
+    for nothing in (None, 0):  # was list()'s TypeError
+        with pytest.raises(ValueError, match=f"or a list or iterable of them, not a {type(nothing).__name__}"):
+            lowra_compile.quantize_(model, nothing)
     assert not any(isinstance(p, ReleasedWeight) for p in model.parameters())  # checked before any work
 
 

@@ -35,8 +35,9 @@ def test_plan_quantizes_every_linear_of_a_trainable_model_at_the_budget(bits):
     (("plan", "--batch", "0"), "--batch: must be at least 1"),
     (("plan", "--windows", "0"), "--windows: must be at least 1"),
     (("plan", "--window", "-1"), "--window: must be at least 1"),
-    (("plan", "--bits", "5"), "bits=5.0 is outside"),
+    (("plan", "--bits", "5"), "--bits=5.0 is outside"),
     (("plan", "--choices", "1,5"), "must be a non-empty subset"),
+    (("report", "--choices", "2,4", "--bits", "1.5"), "add smaller widths to --choices"),  # named as the flag
     (("plan", "--choices", "a,b"), "expected comma-separated bit widths"),
     (("report", "--json", "/nonexistent-folder/r.json"), "the folder of /nonexistent-folder/r.json does not exist"),
     (("report", "--json", "/"), "/ is a folder; give a file name in it"),

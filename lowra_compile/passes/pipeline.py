@@ -192,7 +192,7 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
             (f"{batches} batch{'es' if batches > 1 else ''}", "give lowra_compile.quantize_ more batches")
         )
         warnings.warn(
-            f"lowra: calibrating on {tokens:,} tokens ({given}); the plan, codebooks and rounding are better on "
+            f"lowra: calibrating on {tokens:,} token{'s' if tokens > 1 else ''} ({given}); the plan, codebooks and rounding are better on "
             f"{ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): {fix}",
             stacklevel=3,
         )
