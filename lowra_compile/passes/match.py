@@ -48,8 +48,11 @@ from .sources import is_parameter, is_peft_factor, placeholder_name
 # Matrix products other than F.linear, and the views a weight may pass through on its way to one.
 _MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum}
 _MATMUL_METHODS = {"matmul", "mm", "addmm", "__matmul__"}
-_VIEWS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze}
-_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "unsqueeze", "squeeze", "expand"}
+# (a slice or chunk of W too: a fused weight read in parts, which no site packs)
+_VIEWS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem,
+          torch.narrow, torch.chunk, torch.split}
+_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "unsqueeze", "squeeze", "expand",
+                 "narrow", "chunk", "split"}
 # ops that make of one weight another it still stands for (scaled, converted): a product of one reads the weight
 _DERIVED = {operator.mul, operator.truediv, operator.neg, torch.mul, torch.div}
 _DERIVED_METHODS = {"mul", "div", "neg", "to", "float", "half", "bfloat16", "clone", "detach"}

@@ -90,16 +90,21 @@ def test_trainable_weights_are_not_sites_and_a_model_nobody_froze_gets_a_warning
         assert match_sites(gm) == []
 
 
-def test_a_frozen_weight_scaled_before_its_linear_stays_dense_with_a_warning_naming_it():
+@pytest.mark.parametrize("part,op", [
+    (lambda w: w * 0.5, "mul"),
+    (lambda w: w[:8], "getitem"),  # a fused weight read in slices: each slice a linear of its own
+    (lambda w: w.chunk(2)[1], "getitem"),
+])
+def test_a_frozen_weight_scaled_or_sliced_before_its_linear_stays_dense_with_a_warning_naming_it(part, op):
     # F.linear(x, W * 0.5): not a site, and it was left dense silently, with the warning for a model nobody
-    # froze saying the graph's linears were all trainable
-    frozen, head = torch.nn.Linear(16, 16).requires_grad_(False), torch.nn.Linear(16, 4)
-    gm, _ = capture_graph(lambda x: head(F.linear(x, frozen.weight * 0.5, frozen.bias)), torch.randn(2, 16))
+    # froze saying the graph's linears were all trainable; a slice of W was left dense without a word
+    frozen, head = torch.nn.Linear(16, 16).requires_grad_(False), torch.nn.Linear(8 if op == "getitem" else 16, 4)
+    gm, _ = capture_graph(lambda x: head(F.linear(x, part(frozen.weight))), torch.randn(2, 16))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert match_sites(gm) == []
     (message,) = [str(w.message) for w in caught]
-    assert "1 frozen weight(s) stay dense" in message and "read by linear of mul(W)" in message
+    assert "1 frozen weight(s) stay dense" in message and f"read by linear of {op}(W)" in message
 
 
 def test_scaling_as_symfloat_under_dynamic_shapes():
