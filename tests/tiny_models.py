@@ -109,7 +109,7 @@ def batch(length: int = 16, size: int = 2, seed: int = 0) -> dict:
 
 
 def tiny_moe(family: str = "mixtral", experts_implementation: str | None = None, intermediate_size: int = 128,
-              layers: int = 2, **lora):
+              layers: int = 2, dtype: torch.dtype = torch.float32, **lora):
     """A mixture of 4 experts stacked in one tensor (transformers 5), PEFT's LoRA on attention (or `lora`)."""
     import pytest
     import transformers
@@ -122,16 +122,16 @@ def tiny_moe(family: str = "mixtral", experts_implementation: str | None = None,
         **({"experts_implementation": experts_implementation} if experts_implementation else {}),
     )
     torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config)
+    base = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     if not any(p.dim() == 3 for p in base.parameters()):
         pytest.skip("this transformers keeps one nn.Linear per expert (those are packed like any other)")
     lora = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **lora}
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **lora))
 
 
-def tiny_moe_with_lora_on_the_experts(family: str = "mixtral", layers: int = 2):
+def tiny_moe_with_lora_on_the_experts(family: str = "mixtral", layers: int = 2, dtype: torch.dtype = torch.float32):
     """PEFT's LoRA on the stacked experts themselves (target_parameters), and on q_proj."""
-    model = tiny_moe(family, layers=layers, target_modules=["q_proj"],
+    model = tiny_moe(family, layers=layers, dtype=dtype, target_modules=["q_proj"],
                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     with torch.no_grad():  # B starts at zero: give the experts' adapters a part in the output and the gradients
         for name, p in model.named_parameters():

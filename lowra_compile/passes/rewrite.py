@@ -191,6 +191,13 @@ def _replace_experts_with_lora(site: LinearSite, nodes: dict, args: tuple, erase
     lhs, rhs = nodes[lora.lhs], nodes[lora.rhs]
     with graph.inserting_before(product):
         first, second = (_transpose(graph, rhs), _transpose(graph, lhs)) if lora.transposed else (lhs, rhs)
+        # laid out as the product wants: torch._grouped_mm (what transformers runs in bf16) refuses PEFT's
+        # factors as the permuted views they come as, and strides that are not multiples of 16 bytes, which a
+        # bf16 rank of 4 is: the rank is padded with zeros to a multiple of 8 (copies the size of the adapters)
+        rank = example_value(rhs).shape[-2] if lora.transposed else example_value(lhs).shape[-1]
+        pad = -rank % 8
+        first = graph.call_function(F.pad, (first, (0, pad)))
+        second = graph.call_function(F.pad, (second, (0, 0, 0, pad)))
         h = graph.call_function(product.target, (x, first), {"offs": offsets})
         z = graph.call_function(product.target, (h, second), {"offs": offsets})
         base = graph.call_function(torch.ops.lowra.grouped_linear.default, args)
