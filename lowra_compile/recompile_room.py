@@ -33,6 +33,12 @@ from typing import Hashable
 import torch
 
 DEFAULT_LIMIT = 8  # torch._dynamo.config.recompile_limit's default
+# A frame compiled once per layer on the training step compiles once per layer again for each other grad
+# mode and phase it runs in: a mixture with LoRA on its experts, trained, then evaluated with and without
+# grad, compiled its experts' frame 3 times per layer (24 on 8 layers), and transformers' deprecation
+# wrapper, one frame for the many functions it wraps, 13 times on 2 layers; at one per layer the evaluation
+# ran every stack eagerly, dequantized whole (measured 2026-12-04).
+COMPILES_PER_LAYER = 4
 
 # a frame -> its live layers, and how many layers it compiled for, freed ones included
 _LIVE: dict[Hashable, weakref.WeakValueDictionary[int, object]] = {}
@@ -41,8 +47,9 @@ _COMPILED: dict[Hashable, int] = {}
 
 def count_layer(frame: Hashable | None, layer: object) -> None:
     """The frame `frame` (its code object, or what else names it) compiles for `layer` (its first weight, its
-    module): once it has compiled for more than one layer, leave room for one compile per layer it compiled
-    for (a freed model's still take room in Dynamo's cache), plus the default's room for other recompiles.
+    module): once it has compiled for more than one layer, leave room for `COMPILES_PER_LAYER` compiles per
+    layer it compiled for (a freed model's still take room in Dynamo's cache), plus the default's room for
+    other recompiles.
     A live layer counted again counts once. Never lowers the limit; `frame` None (no frame) counts nothing."""
     if frame is None:
         return
@@ -52,4 +59,4 @@ def count_layer(frame: Hashable | None, layer: object) -> None:
         _COMPILED[frame] = _COMPILED.get(frame, 0) + 1
     if _COMPILED[frame] > 1:
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, _COMPILED[frame] + DEFAULT_LIMIT)
+        config.recompile_limit = max(config.recompile_limit, COMPILES_PER_LAYER * _COMPILED[frame] + DEFAULT_LIMIT)

@@ -200,6 +200,21 @@ def test_lora_on_the_experts_of_a_bf16_model_runs_beside_the_grouped_op():
     assert sum("experts" in n for n in grads) == 8 and all(got is not None for got, _ in grads.values())
 
 
+def test_lora_on_the_experts_evaluated_after_training_still_runs_the_grouped_op():
+    # each layer's experts compile again in each grad mode (PEFT's cached read is guarded per module): with
+    # room for one compile per layer, evaluation hit Dynamo's recompile limit and dequantized every stack whole
+    model = tiny_moe_with_lora_on_the_experts("mixtral")
+    compiled = torch.compile(model, backend="lowra", options={"progress": False, "inner": "eager"})
+    compiled(**batch(16)).loss.backward()
+    model.eval()
+    for grad in (True, False):
+        codegen.clear_log()
+        with torch.set_grad_enabled(grad):
+            compiled(input_ids=batch(16, seed=1)["input_ids"])
+        assert sum(r["calls"] for r in codegen.kernel_log() if r["op"] == "grouped_linear") == 4, grad
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_lora_on_the_experts_themselves_packs_them_and_trains_as_the_dequantized_model(family):
     # PEFT's target_parameters reads each stack through a parametrization, W + s * lhs @ rhs per expert, and

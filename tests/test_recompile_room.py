@@ -3,7 +3,7 @@ import gc
 import torch
 
 import lowra_compile
-from lowra_compile.recompile_room import DEFAULT_LIMIT, count_layer
+from lowra_compile.recompile_room import COMPILES_PER_LAYER, DEFAULT_LIMIT, count_layer
 
 from .tiny_models import batch, tiny_peft_llama
 
@@ -13,7 +13,7 @@ def _frame():
     return object()
 
 
-def test_a_frame_that_quantizes_a_second_layer_leaves_room_for_one_compile_per_layer():
+def test_a_frame_that_quantizes_a_second_layer_leaves_room_for_the_compiles_of_each_layer():
     frame = _frame()
     layers = [torch.empty(1) for _ in range(3)]
     with torch._dynamo.config.patch(recompile_limit=2):
@@ -21,9 +21,9 @@ def test_a_frame_that_quantizes_a_second_layer_leaves_room_for_one_compile_per_l
         assert torch._dynamo.config.recompile_limit == 2  # one layer: a frame compiled once, nothing to do
         count_layer(frame, layers[1])
         count_layer(frame, layers[2])
-        assert torch._dynamo.config.recompile_limit == 3 + DEFAULT_LIMIT
+        assert torch._dynamo.config.recompile_limit == 3 * COMPILES_PER_LAYER + DEFAULT_LIMIT
         count_layer(None, layers[0])  # no frame (a direct call of the backend)
-        assert torch._dynamo.config.recompile_limit == 3 + DEFAULT_LIMIT
+        assert torch._dynamo.config.recompile_limit == 3 * COMPILES_PER_LAYER + DEFAULT_LIMIT
 
 
 def test_a_freed_model_s_layers_still_count_a_layer_counted_again_counts_once_and_the_limit_is_never_lowered():
@@ -33,9 +33,9 @@ def test_a_freed_model_s_layers_still_count_a_layer_counted_again_counts_once_an
     with torch._dynamo.config.patch(recompile_limit=2):
         layer = torch.empty(1)
         count_layer(frame, layer)
-        assert torch._dynamo.config.recompile_limit == 2 + DEFAULT_LIMIT
+        assert torch._dynamo.config.recompile_limit == 2 * COMPILES_PER_LAYER + DEFAULT_LIMIT
         count_layer(frame, layer)
-        assert torch._dynamo.config.recompile_limit == 2 + DEFAULT_LIMIT
+        assert torch._dynamo.config.recompile_limit == 2 * COMPILES_PER_LAYER + DEFAULT_LIMIT
     layers = [torch.empty(1) for _ in range(3)]
     with torch._dynamo.config.patch(recompile_limit=100):
         for layer in layers:
