@@ -179,6 +179,18 @@ def test_experts_run_another_way_than_a_grouped_product_stay_dense_and_say_how_t
     assert 'experts_implementation="grouped_mm"' in message
     packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
     assert len(packed) == 8 and not any("experts" in n for n in packed)  # 4 attention linears x 2 (routers: dense)
+    # the report's dense weights list the stacks too (it had only the routers and the head)
+    assert sum(".experts." in n for n in lowra_compile.report(model).dense) == 4
+
+
+def test_experts_run_in_a_loop_outside_the_graphs_are_named_by_quantize_and_the_report():
+    model = tiny_moe("mixtral", "eager")  # a loop over experts with graph breaks: lowra never sees the stacks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowra_compile.quantize_(model, batch(16), {"progress": False, "inner": "eager"})
+    said = [str(w.message) for w in caught if "called in no compiled graph" in str(w.message)]
+    assert len(said) == 1 and "4 frozen linear weight(s)" in said[0] and ".experts." in said[0], said
+    assert sum(".experts." in n for n in lowra_compile.report(model).dense) == 4
 
 def test_lora_on_the_experts_of_a_bf16_model_runs_beside_the_grouped_op():
     # in bf16 transformers runs torch._grouped_mm, which refused PEFT's factors: permuted views, and a rank of 4
