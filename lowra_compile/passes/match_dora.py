@@ -15,8 +15,8 @@ from .fx_nodes import ADD, MUL, example_value, is_dequant_of, is_linear, is_plac
 @dataclass
 class DoraRead:
     """PEFT's DoRA reads its layer's frozen W once more, cast to the input's dtype (W's own, or the float32 of
-    the adapters of a bf16 base), for the norm of each row of W + s * B A, which it detaches, and, in training with lora_dropout,
-    for the base output of the dropped-out input:
+    the adapters of a bf16 base), for the norm of each row of W + s * B A, which it detaches, and, in training
+    with lora_dropout, for the base output of the dropped-out input:
 
         %wc = to(%W, torch.float32)
         %l  = getattr(linear(linear(eye(K), %A, None), %B, None), "T")      # B A, PEFT's lora_weight
@@ -49,11 +49,7 @@ def dora_cast_reads(node: fx.Node, transposed: bool) -> list[fx.Node] | None:
     own device (`W.to(x.dtype)`: W's own dtype, or float32 where PEFT keeps the adapters of a bf16 base in
     float32 and casts the input to them) whose reads are read only by linears, as their weight, and by `add`s
     whose one reader is a row norm (`DoraRead`); else None."""
-    w = node.args[0] if node.args else None
-    if node.op != "call_method" or node.target != "to" or not isinstance(w, fx.Node):
-        return None
-    value, cast = example_value(w), example_value(node)
-    if not isinstance(cast, torch.Tensor) or cast.device != value.device or not cast.dtype.is_floating_point:
+    if not _is_float_cast(node):
         return None
     reads = _dora_reads(node, transposed)
     if reads is None or not all(_read_as_dora_does(read) for read in reads):
@@ -102,20 +98,21 @@ def dora_read(w: fx.Node, transposed: bool) -> DoraRead | None:
 def packed_dora_read(packed: list[fx.Node]) -> DoraRead | None:
     """PEFT DoRA's reads of a weight already packed (a model quantized ahead or loaded, or a recompile): each
     a `lowra.dequant` of the same packed tensors (or its cast to float32), read only by linears, as their
-    weight, and by the sum whose row norm DoRA takes; for a weight stored (in, out) nothing (its reads pass through PEFT's transpose, left
-    to dequantize)."""
+    weight, and by the sum whose row norm DoRA takes; for a weight stored (in, out) nothing (its reads pass
+    through PEFT's transpose, left to dequantize)."""
     dequants = [u for u in packed[0].users if is_dequant_of(u, packed)]
     # a dequantization cast to another dtype (DoRA's float32 reads of a bf16 base) is read through its casts
-    reads = [r for d in dequants for r in ([d] if _read_as_dora_does(d) else _float_casts(d))]
-    return _dora_read_of(tuple(r for r in reads if _read_as_dora_does(r)))
+    return _dora_read_of(tuple(r for d in dequants for r in (d, *filter(_is_float_cast, d.users))
+                               if _read_as_dora_does(r)))
 
 
-def _float_casts(node: fx.Node) -> list[fx.Node]:
-    """The readers of `node` if every one is a cast to a floating dtype (`to`), else none."""
-    casts = list(node.users)
-    ok = all(u.op == "call_method" and u.target == "to" and u.args[0] is node
-             and isinstance(cast := example_value(u), torch.Tensor) and cast.dtype.is_floating_point for u in casts)
-    return casts if ok else []
+def _is_float_cast(node: fx.Node) -> bool:
+    """`node` is `W.to(dtype)` of a node W to a floating dtype on W's own device (DoRA's `W.to(x.dtype)`)."""
+    w = node.args[0] if node.args else None
+    if node.op != "call_method" or node.target != "to" or not isinstance(w, fx.Node):
+        return False
+    value, cast = example_value(w), example_value(node)
+    return isinstance(cast, torch.Tensor) and cast.device == value.device and cast.dtype.is_floating_point
 
 
 def _dora_read_of(reads: tuple[fx.Node, ...]) -> DoraRead | None:

@@ -146,9 +146,9 @@ def _from_layers_alike(stats: list[SiteStats], layers: list[Layer]) -> list[Site
             raise ValueError(
                 f"lowra: layer {name!r} ran on no calibration tokens (or only on inputs that are all zero), nor did "
                 f"any other layer of its shape here (a branch or an expert the batch never took, or a batch with no "
-                f"rows). Quantize ahead with lowra_compile.quantize_(model, batches): it sees the whole model, so "
-                f"such a layer takes the "
-                f"statistics of those of its shape; or keep it dense with options={{'skip': ({name!r},)}}")
+                f"rows). Quantize ahead with lowra_compile.quantize_(model, batches): it sees the whole model, "
+                f"so such a layer takes the statistics of those of its shape; or keep it dense with "
+                f"options={{'skip': ({name!r},)}}")
         g2 = None if any(a.g2 is None for a in alike) else sum(a.g2 for a in alike) / len(alike)
         x2 = sum(a.x2 * a.tokens for a in alike) / sum(a.tokens for a in alike)
         filled.append(dataclasses.replace(s, x2=x2, g2=g2, gram=None))
@@ -192,8 +192,8 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
             (f"{batches} batch{'es' if batches > 1 else ''}", "give lowra_compile.quantize_ more batches")
         )
         warnings.warn(
-            f"lowra: calibrating on {tokens:,} token{'s' if tokens > 1 else ''} ({given}); the plan, codebooks and rounding are better on "
-            f"{ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): {fix}",
+            f"lowra: calibrating on {tokens:,} token{'s' if tokens > 1 else ''} ({given}); the plan, codebooks and "
+            f"rounding are better on {ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): {fix}",
             stacklevel=3,
         )
 
