@@ -185,6 +185,9 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
     # a mixture's experts count a token once per expert it was routed to (top-k rows): the other layers count tokens
     plain = [s.tokens for s in stats if s is not None and s.expert_tokens is None]
     tokens = max(plain or [s.tokens for s in stats if s is not None] or [0])
+    counted = f"{tokens:,} {'token' if plain else 'row'}{'s' if tokens > 1 else ''}"
+    if not plain:  # a graph of experts alone (a frame per layer): its rows are all there is to count
+        counted += " routed to the experts (a token counts once per expert it takes)"
     if 0 < tokens < ENOUGH_CALIBRATION_TOKENS:
         given, fix = (
             ("the first batch", "quantize ahead on several batches with lowra_compile.quantize_(model, [batch, ...], "
@@ -192,8 +195,8 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
             (f"{batches} batch{'es' if batches > 1 else ''}", "give lowra_compile.quantize_ more batches")
         )
         warnings.warn(
-            f"lowra: calibrating on {tokens:,} token{'s' if tokens > 1 else ''} ({given}); the plan, codebooks and "
-            f"rounding are better on {ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): {fix}",
+            f"lowra: calibrating on {counted} ({given}); the plan, codebooks and rounding are better on "
+            f"{ENOUGH_CALIBRATION_TOKENS:,} or more (16,384-32,768 measured best): {fix}",
             stacklevel=3,
         )
 
