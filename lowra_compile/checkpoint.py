@@ -6,6 +6,9 @@
                                        # (device="cuda": a model on the CPU gets them on the GPU, then model.to("cuda"))
     torch.compile(model, backend="lowra")                               # finds them: no re-quantization
 
+A DoRA adapter not trained yet (B zero) starts on the loaded base as in the run that quantized: its
+magnitude becomes the norm of the packed rows.
+
 One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
 "lowra" holds the packed matrix's shape, dtype, group size, orientation (`transposed`: stored (in, out),
 the packed matrix being its transpose, as GPT-2's Conv1D weights are; a mixture's experts stacked (E, N, K)
@@ -22,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .passes.loftq import dora_magnitude
 from .passes.release import attach, leave_out_of_ddp_sync, packed_shape, packed_weight, quantized_with, release
 from .runtime.format import TENSOR_COUNT, PackedWeight
 from .wrappers import bare_model
@@ -79,8 +83,29 @@ def load_quantized(
             attach(p, packed.pop(name).to(target), transposed=info.get("transposed", False),
                    options=info.get("options"))  # older files: unknown
             release(p)
+    _start_dora_on_the_packed_base(inner, set(map(id, params.values())))
     leave_out_of_ddp_sync(inner)
     return model
+
+
+def _start_dora_on_the_packed_base(model: torch.nn.Module, loaded: set[int]) -> None:
+    """A DoRA adapter not yet trained (B zero) on a weight just loaded packed gets the magnitude the quantizing
+    run gives it, the norm of each row of deq(Q) + s * B @ A: PEFT set it from the dense weight, whose rows are
+    up to a third longer at 2 bits, so the layer would not start as the quantized one. A trained adapter
+    loaded before (B not zero) keeps the magnitude it was saved with."""
+    for module in model.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not magnitudes or id(module.get_base_layer().weight) not in loaded:
+            continue
+        pw = packed_weight(module.get_base_layer().weight)
+        for adapter, magnitude in magnitudes.items():
+            lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            if lora_b.any():
+                continue
+            device = pw.tensors()[0].device
+            with torch.no_grad():
+                magnitude.weight.copy_(dora_magnitude(pw, lora_a.to(device), lora_b.to(device),
+                                                      module.scaling[adapter]))
 
 
 def _read_packed(f, name: str, info: dict, dtype: torch.dtype, path: str | Path) -> PackedWeight:

@@ -206,3 +206,28 @@ def test_a_base_saved_through_ddp_and_compile_wrappers_loads_into_the_bare_model
             torch.testing.assert_close(into_wrapper.module(x), model(x), rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_fresh_dora_adapter_on_a_loaded_base_starts_as_the_quantized_layer_and_a_trained_one_keeps_its_own(tmp_path):
+    # PEFT sets a DoRA magnitude from the dense weight it is built on: loaded under it, the packed base's rows
+    # are shorter (at 2 bits by up to a third), and a new run started from another layer than the quantized one
+    from .tiny_models import batch, tiny_peft_llama
+
+    data = batch(16)
+    first = lowra_compile.quantize_(tiny_peft_llama(use_dora=True), data,
+                                    {"bits": 2.0, "loftq_iters": 0, "progress": False})  # B stays 0
+    lowra_compile.save_quantized(first, tmp_path / "base.safetensors")
+    fresh = lowra_compile.load_quantized(tiny_peft_llama(use_dora=True), tmp_path / "base.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**data).logits, first(**data).logits)
+
+    trained = tiny_peft_llama(use_dora=True)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                p.uniform_(0.1, 0.2)
+    saved = {n: p.clone() for n, p in trained.named_parameters() if "lora_magnitude" in n}
+    lowra_compile.load_quantized(trained, tmp_path / "base.safetensors")
+    for name, p in trained.named_parameters():
+        if "lora_magnitude" in name:
+            torch.testing.assert_close(p, saved[name], rtol=0, atol=0, msg=name)
