@@ -12,7 +12,8 @@ magnitude becomes the norm of the packed rows.
 One file: tensor "<parameter name>::<i>" is item i of `PackedWeight.tensors()`; the header metadata
 "lowra" holds the packed matrix's shape, dtype, group size, orientation (`transposed`: stored (in, out),
 the packed matrix being its transpose, as GPT-2's Conv1D weights are; a mixture's experts stacked (E, N, K)
-are packed as (E*N, K)) and the quantizing options (`options`) per parameter.
+are packed as (E*N, K)) and the quantizing options (`options`) per parameter; "lowra_dense" lists the frozen
+linear weights the saving model left dense (its `skip`), which a resumed run is warned of if it quantizes them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 
 from .passes.loftq import dora_magnitude
 from .passes.release import attach, leave_out_of_ddp_sync, packed_shape, packed_weight, quantized_with, release
+from .report import dense_linear_weights
 from .runtime.format import TENSOR_COUNT, PackedWeight
 from .wrappers import bare_model
 
@@ -46,7 +48,9 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
         }
     if not meta:
         raise ValueError("lowra: the model has no packed weights; run one compiled step (or quantize_) first")
-    save_file(tensors, str(path), metadata={"lowra": json.dumps(meta)})
+    # the frozen linears this run left dense (`skip`, ties): a resumed run that quantizes them warns
+    dense = [name for name, _ in dense_linear_weights(bare_model(model))]
+    save_file(tensors, str(path), metadata={"lowra": json.dumps(meta), "lowra_dense": json.dumps(dense)})
     return len(meta)
 
 
@@ -83,6 +87,10 @@ def load_quantized(
             attach(p, packed.pop(name).to(target), transposed=info.get("transposed", False),
                    options=info.get("options"))  # older files: unknown
             release(p)
+        for name in json.loads(header.get("lowra_dense", "[]")):  # older files: not recorded
+            p = _parameter(inner, unwrapped, name)
+            if p is not None:
+                p._lowra_dense_in = str(path)
     _start_dora_on_the_packed_base(inner, set(map(id, params.values())))
     leave_out_of_ddp_sync(inner)
     return model
@@ -137,19 +145,24 @@ def _by_unwrapped_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def _parameter(model: torch.nn.Module, unwrapped: dict[str, torch.nn.Parameter], name: str) -> torch.nn.Parameter | None:
+    """`model`'s parameter `name`, or the one of the same name without PEFT's wrapping; None if neither."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return unwrapped.get(_unwrapped(name))
+
+
 def _matching_parameter(model: torch.nn.Module, unwrapped: dict[str, torch.nn.Parameter], name: str, info: dict,
                         path: str | Path) -> torch.nn.Parameter:
     """`model`'s parameter `name`, or the one of the same name without PEFT's wrapping, checked to have the
     shape the file packed it in."""
-    try:
-        p = model.get_parameter(name)
-    except AttributeError as err:
-        p = unwrapped.get(_unwrapped(name))
-        if p is None:
-            raise ValueError(
-                f"lowra: {path} holds layer {name!r}, which this model does not have (with or without PEFT's "
-                "wrapping): load it into the architecture it was saved from"
-            ) from err
+    p = _parameter(model, unwrapped, name)
+    if p is None:
+        raise ValueError(
+            f"lowra: {path} holds layer {name!r}, which this model does not have (with or without PEFT's "
+            "wrapping): load it into the architecture it was saved from"
+        )
     transposed = info.get("transposed", False)  # files written before GPT-2's Conv1D was packed lack it
     if packed_shape(tuple(p.shape), transposed) != tuple(info["shape"]):
         raise ValueError(

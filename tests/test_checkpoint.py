@@ -231,3 +231,25 @@ def test_a_fresh_dora_adapter_on_a_loaded_base_starts_as_the_quantized_layer_and
     for name, p in trained.named_parameters():
         if "lora_magnitude" in name:
             torch.testing.assert_close(p, saved[name], rtol=0, atol=0, msg=name)
+
+
+def test_resuming_without_the_saving_runs_skip_warns_of_the_layers_it_left_dense(tmp_path):
+    # the file held only the packed layers: a resumed run without `skip` quantized the ones kept dense, silently
+    import warnings
+
+    from .tiny_models import batch, tiny_peft_llama
+
+    options = {"bits": 2.0, "loftq_iters": 0, "progress": False}
+    first = lowra_compile.quantize_(tiny_peft_llama(), batch(16), {**options, "skip": ("down_proj",)})
+    lowra_compile.save_quantized(first, tmp_path / "base.safetensors")
+    resumed = lowra_compile.load_quantized(tiny_peft_llama(), tmp_path / "base.safetensors")
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) \(e.g. '.*layers.0.mlp.down_proj.base_layer.weight'\) "
+                                         r"were left dense by the run that saved .*base.safetensors"):
+        lowra_compile.quantize_(resumed, batch(16), options)
+
+    resumed = lowra_compile.load_quantized(tiny_peft_llama(), tmp_path / "base.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowra_compile.quantize_(resumed, batch(16), {**options, "skip": ("down_proj",)})
+    assert not [w for w in caught if "left dense by the run" in str(w.message)]
+    assert not isinstance(resumed.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight, ReleasedWeight)

@@ -201,6 +201,21 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
         )
 
 
+def _warn_dense_in_saved_run(layers: list[Layer]) -> None:
+    """A layer that the run which saved the loaded packed base left dense (its `skip`) is about to be quantized:
+    the base then differs from the one that run's adapters trained on."""
+    dense = [(layer.site.name, layer.weight._lowra_dense_in) for layer in layers
+             if hasattr(layer.weight, "_lowra_dense_in")]
+    if dense:
+        name, path = dense[0]
+        warnings.warn(
+            f"lowra: {len(dense)} layer(s) (e.g. {name!r}) were left dense by the run that saved {path}, and "
+            "are quantized now: the base is no longer the one that run's adapters trained on. To resume it as it "
+            "was, compile (or quantize_) with that run's options={'skip': (...)}",
+            stacklevel=4,
+        )
+
+
 def _warn_quantized_before(layers: list[Layer], group_size: int) -> None:
     """A weight that takes at most 16 values in each group of its first rows was dequantized from 1-4 bits, as a
     state dict of a packed model holds it: quantized again, it makes another base than the one its adapters
@@ -315,6 +330,7 @@ def quantize_layers(
         stats = average_statistics(stats)
     _hint_more_calibration(stats, batches)
     _warn_quantized_before(layers, config.group_size)
+    _warn_dense_in_saved_run(layers)
     factors = _HessianFactors(stats)  # None for every layer unless rounding="gptq"
     choices, fit = config.allowed_bits, codebook_fit(config)
     seconds = [{"calibrate": calibrate_seconds / len(layers)} for _ in layers]
