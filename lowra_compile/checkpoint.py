@@ -66,7 +66,7 @@ def load_quantized(
     device = torch.device(device) if device is not None else None
     inner = bare_model(model)
     # under torch.inference_mode() too, the packed tensors must be ordinary ones: training saves them for backward
-    with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
+    with torch.inference_mode(False), _open(path) as f:
         header = f.metadata() or {}
         if "lowra" not in header:
             raise ValueError(f"lowra: {path} holds no packed weights (it was not written by save_quantized); "
@@ -114,6 +114,14 @@ def _start_dora_on_the_packed_base(model: torch.nn.Module, loaded: set[int]) -> 
             with torch.no_grad():
                 magnitude.weight.copy_(dora_magnitude(pw, lora_a.to(device), lora_b.to(device),
                                                       module.scaling[adapter]))
+
+
+def _open(path: str | Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as err:  # "header too large" of a torch.save file, which is what it usually is
+        raise ValueError(f"lowra: {path} is not a safetensors file written by save_quantized (a torch.save "
+                         f"checkpoint or another format?): {err}") from err
 
 
 def _read_packed(f, name: str, info: dict, dtype: torch.dtype, path: str | Path) -> PackedWeight:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,22 @@ def _count(text: str) -> int:
     value = int(text)  # argparse reports the ValueError of a non-number as "invalid _count value"
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _window(text: str) -> int:
+    """argparse type: tokens per window, at least 2 (a window of one token has no next token to predict)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, a token and the next one to predict; got {value}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    """argparse type: a finite learning rate above 0 (AdamW refuses the rest, minutes into the demo)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0; got {text}")
     return value
 
 
@@ -45,7 +62,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=2.0, help="average code bits per weight (budget)")
     p.add_argument("--choices", type=_widths, default=(1, 2, 3, 4), help="bit widths a channel may take, comma separated")
     p.add_argument("--calibrate", default="fisher", choices=CALIBRATION)
-    p.add_argument("--window", type=_count, default=256, help="tokens per calibration window")
+    p.add_argument("--window", type=_window, default=256, help="tokens per calibration window")
     # 4,096 tokens, what the demo calibrates on: below that the plan is worse and quantize_ says so
     p.add_argument("--windows", type=_count, default=16, help="calibration windows")
     p.add_argument("--batch", type=_count, default=4, help="windows per calibration batch (batches run one at a time)")
@@ -56,9 +73,9 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=_count, default=8, help="LoRA rank")
     parser.add_argument("--steps", type=_count, default=30, help="fine-tuning steps")
     parser.add_argument("--batch-size", type=_count, default=4, help="windows per step")
-    parser.add_argument("--window", type=_count, default=256, help="tokens per window (training and evaluation)")
+    parser.add_argument("--window", type=_window, default=256, help="tokens per window (training and evaluation)")
     parser.add_argument("--eval-windows", type=_count, default=32, help="held-out windows for perplexity")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=_learning_rate, default=1e-3, help="AdamW learning rate")
     parser.add_argument(
         "--calib-batches", type=_count, default=4,
         help="training batches the backend calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
@@ -90,13 +107,14 @@ def _check(args: argparse.Namespace) -> None:
     batches, the report's output files. Raises ValueError."""
     from . import demo
 
-    if args.command in ("plan", "report"):
-        try:
+    try:
+        if args.command in ("plan", "report"):
             plan_config(args)
-        except ValueError as e:  # named as the flags that set them
-            raise ValueError(re.sub(r"\bbit_choices\b", "--choices", re.sub(r"\bbits=", "--bits=", str(e)))) from e
+        if args.command == "demo":
+            LowRAConfig.from_options(demo.options(args))
+    except ValueError as e:  # named as the flags that set them
+        raise ValueError(re.sub(r"\bbit_choices\b", "--choices", re.sub(r"\bbits=", "--bits=", str(e)))) from e
     if args.command == "demo":
-        LowRAConfig.from_options(demo.options(args))
         if args.calib_batches > args.steps:
             raise ValueError(f"--calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
     if args.command == "report":
@@ -213,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _check(args)
     except ValueError as err:
-        parser.error(str(err).removeprefix("lowra: "))
+        parser.exit(2, f"{parser.prog} {args.command}: error: {str(err).removeprefix('lowra: ')} "
+                       f"(see {parser.prog} {args.command} --help)\n")
     {"demo": demo.run, "plan": _plan, "report": _report, "bench": _bench}[args.command](args)
 
 

@@ -33,4 +33,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
             count += targets.numel()
     finally:
         model.train(was_training)
+    if not count:
+        raise ValueError(f"lowra: perplexity of windows {tuple(windows.shape)}: no token to predict (a window needs "
+                         "at least 2 tokens)")
     return math.exp(total / count)

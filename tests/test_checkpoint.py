@@ -61,6 +61,12 @@ def test_a_file_of_something_else_is_refused_naming_it(tmp_path):
         lowra_compile.load_quantized(_frozen_mlp(), tmp_path / "adapter.safetensors")
 
 
+def test_a_file_that_is_not_safetensors_is_refused_naming_it(tmp_path):
+    torch.save(_frozen_mlp().state_dict(), tmp_path / "model.pt")  # safetensors said only "header too large"
+    with pytest.raises(ValueError, match=r"model.pt is not a safetensors file written by save_quantized"):
+        lowra_compile.load_quantized(_frozen_mlp(), tmp_path / "model.pt")
+
+
 def test_a_base_loaded_under_inference_mode_trains_and_quantizing_there_is_refused(tmp_path):
     lowra_compile.save_quantized(_quantized_mlp(), tmp_path / "base.safetensors")
     with torch.inference_mode():

@@ -34,7 +34,11 @@ def test_plan_quantizes_every_linear_of_a_trainable_model_at_the_budget(bits):
 @pytest.mark.parametrize("argv,message", [
     (("plan", "--batch", "0"), "--batch: must be at least 1"),
     (("plan", "--windows", "0"), "--windows: must be at least 1"),
-    (("plan", "--window", "-1"), "--window: must be at least 1"),
+    (("plan", "--window", "-1"), "--window: must be at least 2"),
+    (("demo", "--window", "1"), "--window: must be at least 2"),  # no token to predict: a ZeroDivisionError later
+    (("demo", "--lr", "-1"), "--lr: must be a finite number above 0"),  # AdamW refused it minutes later
+    (("demo", "--lr", "nan"), "--lr: must be a finite number above 0"),
+    (("demo", "--bits", "5"), "lowra demo: error: --bits=5.0 is outside"),  # named as the flag, and the command
     (("plan", "--bits", "5"), "--bits=5.0 is outside"),
     (("plan", "--choices", "1,5"), "must be a non-empty subset"),
     (("report", "--choices", "2,4", "--bits", "1.5"), "add smaller widths to --choices"),  # named as the flag

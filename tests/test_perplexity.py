@@ -46,6 +46,11 @@ def test_perplexity_is_exp_mean_nll_and_reproducible():
     assert 1.0 < value < 2 * VOCAB  # a random model is near uniform over the vocabulary
 
 
+def test_perplexity_of_windows_with_no_token_to_predict_is_refused():
+    with pytest.raises(ValueError, match=r"no token to predict"):  # was a ZeroDivisionError
+        perplexity(tiny_llama().eval(), _windows()[:, :1])
+
+
 def test_perplexity_of_a_compiled_model_compiles_one_graph_for_a_short_last_batch():
     graphs = []
 
