@@ -118,7 +118,12 @@ def _check(args: argparse.Namespace) -> None:
         if args.calib_batches > args.steps:
             raise ValueError(f"--calib-batches must lie in [1, --steps={args.steps}]; got {args.calib_batches}")
     if args.command == "report":
-        for path in filter(None, (args.json, args.markdown, args.png)):
+        outputs = [path for path in (args.json, args.markdown, args.png) if path]
+        if not outputs:
+            raise ValueError("give at least one of --json, --markdown, --png (lowra plan prints the plan)")
+        if len({path.resolve() for path in outputs}) < len(outputs):
+            raise ValueError("--json, --markdown and --png name one file twice: the second would overwrite the first")
+        for path in outputs:
             _check_writable(path)
         if args.png and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--png needs matplotlib: pip install matplotlib (or the project's [demo] extra)")

@@ -47,6 +47,8 @@ def test_plan_quantizes_every_linear_of_a_trainable_model_at_the_budget(bits):
     (("report", "--json", "/"), "/ is a folder; give a file name in it"),
     (("report", "--markdown", "/proc/r.md"), "cannot write /proc/r.md"),
     (("bench", "--iters", "0"), "--iters: must be at least 1"),
+    (("report",), "give at least one of --json, --markdown, --png"),  # it quantized, then wrote nothing
+    (("report", "--json", "r.out", "--markdown", "r.out"), "name one file twice"),
 ])
 def test_bad_arguments_stop_before_the_model_loads(argv, message, model_must_not_load, capsys):
     with pytest.raises(SystemExit):
