@@ -15,6 +15,7 @@ This module must not register the backend itself: the `torch_dynamo_backends` en
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +33,9 @@ from .passes.pipeline import placeholder_values, quantize_sites
 from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
 from .passes.sites import LinearSite
+from .passes.sources import MODULE_PATH
 from .recompile_room import count_layer
+from .wrappers import bare_model
 
 
 # torch's compile caches key a graph on its nodes, not on the Python behind a custom op's autograd and
@@ -120,6 +123,22 @@ def _frame_locals() -> dict:
     """The local variables of the frame Dynamo is compiling (`self`: the module whose forward the graph is)."""
     tx = _frame()
     return tx.output.local_scope if tx is not None else {}
+
+
+def _frame_module_path() -> str:
+    """The path of the module whose forward Dynamo compiles in the outermost module on the Python stack that
+    holds it: the model's own name for it ("" for the model itself, or outside a compile), so that names and
+    `skip` read as in model.named_parameters() in a graph that a graph break cut out of the model."""
+    own = _frame_locals().get("self")
+    if not isinstance(own, torch.nn.Module):
+        return ""
+    path, frame = "", sys._getframe(1)
+    while frame is not None:  # the callers of the compiled frame, innermost first: the last found is outermost
+        outer = frame.f_locals.get("self")
+        if isinstance(outer, torch.nn.Module) and outer is not own:
+            path = next((name for name, m in bare_model(outer).named_modules() if m is own), path)
+        frame = frame.f_back
+    return path
 
 
 def _frame_modules() -> list[torch.nn.Module]:
@@ -233,6 +252,7 @@ def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | Low
     """`gm` with its linears written as such (`linear_forms`, a copy) and its sites; a graph with sites
     raises under FSDP and warns when it asks other quantizing options of layers packed earlier."""
     gm = linear_forms(gm)
+    gm.meta[MODULE_PATH] = _frame_module_path()
     sites = match_sites(gm, config.skip, config.pack_routers, _frame_holds_frozen_matrix)
     if sites:
         refuse_fsdp(sites)

@@ -5,6 +5,7 @@ import copy
 import gc
 import itertools
 import math
+import re
 import warnings
 import weakref
 
@@ -640,6 +641,25 @@ def test_reentrant_checkpointing_trains_as_the_dequantized_model_and_quantize_ah
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*no loss gradient")
         lowra_compile.quantize_(model, batch(16), QUIET)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_graph_cut_out_of_the_model_names_its_layers_and_takes_skip_as_the_model_names_them(ahead):
+    # reentrant checkpointing breaks the graph inside the model: its graphs' parameter names started at the
+    # module compiled ('layers.0.self_attn...'), so a skip of the name report() and named_parameters() give
+    # packed the layer anyway, and the warnings named layers by a path the model does not have
+    model = tiny_peft_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    options = {**QUIET, "skip": ("base_model.model.model.layers.0.mlp",)}
+    with pytest.warns(UserWarning) as caught:
+        if ahead:
+            lowra_compile.quantize_(model, batch(16), options)
+        else:
+            _compile(model, **options)(**batch(16)).loss.backward()
+    packed = [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)]
+    assert len(packed) == 12 and not [n for n in packed if "layers.0.mlp" in n]  # 14 linears and lm_head, 3 skipped
+    names = re.findall(r"layer\(s\) \(e.g. '([^']+)'", " ".join(str(w.message) for w in caught))
+    assert ahead or names and all(name in dict(model.named_parameters()) for name in names)  # ahead: no such warning
 
 
 def test_a_recompile_of_checkpointed_layers_fuses_their_lora_branches_again(monkeypatch):

@@ -28,11 +28,21 @@ def source_to_fqn(source) -> str:
     return ".".join(names).replace(".[", "[")
 
 
+# gm.meta key: where the module whose forward the graph is sits in the model ("" for the model itself). A graph
+# break inside a model compiles pieces of it (a decoder layer, the inner LlamaModel) whose sources start there.
+MODULE_PATH = "lowra_module_path"
+
+
 def placeholder_name(node: fx.Node) -> str:
-    """The parameter name of a placeholder, or the placeholder's own name when it has no source."""
+    """The parameter name of a placeholder as the model names it (the graph's MODULE_PATH before its source's
+    name), or the placeholder's own name when it has no source."""
     source = getattr(node, "_dynamo_source", None)
     name = source_to_fqn(source) if source is not None else ""
-    return name or str(node.target)
+    if not name:
+        return str(node.target)
+    owner = node.graph.owning_module
+    path = owner.meta.get(MODULE_PATH, "") if owner is not None else ""
+    return f"{path}.{name}" if path else name
 
 
 def is_parameter(node: fx.Node) -> bool:
