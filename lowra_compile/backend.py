@@ -134,11 +134,18 @@ def _frame_module_path() -> str:
         return ""
     path, frame = "", sys._getframe(1)
     while frame is not None:  # the callers of the compiled frame, innermost first: the last found is outermost
-        outer = frame.f_locals.get("self")
-        if isinstance(outer, torch.nn.Module) and outer is not own:
-            path = next((name for name, m in bare_model(outer).named_modules() if m is own), path)
+        # only the frames of module calls: reading a frame's f_locals keeps a copy of them on the frame (Python
+        # 3.11, 3.12), which in the user's own function would hold its tensors after it dropped them; a module
+        # call's frame ends with the call
+        if frame.f_code in _MODULE_CALLS:
+            outer = frame.f_locals.get("self")
+            if isinstance(outer, torch.nn.Module) and outer is not own:
+                path = next((name for name, m in bare_model(outer).named_modules() if m is own), path)
         frame = frame.f_back
     return path
+
+
+_MODULE_CALLS = (torch.nn.Module._wrapped_call_impl.__code__, torch.nn.Module._call_impl.__code__)
 
 
 def _frame_modules() -> list[torch.nn.Module]:
