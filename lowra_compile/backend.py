@@ -267,7 +267,8 @@ def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | Low
     return gm, sites
 
 
-def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None) -> Callable:
+def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping | LowRAConfig | None = None,
+                  mode: str | None = None) -> Callable:
     """Rewrite `gm`'s frozen linears to packed low-bit `lowra.lora_linear` calls and compile the result."""
     config = LowRAConfig.from_options(options)
     inductor_options = mode_options(mode or config.mode, config.inner)

@@ -28,6 +28,10 @@ from .wrappers import bare_model
 
 @dataclass(frozen=True)
 class LayerRow:
+    """One packed layer: its parameter's name, its (out, in) shape, output channels per bit width, code bits
+    and effective bits per weight (codes + codebooks + scales + permutation), bytes dense and packed, whether
+    its dense weight was released, the Triton kernels that ran on it, and seconds per quantizing stage."""
+
     name: str
     shape: tuple[int, int]
     channels_per_bits: dict[int, int]
@@ -42,6 +46,9 @@ class LayerRow:
 
 @dataclass(frozen=True)
 class KernelReport:
+    """What lowra did to a model (`lowra_compile.report(model)`): a `LayerRow` per packed layer, the kernel
+    log's entries (op, bit widths, shape, calls), and the frozen linear weights left dense with why."""
+
     layers: tuple[LayerRow, ...]
     kernels: tuple[dict, ...] = field(default_factory=tuple)
     dense: tuple[str, ...] = ()  # frozen linear weights left dense
@@ -49,6 +56,7 @@ class KernelReport:
 
     @property
     def params(self) -> int:
+        """Weights in the packed layers."""
         return sum(r.shape[0] * r.shape[1] for r in self.layers)
 
     def _weighted(self, attr: str) -> float:
@@ -57,18 +65,22 @@ class KernelReport:
 
     @property
     def code_bits(self) -> float:
+        """Mean code bits per weight of the packed layers (the budget the plan met)."""
         return self._weighted("code_bits")
 
     @property
     def effective_bits(self) -> float:
+        """Mean bits per weight stored: codes, codebooks, group scales and permutation."""
         return self._weighted("effective_bits")
 
     @property
     def bytes_dense(self) -> int:
+        """Bytes the packed layers' weights took dense, in their dtype."""
         return sum(r.bytes_dense for r in self.layers)
 
     @property
     def bytes_packed(self) -> int:
+        """Bytes the packed layers take now."""
         return sum(r.bytes_packed for r in self.layers)
 
     @property
@@ -81,6 +93,7 @@ class KernelReport:
         return total
 
     def summary(self) -> dict:
+        """The totals as a dict (what `to_json` puts under "summary")."""
         return {
             "layers": len(self.layers),
             "params": self.params,
@@ -95,6 +108,7 @@ class KernelReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The summary, every layer's row and the kernel log, as JSON."""
         return json.dumps(
             {"summary": self.summary(), "layers": [asdict(r) for r in self.layers], "kernels": list(self.kernels)},
             indent=indent,
@@ -149,6 +163,7 @@ class KernelReport:
         return "\n".join(["lowra kernel report", *self._table("  ", False), self._footer()])
 
     def to_markdown(self) -> str:
+        """The table of `str(report)` in Markdown, with its footer."""
         return "\n".join([*self._table(" | ", True), "", self._footer()])
 
     def plot(self, path: str | os.PathLike) -> None:

@@ -47,6 +47,28 @@ def test_a_packed_model_moves_to_meta_and_back_through_to_empty_and_load_quantiz
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
+def test_the_readmes_meta_and_back_recipe_restores_a_rope_models_outputs(tmp_path):
+    # load_state_dict brings back the buffers a state dict holds; RoPE's inv_freq is in none, so the README
+    # keeps every buffer across the move (without it the logits differed, silently)
+    from .tiny_models import batch, tiny_peft_llama
+
+    data = batch(16)
+    model = lowra_compile.quantize_(tiny_peft_llama(), data, {"bits": 2.0, "progress": False})
+    with torch.no_grad():
+        expected = model(**data).logits
+    lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
+    rest = {k: v for k, v in model.state_dict().items() if "base_layer.weight" not in k}  # what the file lacks
+    kept = {n: b.clone() for n, b in model.named_buffers()}
+    model.to("meta")
+    model.to_empty(device="cpu")
+    lowra_compile.load_quantized(model, tmp_path / "base.safetensors")
+    model.load_state_dict(rest, strict=False)
+    with torch.no_grad():
+        for n, b in kept.items():
+            model.get_buffer(n).copy_(b)
+        torch.testing.assert_close(model(**data).logits, expected, rtol=0, atol=0)
+
+
 def test_a_base_loaded_into_a_cast_model_dequantizes_to_its_dtype(tmp_path):
     model = _quantized_mlp()
     lowra_compile.save_quantized(model, tmp_path / "base.safetensors")
