@@ -22,7 +22,7 @@ def test_demo_calibrates_on_several_training_batches_by_default():
     (("--bits", "5"), "bits=5.0 is outside"),
     (("--inner", "foo"), "--inner: invalid choice"),
     (("--rank", "0"), "--rank: must be at least 1"),
-    (("--window", "x"), "--window: invalid _count value"),
+    (("--window", "x"), "--window: invalid _window value"),
 ])
 def test_demo_rejects_bad_arguments_before_loading_the_model(argv, message, model_must_not_load, capsys):
     with pytest.raises(SystemExit):
