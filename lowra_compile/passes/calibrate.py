@@ -125,6 +125,8 @@ class _Recorder(fx.Interpreter):
             site = self.sites[self.inputs[n]]
             key, x = self.keys[self.inputs[n]], n.args[0]
             self._x_added.add((key, x))  # one weight on one input twice (a layer called twice): its rows count once
+            # a float16 model (whose probed output, summed with a float32 adapter, may be float32): the backward
+            # runs in float16 (_loss_gradients)
             self.sums.float16 |= self.env[x].dtype == torch.float16
             rows = _rows(self.env[x])
             if site.experts:
@@ -148,6 +150,7 @@ class _Recorder(fx.Interpreter):
             # Adding a zero that requires grad makes even a layer with no trainable input differentiable.
             probe = torch.zeros((), device=result.device, dtype=result.dtype, requires_grad=True)
             result = result + probe
+            self.sums.float16 |= result.dtype == torch.float16  # float16 autocast: inputs may be float32
             key = self.keys[self.outputs[n]]
             self.probes.append((key, result, self.offsets.get(key)))
         return result
@@ -193,7 +196,7 @@ def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, 
     A loss that is a mean over a batch's n rows gives each row a gradient 1/n of its own: scaled back by n,
     every row counts alike, so a short last batch weighs by its rows (it took over E[g^2] as 1/n^2, 5,000
     times the three long batches beside it). Only a common scale is left, which the plan does not see."""
-    grads = _loss_gradients(loss, [p for _, p, _ in probes], sums.float16)
+    grads, scale = _loss_gradients(loss, [p for _, p, _ in probes], sums.float16)
     found = [(key, offsets, g) for (key, _, offsets), g in zip(probes, grads) if g is not None]
     # the batch's rows, one scale for every layer: what a plain linear reads (a grouped layer reads each token
     # once per expert it takes)
@@ -201,7 +204,7 @@ def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, 
     n = max((g.numel() // g.shape[-1] for g in plain), default=0)
     for key, offsets, g in found:
         rows = _rows(g)
-        squares = rows.pow(2) * n**2
+        squares = rows.pow(2) * (n / scale) ** 2
         if offsets is None:
             _add(sums.g2, key, squares.sum(0))
         else:  # [E*N]: what each expert's output error costs, its routed rows counted as a share of the n
@@ -215,15 +218,17 @@ def _add_loss_gradients(sums: _Sums, loss: Tensor, probes: list[tuple[Hashable, 
 _FP16_LOSS_SCALES = tuple(2.0 ** e for e in range(16, -1, -4))
 
 
-def _loss_gradients(loss: Tensor, probes: list[Tensor], float16: bool) -> list[Tensor | None]:
-    """dL/d(probe) for each probe (None where the loss does not reach it); of a graph that ran layers in
-    float16 (`float16`), taken scaled and returned in float32."""
+def _loss_gradients(loss: Tensor, probes: list[Tensor], float16: bool) -> tuple[list[Tensor | None], float]:
+    """(d(scale * L)/d(probe) for each probe, None where the loss does not reach it; scale): 1, unless the
+    graph ran layers in float16 (`float16`). The backward at 2^16 keeps its graph for a retry at a smaller
+    scale, so it frees no saved activation before it ends (float16 graphs only)."""
     if not float16:
-        return list(torch.autograd.grad(loss, probes, allow_unused=True))
+        return list(torch.autograd.grad(loss, probes, allow_unused=True)), 1.0
     for scale in _FP16_LOSS_SCALES:
         grads = torch.autograd.grad(loss * scale, probes, allow_unused=True, retain_graph=scale > 1)
-        if scale == 1 or all(g is None or torch.isfinite(g).all() for g in grads):
-            return [None if g is None else g.float() / scale for g in grads]
+        finite = [torch.isfinite(g).all() for g in grads if g is not None]
+        if scale == 1 or not finite or bool(torch.stack(finite).all()):  # one device sync per try
+            return list(grads), scale
 
 
 def _expert_sums(values: Tensor, offsets: Tensor) -> Tensor:

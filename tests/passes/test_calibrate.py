@@ -40,14 +40,30 @@ def test_first_batch_second_moments_and_loss_gradients():
     assert model.head.grad is None, "calibration must not leave gradients on parameters"
 
 
-def test_loss_gradients_of_a_float16_graph_are_taken_scaled_and_match_float32():
+@pytest.mark.parametrize("half", ["model", "autocast", "autocast on the first layer"])
+def test_loss_gradients_of_a_float16_graph_are_taken_scaled_and_match_float32(half):
     # a mean loss over 4,096 rows gives each row's output a gradient below float16's normal range: unscaled,
-    # E[g^2] lost 36-42% of q_proj's on a tiny Llama (every width planned on it)
+    # E[g^2] lost 36-42% of q_proj's on a tiny Llama (every width planned on it). Under autocast a layer may
+    # read float32 and write float16: the first one here, or the only float16 one.
     model, x, target = TwoLayers(), torch.randn(64, 64, 8), torch.randn(64, 64, 4)
     with torch.no_grad():
         model.head.mul_(1e-3)  # unscaled: the first layer's E[g^2] 27% off
     wide = calibrate(*_graph_and_sites(model, x, target))
-    half = calibrate(*_graph_and_sites(model.half(), x.half(), target.half()))
+
+    def under_autocast(x, target):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return model(x, target)
+
+    def first_under_autocast(x, target):
+        with torch.autocast("cpu", dtype=torch.float16):
+            h = model.a(x)
+        return ((model.b(torch.tanh(h.float())) * model.head - target) ** 2).mean()
+
+    if half == "model":
+        half = calibrate(*_graph_and_sites(model.half(), x.half(), target.half()))
+    else:
+        run = under_autocast if half == "autocast" else first_under_autocast
+        half = calibrate(*_graph_and_sites(run, x, target))
     for got, expected in zip(half, wide):
         assert got.g2.dtype == torch.float32
         torch.testing.assert_close(got.g2, expected.g2, rtol=2e-2, atol=0)
