@@ -133,7 +133,7 @@ def _frame_module_path() -> str:
     if not isinstance(own, torch.nn.Module):
         return ""
     path, frame = "", sys._getframe(1)
-    while frame is not None:  # the callers of the compiled frame, innermost first: the last found is outermost
+    while frame is not None:  # the callers of the compiled frame, innermost first
         # only the frames of module calls: reading a frame's f_locals keeps a copy of them on the frame (Python
         # 3.11, 3.12), which in the user's own function would hold its tensors after it dropped them; a module
         # call's frame ends with the call
@@ -141,8 +141,17 @@ def _frame_module_path() -> str:
             outer = frame.f_locals.get("self")
             if isinstance(outer, torch.nn.Module) and outer is not own:
                 path = next((name for name, m in bare_model(outer).named_modules() if m is own), path)
+                if _compiled_here(outer):  # the model torch.compile was given: a module around it is not the model's
+                    break
         frame = frame.f_back
     return path
+
+
+def _compiled_here(module: torch.nn.Module) -> bool:
+    """Whether `module` is where compilation starts: a torch.compile or DDP wrapper, or a module compiled in
+    place (`model.compile()`)."""
+    wrapped = bare_model(module) is not module
+    return wrapped or getattr(module, "_compiled_call_impl", None) is not None
 
 
 _MODULE_CALLS = (torch.nn.Module._wrapped_call_impl.__code__, torch.nn.Module._call_impl.__code__)
