@@ -83,6 +83,7 @@ def load_quantized(
             if target != p.device:
                 with torch.no_grad():  # one layer's worth, uninitialised: `release` frees it below
                     p.data = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=target)
+            p.__dict__.pop("_lowra_dense_in", None)  # dense in an earlier file's run, packed in this one's
             p.requires_grad_(False)  # a packed weight gets no gradient: loaded into a model not yet frozen, it trains no more
             attach(p, packed.pop(name).to(target), transposed=info.get("transposed", False),
                    options=info.get("options"))  # older files: unknown

@@ -19,6 +19,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     compiled model compiles one graph, not a second with a dynamic batch size. The model's train/eval
     mode is restored afterwards (a compiled model recompiles per mode, quantizing nothing again).
     """
+    if windows.dim() != 2 or not len(windows) or windows.shape[1] < 2:
+        raise ValueError(f"lowra: perplexity of windows {tuple(windows.shape)}: no token to predict (give [n, window] "
+                         "token ids, n >= 1, window >= 2)")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -33,7 +36,4 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
             count += targets.numel()
     finally:
         model.train(was_training)
-    if not count:
-        raise ValueError(f"lowra: perplexity of windows {tuple(windows.shape)}: no token to predict (a window needs "
-                         "at least 2 tokens)")
     return math.exp(total / count)

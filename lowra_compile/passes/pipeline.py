@@ -187,7 +187,7 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
     tokens = max(plain or [s.tokens for s in stats if s is not None] or [0])
     counted = f"{tokens:,} {'token' if plain else 'row'}{'s' if tokens > 1 else ''}"
     if not plain:  # a graph of experts alone (a frame per layer): its rows are all there is to count
-        counted += " routed to the experts (a token counts once per expert it takes)"
+        counted += " routed to the experts, a token once per expert it takes,"
     if 0 < tokens < ENOUGH_CALIBRATION_TOKENS:
         given, fix = (
             ("the first batch", "quantize ahead on several batches with lowra_compile.quantize_(model, [batch, ...], "
@@ -208,10 +208,12 @@ def _warn_dense_in_saved_run(layers: list[Layer]) -> None:
              if hasattr(layer.weight, "_lowra_dense_in")]
     if dense:
         name, path = dense[0]
+        skip = tuple(name for name, _ in dense)
         warnings.warn(
-            f"lowra: {len(dense)} layer(s) (e.g. {name!r}) were left dense by the run that saved {path}, and "
-            "are quantized now: the base is no longer the one that run's adapters trained on. To resume it as it "
-            "was, compile (or quantize_) with that run's options={'skip': (...)}",
+            f"lowra: {len(dense)} layer(s) (e.g. {name!r}) were left dense by the run that saved {path} (by its "
+            "skip, or for a reason its report().dense gave), and are quantized now: the base is no longer the one "
+            f"that run's adapters trained on. To keep them dense, compile (or quantize_) with options={{'skip': "
+            f"{skip!r}}}",
             stacklevel=4,
         )
 

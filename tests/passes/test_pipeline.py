@@ -200,7 +200,7 @@ def test_the_calibration_hint_counts_tokens_not_the_rows_a_mixture_routes_to_its
     experts = SiteStats(torch.ones(4, 8), None, None, 32, torch.tensor([10, 12, 6, 4]))  # top-2: each token twice
     with pytest.warns(UserWarning, match=r"calibrating on 16 tokens \(the first batch\)"):
         pipeline._hint_more_calibration([experts, None, attention], None)
-    routed = r"calibrating on 32 rows routed to the experts \(a token counts once per expert it takes\) \(2 batches\)"
+    routed = r"calibrating on 32 rows routed to the experts, a token once per expert it takes, \(2 batches\)"
     with pytest.warns(UserWarning, match=routed):
         pipeline._hint_more_calibration([experts], 2)  # experts alone: their rows are all there is to count
 
