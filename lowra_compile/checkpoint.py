@@ -35,8 +35,8 @@ from .wrappers import bare_model
 
 def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
     """Write every packed weight of `model` to `path`; returns how many layers were saved."""
-    tensors, meta = {}, {}
-    for name, p in bare_model(model).named_parameters(remove_duplicate=True):
+    tensors, meta, inner = {}, {}, bare_model(model)
+    for name, p in inner.named_parameters(remove_duplicate=True):
         pw = packed_weight(p)
         if pw is None:
             continue
@@ -49,7 +49,7 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> int:
     if not meta:
         raise ValueError("lowra: the model has no packed weights; run one compiled step (or quantize_) first")
     # the frozen linears this run left dense (`skip`, ties): a resumed run that quantizes them warns
-    dense = [name for name, _ in dense_linear_weights(bare_model(model))]
+    dense = [name for name, _ in dense_linear_weights(inner)]
     save_file(tensors, str(path), metadata={"lowra": json.dumps(meta), "lowra_dense": json.dumps(dense)})
     return len(meta)
 
@@ -104,9 +104,10 @@ def _start_dora_on_the_packed_base(model: torch.nn.Module, loaded: set[int]) -> 
     loaded before (B not zero) keeps the magnitude it was saved with."""
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
-        if not magnitudes or id(module.get_base_layer().weight) not in loaded:
+        weight = module.get_base_layer().weight if magnitudes else None
+        if weight is None or id(weight) not in loaded:
             continue
-        pw = packed_weight(module.get_base_layer().weight)
+        pw = packed_weight(weight)
         for adapter, magnitude in magnitudes.items():
             lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             if lora_b.any():

@@ -21,20 +21,21 @@ import torch
 from .config import CALIBRATION, INNER_COMPILERS, LowRAConfig
 
 
+def _at_least(text: str, minimum: int, why: str = "") -> int:
+    value = int(text)  # argparse reports the ValueError of a non-number as "invalid <type's name> value"
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}{why}; got {value}")
+    return value
+
+
 def _count(text: str) -> int:
     """argparse type: a whole number of at least 1 (windows, batches, steps, sizes)."""
-    value = int(text)  # argparse reports the ValueError of a non-number as "invalid _count value"
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
+    return _at_least(text, 1)
 
 
 def _window(text: str) -> int:
     """argparse type: tokens per window, at least 2 (a window of one token has no next token to predict)."""
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, a token and the next one to predict; got {value}")
-    return value
+    return _at_least(text, 2, ", a token and the next one to predict")
 
 
 def _learning_rate(text: str) -> float:
