@@ -33,7 +33,7 @@ from .passes.pipeline import placeholder_values, quantize_sites
 from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
 from .passes.sites import LinearSite
-from .passes.sources import MODULE_PATH
+from .passes.sources import MODULE_PATHS
 from .recompile_room import count_layer
 from .wrappers import bare_model
 
@@ -125,26 +125,28 @@ def _frame_locals() -> dict:
     return tx.output.local_scope if tx is not None else {}
 
 
-def _frame_module_path() -> str:
-    """The path of the module whose forward Dynamo compiles in the outermost module on the Python stack that
-    holds it: the model's own name for it ("" for the model itself, or outside a compile), so that names and
-    `skip` read as in model.named_parameters() in a graph that a graph break cut out of the model."""
-    own = _frame_locals().get("self")
-    if not isinstance(own, torch.nn.Module):
-        return ""
-    path, frame = "", sys._getframe(1)
-    while frame is not None:  # the callers of the compiled frame, innermost first
+def _frame_module_paths() -> dict[str, str]:
+    """Where each module among the compiled frame's locals sits in the outermost module on the Python stack that
+    holds it, by local name: the model's own name for it ("" for the model itself; {} outside a compile), so that
+    names and `skip` read as in model.named_parameters() in a graph that a graph break cut out of the model.
+    Locals, not `self` alone: a forward may name its module otherwise (`def forward(s, x)`), and a graph resumed
+    after a break reads modules from Dynamo's stack locals (`___stack0`: the `self.head` of `self.head(...)`)."""
+    owned = {name: v for name, v in _frame_locals().items() if isinstance(v, torch.nn.Module)}
+    outers, frame = [], sys._getframe(1)
+    while owned and frame is not None:  # the callers of the compiled frame, innermost first
         # only the frames of module calls: reading a frame's f_locals keeps a copy of them on the frame (Python
         # 3.11, 3.12), which in the user's own function would hold its tensors after it dropped them; a module
         # call's frame ends with the call
-        if frame.f_code in _MODULE_CALLS:
-            outer = frame.f_locals.get("self")
-            if isinstance(outer, torch.nn.Module) and outer is not own:
-                path = next((name for name, m in bare_model(outer).named_modules() if m is own), path)
-                if _compiled_here(outer):  # the model torch.compile was given: a module around it is not the model's
-                    break
+        if frame.f_code in _MODULE_CALLS and isinstance(outer := frame.f_locals.get("self"), torch.nn.Module):
+            outers.append(outer)
+            if _compiled_here(outer):  # the model torch.compile was given: a module around it is not the model's
+                break
         frame = frame.f_back
-    return path
+    paths: dict[str, str] = {}
+    for outer in reversed(outers):  # the outermost module that holds a local names it
+        names = {id(m): name for name, m in bare_model(outer).named_modules()}
+        paths.update({local: names[id(m)] for local, m in owned.items() if local not in paths and id(m) in names})
+    return paths
 
 
 def _compiled_here(module: torch.nn.Module) -> bool:
@@ -268,7 +270,7 @@ def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | Low
     """`gm` with its linears written as such (`linear_forms`, a copy) and its sites; a graph with sites
     raises under FSDP and warns when it asks other quantizing options of layers packed earlier."""
     gm = linear_forms(gm)
-    gm.meta[MODULE_PATH] = _frame_module_path()
+    gm.meta[MODULE_PATHS] = _frame_module_paths()
     sites = match_sites(gm, config.skip, config.pack_routers, _frame_holds_frozen_matrix)
     if sites:
         refuse_fsdp(sites)

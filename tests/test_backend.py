@@ -676,6 +676,40 @@ def test_a_graph_cut_out_of_the_model_names_its_layers_and_takes_skip_as_the_mod
     assert ahead or names and all(name in dict(model.named_parameters()) for name in names)  # ahead: no such warning
 
 
+class _SelfNamedS(torch.nn.Module):
+    """A forward that names its module `s`, with a graph break inside."""
+
+    def __init__(s):
+        super().__init__()
+        s.up, s.down = torch.nn.Linear(128, 128, bias=False), torch.nn.Linear(128, 128, bias=False)
+
+    def forward(s, x):
+        y = s.up(x)
+        torch._dynamo.graph_break()
+        return s.down(torch.relu(y))
+
+
+class _BodyAndHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = _SelfNamedS().requires_grad_(False), torch.nn.Linear(128, 8)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_graph_pieces_name_modules_a_forward_calls_otherwise_than_self_and_those_on_dynamos_stack():
+    # the pieces' names came from the local `self` alone: a forward's `s` and the `self.head` that Dynamo keeps
+    # on its stack across the break (`___stack0`) were named from themselves ('down.weight', 'weight'), and a
+    # skip of the model's name for the layer was ignored
+    model = _BodyAndHead()
+    with pytest.warns(UserWarning) as caught:
+        _compile(model, skip=("body.down",))(torch.randn(2, 32, 128)).sum().backward()
+    assert [n for n, p in model.named_parameters() if isinstance(p, ReleasedWeight)] == ["body.up.weight"]
+    names = re.findall(r"\(e\.g\. '([^']+)'", " ".join(str(w.message) for w in caught))
+    assert names and all(name in dict(model.named_parameters()) for name in names)
+
+
 def test_a_recompile_of_checkpointed_layers_fuses_their_lora_branches_again(monkeypatch):
     # Another sequence length recompiles; the checkpoint bodies then read the released weights' packed ops.
     import lowra_compile.backend as backend

@@ -28,20 +28,28 @@ def source_to_fqn(source) -> str:
     return ".".join(names).replace(".[", "[")
 
 
-# gm.meta key: where the module whose forward the graph is sits in the model ("" for the model itself). A graph
-# break inside a model compiles pieces of it (a decoder layer, the inner LlamaModel) whose sources start there.
-MODULE_PATH = "lowra_module_path"
+# gm.meta key: where each module that the graph's frame holds in a local sits in the model, by local name ("" for
+# the model itself). A graph break inside a model compiles pieces of it (a decoder layer, the inner LlamaModel)
+# whose sources start at such a local (`L['self']`, `L['___stack0']`).
+MODULE_PATHS = "lowra_module_paths"
+
+
+def _local_name(source) -> str | None:
+    """The frame local a source starts from (`self` of `L['self']._modules['mlp']`)."""
+    while getattr(source, "base", None) is not None:
+        source = source.base
+    return getattr(source, "local_name", None)
 
 
 def placeholder_name(node: fx.Node) -> str:
-    """The parameter name of a placeholder as the model names it (the graph's MODULE_PATH before its source's
-    name), or the placeholder's own name when it has no source."""
+    """The parameter name of a placeholder as the model names it (the path of the module its source starts from,
+    before the source's name), or the placeholder's own name when it has no source."""
     source = getattr(node, "_dynamo_source", None)
     name = source_to_fqn(source) if source is not None else ""
     if not name:
         return str(node.target)
     owner = node.graph.owning_module
-    path = owner.meta.get(MODULE_PATH, "") if owner is not None else ""
+    path = owner.meta.get(MODULE_PATHS, {}).get(_local_name(source), "") if owner is not None else ""
     return f"{path}.{name}" if path else name
 
 
