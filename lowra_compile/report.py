@@ -247,7 +247,8 @@ def report(model: torch.nn.Module) -> KernelReport:
 
 def dense_linear_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, weight) of the frozen floating-point weights of linear layers (torch.nn.Linear, transformers'
-    Conv1D, a mixture's *Router modules, which call F.linear on their own weight) and of a mixture's stacked
+    Conv1D, a mixture's *Router modules, which call F.linear on their own weight, torch.nn.MultiheadAttention's
+    in-projections) and of a mixture's stacked
     experts (the 3-D parameters of its *Experts modules, PEFT's parametrized originals too) that have no packed
     form (a frozen LoRA adapter's factors are not base layers); a weight two modules share is listed under both."""
     weights = []
@@ -257,6 +258,9 @@ def dense_linear_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor
         linear = isinstance(module, torch.nn.Linear) or kind == "Conv1D" or kind.lower().endswith("router")
         if linear and not is_peft_factor(name) and is_frozen_matrix(weight) and packed_weight(weight) is None:
             weights.append((f"{name}.weight".removeprefix("."), weight))
+        if isinstance(module, torch.nn.MultiheadAttention):  # its in-projection is a parameter of its own
+            weights += [(f"{name}.{pname}".removeprefix("."), p) for pname, p in module.named_parameters(recurse=False)
+                        if pname.endswith("proj_weight") and is_frozen_matrix(p) and packed_weight(p) is None]
         if kind.endswith("Experts"):  # Parametrized<Name>Experts too, under PEFT's LoRA on the experts
             weights += [(f"{name}.{pname}".removeprefix("."), p) for pname, p in module.named_parameters()
                         if not is_peft_factor(pname) and is_frozen_matrix(p, dims=(3,)) and packed_weight(p) is None]

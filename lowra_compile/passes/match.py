@@ -46,7 +46,9 @@ from .sites import LinearSite, LoraBranch
 from .sources import is_parameter, is_peft_factor, placeholder_name
 
 # Matrix products other than F.linear, and the views a weight may pass through on its way to one.
-_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum}
+# (and nn.MultiheadAttention's forward, which Dynamo keeps as one call that runs all its projections inside)
+_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.baddbmm, torch.einsum,
+            F.multi_head_attention_forward}
 _MATMUL_METHODS = {"matmul", "mm", "addmm", "__matmul__"}
 # (a slice or chunk of W too: a fused weight read in parts, which no site packs)
 _VIEWS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem,
@@ -282,9 +284,16 @@ def _warn_other_products(other_products: dict[str, str], stacked: dict[fx.Node, 
             f"lowra: {len(names)} frozen weight(s) stay dense: {listed}. They are read by {ops}, not F.linear; "
             "lowra quantizes the layers that call F.linear (torch.nn.Linear) or compute x @ W.T, x @ W or "
             "addmm(b, x, W) (GPT-2's Conv1D), so these keep their full size"
-            + experts_hint([n for n in names if n in stacked.values()]),
+            + experts_hint([n for n in names if n in stacked.values()])
+            + (_MULTI_HEAD_HINT if F.multi_head_attention_forward.__name__ in ops else ""),
             stacklevel=4,
         )
+
+
+_MULTI_HEAD_HINT = (
+    " torch.nn.MultiheadAttention runs its projections inside one call, F.multi_head_attention_forward: to have "
+    "them packed, write the attention with torch.nn.Linear projections and F.scaled_dot_product_attention."
+)
 
 
 def _dense_rule(skip: tuple[str, ...], pack_routers: bool) -> Callable[..., bool]:
