@@ -1119,6 +1119,30 @@ def test_peft_s_own_merge_raises_naming_lowra_merge(merge):
     assert merge in str(raised.value)
 
 
+@pytest.mark.parametrize("how", ["adapters disabled", "adapter merged"])
+def test_a_quantizing_call_that_runs_no_adapter_says_loftq_cannot_start_them_and_a_merge_is_for_good(how):
+    # a DPO-style reference pass under disable_adapter() first, or a merge before compiling: the adapters are in
+    # no graph, so LoftQ left them at B = 0 (DoRA's magnitude at the dense norm) and a merged update went into the
+    # packed base, silently
+    model = tiny_peft_llama()
+    if how == "adapter merged":
+        model.merge_adapter()
+    with pytest.warns(UserWarning, match=r"14 PEFT layer\(s\) .* ran no LoRA adapter") as caught, torch.no_grad():
+        if how == "adapters disabled":
+            with model.disable_adapter():
+                _compile(model)(**batch(8))
+        else:
+            _compile(model)(**batch(8))
+    [message] = [str(w.message) for w in caught if "ran no LoRA adapter" in str(w.message)]
+    assert "base_layer.weight" in message and "cannot be unmerged" in message
+
+
+def test_a_quantizing_call_with_the_adapters_on_does_not_warn_of_them():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ran no LoRA adapter")
+        _compile(tiny_peft_llama())(**batch(8)).loss.backward()
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_merge_folds_adapters_into_the_dequantized_base(dora):
     model = tiny_peft_llama(use_dora=dora)

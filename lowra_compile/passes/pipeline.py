@@ -201,6 +201,23 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
         )
 
 
+def _warn_adapters_off(layers: list[Layer]) -> None:
+    """PEFT layers (`....base_layer.weight`) quantized by a call that ran no LoRA adapter on them: LoftQ and DoRA's
+    start reach only the adapters the call runs, and an adapter merged into the base is quantized with it."""
+    off = [layer.site.name for layer in layers
+           if layer.site.adapter is None and layer.site.name.endswith(".base_layer.weight")]
+    if off:
+        warnings.warn(
+            f"lowra: {len(off)} PEFT layer(s) (e.g. {off[0]!r}) ran no LoRA adapter in the call that quantized them "
+            "(adapters disabled, as under PEFT's disable_adapter(), not active, or merged into the base): LoftQ "
+            "starts only the adapters that call runs, so theirs keep PEFT's start (DoRA's magnitude the dense "
+            "weight's norm), and an adapter merged before quantizing is part of the packed base for good (it "
+            "cannot be unmerged). Make the first call, or lowra_compile.quantize_, with the adapter to train "
+            "active and unmerged",
+            stacklevel=3,
+        )
+
+
 def _warn_dense_in_saved_run(layers: list[Layer]) -> None:
     """A layer that the run which saved the loaded packed base left dense (its `skip`) is about to be quantized:
     the base then differs from the one that run's adapters trained on."""
@@ -334,6 +351,7 @@ def quantize_layers(
     _hint_more_calibration(stats, batches)
     _warn_quantized_before(layers, config.group_size)
     _warn_dense_in_saved_run(layers)
+    _warn_adapters_off(layers)
     factors = _HessianFactors(stats)  # None for every layer unless rounding="gptq"
     choices, fit = config.allowed_bits, codebook_fit(config)
     seconds = [{"calibrate": calibrate_seconds / len(layers)} for _ in layers]
