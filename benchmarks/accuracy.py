@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import lowra_compile
-from bench_utils import RESULTS, device_name
+from bench_utils import RESULTS, code_digest, device_name
 from lowra_compile.demo import lora_model
 from lowra_compile.finetune import finetune, quantize_on, training_batches
 from lowra_compile.perplexity import perplexity
@@ -338,8 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     failed = []
     for method, bits in grid:
         print(f"== {method} {bits if bits is not None else ''}", flush=True)
-        # the device per point too: a grid resumed over several sessions may span machines
-        row = {"method": method, "bits": bits, "device": header["device"], "options": METHODS[method](bits)}
+        # the device and code per point too: a grid resumed over several sessions may span machines and commits
+        row = {"method": method, "bits": bits, "device": header["device"], "code": code_digest(),
+               "options": METHODS[method](bits)}
         try:
             row.update(measure(base, row["options"], data, args))
         except Exception:  # noqa: BLE001  (one point out of memory must not cost the rest of the shard)

