@@ -52,7 +52,8 @@ def quantize_(
     hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
     layers, stats, seconds = record_model(model, batches, options, config)
     if layers:
-        quantize_layers(layers, stats, config, batches=len(batches), calibrate_seconds=seconds)
+        quantize_layers(layers, stats, config, dict(bare_model(model).named_modules()), batches=len(batches),
+                        calibrate_seconds=seconds)
         for layer in layers:
             release(layer.weight)
         leave_out_of_ddp_sync(model)

@@ -132,21 +132,34 @@ def _frame_module_paths() -> dict[str, str]:
     Locals, not `self` alone: a forward may name its module otherwise (`def forward(s, x)`), and a graph resumed
     after a break reads modules from Dynamo's stack locals (`___stack0`: the `self.head` of `self.head(...)`)."""
     owned = {name: v for name, v in _frame_locals().items() if isinstance(v, torch.nn.Module)}
-    outers, frame = [], sys._getframe(1)
-    while owned and frame is not None:  # the callers of the compiled frame, innermost first
+    paths: dict[str, str] = {}
+    for outer in reversed(_module_calls() if owned else []):  # the outermost module that holds a local names it
+        names = {id(m): name for name, m in bare_model(outer).named_modules()}
+        paths.update({local: names[id(m)] for local, m in owned.items() if local not in paths and id(m) in names})
+    return paths
+
+
+def _frame_model_modules() -> dict[str, torch.nn.Module]:
+    """The modules, by name, of the model whose piece Dynamo compiles: the outermost module call on the stack
+    ({} outside a compile)."""
+    calls = _module_calls()
+    return dict(bare_model(calls[-1]).named_modules()) if calls else {}
+
+
+def _module_calls() -> list[torch.nn.Module]:
+    """The modules whose calls the compiled frame runs inside, innermost first, up to the model torch.compile was
+    given."""
+    calls, frame = [], sys._getframe(1)
+    while frame is not None:
         # only the frames of module calls: reading a frame's f_locals keeps a copy of them on the frame (Python
         # 3.11, 3.12), which in the user's own function would hold its tensors after it dropped them; a module
         # call's frame ends with the call
         if frame.f_code in _MODULE_CALLS and isinstance(outer := frame.f_locals.get("self"), torch.nn.Module):
-            outers.append(outer)
+            calls.append(outer)
             if _compiled_here(outer):  # the model torch.compile was given: a module around it is not the model's
                 break
         frame = frame.f_back
-    paths: dict[str, str] = {}
-    for outer in reversed(outers):  # the outermost module that holds a local names it
-        names = {id(m): name for name, m in bare_model(outer).named_modules()}
-        paths.update({local: names[id(m)] for local, m in owned.items() if local not in paths and id(m) in names})
-    return paths
+    return calls
 
 
 def _compiled_here(module: torch.nn.Module) -> bool:
@@ -293,7 +306,7 @@ def lowra_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping 
     new = [i for i in dense if packed_weight(example_inputs[sites[i].weight_index]) is None]
     if new:
         refuse_ddp_split(sites[new[0]])
-        quantize_sites(gm, sites, new, example_inputs, config)
+        quantize_sites(gm, sites, new, example_inputs, config, _frame_model_modules())
         # a frame Dynamo compiles once per layer (a graph break in a repeated module) must reach every layer
         count_layer(getattr(_frame(), "f_code", None), example_inputs[sites[new[0]].weight_index])
     weights = {i: example_inputs[sites[i].weight_index] for i in dense}

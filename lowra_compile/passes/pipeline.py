@@ -14,7 +14,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Mapping
 
 import torch
 from torch import fx
@@ -58,8 +58,9 @@ def _scaling_value(scaling: float | fx.Node, values: dict[fx.Node, object]) -> f
 @dataclass(frozen=True)
 class Layer:
     """A frozen linear to quantize: its site, its weight and, for LoftQ, its LoRA factors and their scaling
-    (scaling None: B is not zero, LoftQ leaves the adapter as it is; so it does when A is frozen, LoRA-FA's, which
-    LoftQ would have to move), and DoRA's magnitude, set after LoftQ (None: no DoRA, or B is not zero)."""
+    (scaling None: B is not zero), whether LoftQ starts them (`loftq`: B is zero and A trains; LoftQ leaves
+    LoRA-FA's frozen A as it is, which it would have to move), and DoRA's magnitude, set after LoftQ (None: no
+    DoRA, or B is not zero)."""
 
     site: LinearSite
     weight: torch.Tensor
@@ -67,6 +68,7 @@ class Layer:
     lora_b: torch.Tensor | None = None
     scaling: float | None = None
     magnitude: torch.Tensor | None = None
+    loftq: bool = False
 
 
 def one_site_per_weight(sites: list[LinearSite], indices: list[int], weight_of: Callable[[int], Hashable]) -> list[int]:
@@ -99,7 +101,7 @@ def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int]
         fresh = not lora_b.any()
         scaling = _scaling_value(adapter.scaling, values) if fresh else None
         magnitude = values[adapter.magnitude] if fresh and adapter is site.dora else None
-        layers.append(Layer(site, weight, lora_a, lora_b, scaling, magnitude))
+        layers.append(Layer(site, weight, lora_a, lora_b, scaling, magnitude, loftq=fresh and lora_a.requires_grad))
     return layers
 
 
@@ -201,21 +203,40 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
         )
 
 
-def _warn_adapters_off(layers: list[Layer]) -> None:
-    """PEFT layers (`....base_layer.weight`) quantized by a call that ran no LoRA adapter on them: LoftQ and DoRA's
-    start reach only the adapters the call runs, and an adapter merged into the base is quantized with it."""
-    off = [layer.site.name for layer in layers
-           if layer.site.adapter is None and layer.site.name.endswith(".base_layer.weight")]
-    if off:
+def adapters_the_call_skipped(layers: list[Layer], modules: Mapping[str, torch.nn.Module]) -> list[Layer]:
+    """`layers` with, for a PEFT LoRA layer (`....base_layer.weight`, `modules` by name) whose quantizing call ran
+    none of its adapters (under PEFT's disable_adapter(), a reference pass before the first step), its first
+    active adapter, as if the call had run it: LoftQ and DoRA's start reach the adapter that will train. An
+    adapter merged into the base is quantized with it for good (it cannot be unmerged): warns, naming them."""
+    started, merged = [], []
+    for layer in layers:
+        name = layer.site.name
+        module = modules.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
+        lora_a = getattr(module, "lora_A", None)
+        if layer.site.adapter is not None or not isinstance(lora_a, torch.nn.ModuleDict):  # not LoRA's (IA3's)
+            started.append(layer)
+            continue
+        merged += [name] if module.merged_adapters else []
+        adapter = next((a for a in module.active_adapters if a in lora_a), None)
+        if adapter is None or module.merged_adapters:  # nothing of this layer's trains on the quantized base alone
+            started.append(layer)
+            continue
+        a, b = lora_a[adapter].weight, module.lora_B[adapter].weight
+        fresh = not b.any()
+        dora = getattr(module, "lora_magnitude_vector", {})
+        magnitude = dora[adapter].weight if fresh and adapter in dora else None
+        # PEFT's disable_adapter() freezes every adapter until it enables them again: A trains then
+        loftq = fresh and (a.requires_grad or module.disable_adapters)
+        started.append(dataclasses.replace(layer, lora_a=a, lora_b=b, scaling=module.scaling[adapter] if fresh else None,
+                                           magnitude=magnitude, loftq=loftq))
+    if merged:
         warnings.warn(
-            f"lowra: {len(off)} PEFT layer(s) (e.g. {off[0]!r}) ran no LoRA adapter in the call that quantized them "
-            "(adapters disabled, as under PEFT's disable_adapter(), not active, or merged into the base): LoftQ "
-            "starts only the adapters that call runs, so theirs keep PEFT's start (DoRA's magnitude the dense "
-            "weight's norm), and an adapter merged before quantizing is part of the packed base for good (it "
-            "cannot be unmerged). Make the first call, or lowra_compile.quantize_, with the adapter to train "
-            "active and unmerged",
+            f"lowra: {len(merged)} PEFT layer(s) (e.g. {merged[0]!r}) have an adapter merged into the base "
+            "(merge_adapter): it is quantized with the base for good and cannot be unmerged. To keep it apart, "
+            "unmerge_adapter() before the first call (or lowra_compile.quantize_)",
             stacklevel=3,
         )
+    return started
 
 
 def _warn_dense_in_saved_run(layers: list[Layer]) -> None:
@@ -322,26 +343,29 @@ GRAPH_FIX = (
 
 @torch.no_grad()
 def quantize_sites(
-    gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig
+    gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig,
+    modules: Mapping[str, torch.nn.Module],
 ) -> None:
-    """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path). A
-    weight called at several sites is one layer, planned once on the statistics of all its calls."""
+    """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path; `modules`:
+    the model's, by name). A weight called at several sites is one layer, planned once on the statistics of all
+    its calls."""
     new = one_site_per_weight(sites, new, lambda i: sites[i].weight_index)
     layers = graph_layers(gm, sites, new, example_inputs)
     device = layers[0].weight.device
     start = device_clock(device)
     stats = planning_statistics(_graph_statistics(gm, sites, new, example_inputs, config), layers, config, GRAPH_FIX)
-    quantize_layers(layers, stats, config, batches=None, calibrate_seconds=device_clock(device) - start)
+    quantize_layers(layers, stats, config, modules, batches=None, calibrate_seconds=device_clock(device) - start)
 
 
 @torch.no_grad()
 def quantize_layers(
-    layers: list[Layer], stats: list[SiteStats | None], config: LowRAConfig, batches: int | None,
-    calibrate_seconds: float,
+    layers: list[Layer], stats: list[SiteStats | None], config: LowRAConfig, modules: Mapping[str, torch.nn.Module],
+    batches: int | None, calibrate_seconds: float,
 ) -> None:
     """Quantize `layers` under one whole-model bit budget and attach the packed weights; `stats[j]` are
     layer j's statistics (None for all with calibrate="off"), from `batches` batches given to `quantize_`
-    (None: the first batch of a compiled model).
+    (None: the first batch of a compiled model); `modules` are the model's, by name (LoftQ finds there the
+    adapters the quantizing call did not run: `adapters_the_call_skipped`).
 
     Each weight also gets the seconds spent on it per stage (the report sums them): its own quantize,
     pack and LoftQ time, and an equal share of the calibration and the plan, which are whole-model."""
@@ -351,7 +375,7 @@ def quantize_layers(
     _hint_more_calibration(stats, batches)
     _warn_quantized_before(layers, config.group_size)
     _warn_dense_in_saved_run(layers)
-    _warn_adapters_off(layers)
+    layers = adapters_the_call_skipped(layers, modules)
     factors = _HessianFactors(stats)  # None for every layer unless rounding="gptq"
     choices, fit = config.allowed_bits, codebook_fit(config)
     seconds = [{"calibrate": calibrate_seconds / len(layers)} for _ in layers]
@@ -383,7 +407,7 @@ def quantize_layers(
         packed = assemble(candidates[j], matrix, bits[j], factor, config.refit_rounds)
         seconds[j]["pack"] = device_clock(weight.device) - start
         start = device_clock(weight.device)
-        if layer.scaling is not None and layer.lora_a.requires_grad and config.loftq_iters > 0:
+        if layer.loftq and config.loftq_iters > 0:
             x2 = _row_moments(stats[j], site, weight.device)
             packed, a, b = loftq_init(
                 matrix, packed, bits[j], layer.lora_a.shape[0], layer.scaling, config.loftq_iters, fit, x2, factor,
