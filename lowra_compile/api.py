@@ -56,7 +56,7 @@ def quantize_(
                         calibrate_seconds=seconds)
         for layer in layers:
             release(layer.weight)
-        leave_out_of_ddp_sync(model)
+        leave_out_of_ddp_sync(bare_model(model))  # the module DDP wraps, inside a torch.compile wrapper
     return model
 
 
@@ -90,7 +90,7 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         if isinstance(p, ReleasedWeight):
             materialize_weight(p)
-    leave_out_of_ddp_sync(model)
+    leave_out_of_ddp_sync(bare_model(model))
     release_class(model)
     return model
 
