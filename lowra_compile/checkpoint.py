@@ -112,7 +112,7 @@ def _start_dora_on_the_packed_base(model: torch.nn.Module, loaded: set[int]) -> 
             lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             if lora_b.any():
                 continue
-            device = pw.tensors()[0].device
+            device = pw.device
             with torch.no_grad():
                 magnitude.weight.copy_(dora_magnitude(pw, lora_a.to(device), lora_b.to(device),
                                                       module.scaling[adapter]))

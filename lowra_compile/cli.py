@@ -79,7 +79,7 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=_learning_rate, default=1e-3, help="AdamW learning rate")
     parser.add_argument(
         "--calib-batches", type=_count, default=4,
-        help="training batches the backend calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
+        help="training batches quantize_ calibrates on (more tokens: a better plan and rounding, docs/accuracy.md)",
     )
     parser.add_argument("--inner", default="eager", choices=INNER_COMPILERS,
                         help="compiler run on the rewritten graph (inductor compiles slowly on CPU)")

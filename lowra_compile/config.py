@@ -52,7 +52,7 @@ class LowRAConfig:
                   in between); 0 (the default) keeps those fitted on the weights. 2 lowers the layers'
                   output error by 5-10% but not the perplexity, for 3-5x the packing time
                   (docs/accuracy.md).
-    loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist and B is zero (0 = off).
+    loftq_iters:  alternating LoftQ steps for LoRA init when adapters exist, B is zero and A trains (0 = off).
     lloyd_iters:  Lloyd-Max iterations per codebook.
     skip:         substrings of parameter or module names whose linears stay dense (e.g. "lm_head").
     pack_routers: quantize a mixture's routers (transformers' *Router modules) too; by default they stay

@@ -30,7 +30,8 @@ from .wrappers import bare_model
 class LayerRow:
     """One packed layer: its parameter's name, its (out, in) shape, output channels per bit width, code bits
     and effective bits per weight (codes + codebooks + scales + permutation), bytes dense and packed, whether
-    its dense weight was released, the Triton kernels that ran on it, and seconds per quantizing stage."""
+    its dense weight was released, the kernel paths logged for it (Triton's, cuBLAS's or the reference's), and
+    seconds per quantizing stage."""
 
     name: str
     shape: tuple[int, int]

@@ -4,7 +4,7 @@ What and why
 ------------
 For large M (training) the cheapest way to multiply by a low-bit weight is to expand it once into a
 dense scratch buffer and hand that to a dense GEMM. The expansion reads N*K*b/8 bytes and writes N*K*2,
-about 300/M of one GEMM's time (notes/kernels.md), and per-channel mixed precision then costs nothing
+about 300/M of one GEMM's time (docs/kernels.md), and per-channel mixed precision then costs nothing
 inside the GEMM. The kernel is memory-bound, so its 10-20 integer ops per element hide under the
 traffic.
 

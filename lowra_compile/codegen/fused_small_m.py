@@ -9,9 +9,9 @@ BLOCK_M tokens, and computes the transposed output tile
 
     acc[BLOCK_N, BLOCK_M] = alpha * B[perm[rows], :] @ S^T  +  deq(W)[rows, :] @ x^T  +  bias[perm[rows]]
 
-The dequantized tile is the LEFT operand of tl.dot, which wgmma may take from registers (RS mode;
-notes/kernels.md section 3). The sm_90 TTGIR shows it does, but after a round trip through shared memory
-(docs/kernels.md, "Measured so far"). The LoRA term is
+The dequantized tile is the LEFT operand of tl.dot, which wgmma may take from registers (RS mode).
+The sm_90 TTGIR shows it does, but after a round trip through shared memory (docs/kernels.md,
+"Measured so far"). The LoRA term is
 R/BLOCK_R extra K-steps on the same accumulator, as in lora_gemm.py. The tile is stored to
 y[:, perm[rows]], so packed rows scatter back to their original output columns. One launch per bit
 group; every group writes disjoint columns of y.

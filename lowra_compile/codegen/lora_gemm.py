@@ -3,7 +3,7 @@
 What and why
 ------------
 An unfused LoRA layer re-reads and re-writes the [M, N] output to add `s * (x A^T) B^T` after the base
-GEMM (about 15% of the base GEMM time at M=8192, notes/kernels.md). LoRAFusion's answer, used here:
+GEMM (about 15% of the base GEMM time at M=8192, docs/kernels.md). LoRAFusion's answer, used here:
 the skinny product S @ Bt (R = rank) runs as ceil(R / BLOCK_R) extra K-steps on the same fp32
 accumulator before the base K loop, so the output is written once. S = x_lora A^T is its own small
 GEMM (fusing it here would recompute it for every column tile: r/BLOCK_N extra work).

@@ -9,6 +9,7 @@ Paths (the kernel log and the report name them):
 A mixture's stacked experts (ops "grouped_forward", "grouped_backward") have two paths of their own:
     "fused-grouped"       dequant inside each expert's GEMM (grouped_gemm.py), the stack never stored
     "dequant+grouped mm"  the whole stack dequantized into a scratch buffer, then torch's grouped product
+                          (a product per expert where it refuses the operands)
 
 A choice is made once per (device, op, M bucket, K, N, rank bucket) and cached for the process:
   1. the selection table (JSON; `benchmarks/layer_step.py --write-table` fills it on a GPU) names the
@@ -39,7 +40,7 @@ PATHS = ("fused-small-m", "dequant+gemm")
 SMALL_M = 256  # the fused path is a candidate up to here; above it the layer is compute-bound
 TABLE_PATH = Path(__file__).with_name("selection_table.json")
 
-# Tile configs. GPU starting points from notes/kernels.md (LoRAFusion's and gemlite's H100 configs,
+# Tile configs. GPU starting points from docs/kernels.md (LoRAFusion's and gemlite's H100 configs,
 # num_stages 1-2 always tried for packed weights); "interp" is for the CPU interpreter, where every
 # program runs in Python and small tiles keep tests fast.
 FUSED_CONFIGS = {
@@ -206,7 +207,8 @@ def _paths(op: str) -> tuple[str, ...]:
 
 
 def load_table() -> list[dict]:
-    """Entries of the selection table: $LOWRA_SELECTION_TABLE, else the one shipped next to this module."""
+    """Entries of the selection table: $LOWRA_SELECTION_TABLE, else `selection_table.json` next to this module
+    when present (none ships yet: docs/kernels.md)."""
     global _table
     if _table is None:
         path = Path(os.environ.get("LOWRA_SELECTION_TABLE", TABLE_PATH))

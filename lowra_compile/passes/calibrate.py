@@ -22,7 +22,8 @@ all rows, so an expert's rows weigh as much as the share of tokens it took. An e
 reached has neither of its own: it takes the other experts' pooled x2 and their mean g2 (with a warning),
 not zero, which would plan it at the lowest width.
 
-Together they give the diagonal-Fisher (OBD) error estimate of DESIGN.md section 6. The gradient is
+Together they give the diagonal-Fisher (OBD) error estimate the plan weighs each row's error by (E[g^2] x
+the row's error on E[x^2]; docs/design.md, "Backend"). The gradient is
 taken with `torch.autograd.grad` against the site outputs only, so no `.grad` of any parameter changes
 and the user's first optimizer step is unaffected. Batches are run one at a time and summed into running
 totals, so calibrating on many batches costs the memory of one.
