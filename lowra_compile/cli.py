@@ -155,13 +155,8 @@ def _planned_model(args: argparse.Namespace) -> torch.nn.Module:
     return quantize_for_plan(model, token_windows(tokenizer, kjv_text(), window=args.window, max_windows=args.windows), args)
 
 
-def _plan(args: argparse.Namespace) -> None:
-    from .report import report
-
-    print(report(_planned_model(args)))
-
-
 def _report(args: argparse.Namespace) -> None:
+    """`lowra plan` and `lowra report`: print the report of a planned SmolLM2; `report` writes it to files too."""
     from .report import report
 
     rep = report(_planned_model(args))
@@ -216,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_args(sub.add_parser("demo", help="2-bit LoRA fine-tune of SmolLM2 with perplexities and the report"))
-    _add_plan_args(sub.add_parser("plan", help="print the bits-per-layer plan for SmolLM2 at a budget"))
+    plan = sub.add_parser("plan", help="print the bits-per-layer plan for SmolLM2 at a budget")
+    _add_plan_args(plan)
+    plan.set_defaults(json=None, markdown=None, png=None)  # the report's, no files
     rep = sub.add_parser("report", help="write the kernel report of a planned SmolLM2 to files")
     _add_plan_args(rep)
     rep.add_argument("--json", type=_output_file, help="write the report as JSON to this file")
@@ -239,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.exit(2, f"{parser.prog} {args.command}: error: {str(err).removeprefix('lowra: ')} "
                        f"(see {parser.prog} {args.command} --help)\n")
-    {"demo": demo.run, "plan": _plan, "report": _report, "bench": _bench}[args.command](args)
+    {"demo": demo.run, "plan": _report, "report": _report, "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dequant import bit_groups, check_tiles, dequant_tile, load_lut
-from .lora_gemm import dot_precision
+from .lora_gemm import dot_precision, rank_block
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def fused_small_m(
     has_lora = s is not None
     s_, b_ = (s, b) if has_lora else (x, x)  # placeholders the kernel never reads
     r = s.shape[1] if has_lora else 0
-    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    block_r = rank_block(r)
     for bits, start, rows, codes, book in bit_groups(packed):
         grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m))
         _fused_small_m_kernel[grid](

@@ -21,6 +21,11 @@ import triton.language as tl
 from torch import Tensor
 
 
+def rank_block(r: int) -> int:
+    """The tile of the LoRA rank's K-steps: 16 to 64 (a rank past 64 takes several steps; 0, no adapter, one)."""
+    return min(64, max(16, triton.next_power_of_2(r)))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 GEMMs follow torch's TF32 switch, like the reference on CUDA."""
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -80,7 +85,7 @@ def lora_gemm(
     has_lora = s is not None
     s_, b_ = (s, bt) if has_lora else (x, wt)  # placeholders the kernel never reads
     r = s.shape[1] if has_lora else 0
-    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    block_r = rank_block(r)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _lora_gemm_kernel[grid](
         x, wt, s_, b_, bias if bias is not None else c, c,

@@ -130,12 +130,9 @@ def lora_linear_impl(x: Tensor, x_lora: Tensor, packed: list[Tensor], group_size
 def _backward(c: Choice, grad: Tensor, x_lora: Tensor, packed: list[Tensor], group_size: int, k: int,
               lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, need_dx: bool, merge_dx: bool,
               cd: torch.dtype):
-    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
-        return grad.new_empty(0)
-
     n = packed[0].shape[0]
     g2 = grad.reshape(-1, n).to(cd)
-    ds, dx_lora, da, db = None, empty(), empty(), empty()
+    ds, dx_lora, da, db = None, reference.no_output(grad), reference.no_output(grad), reference.no_output(grad)
     if lora_a is not None:
         xl2 = x_lora.reshape(-1, k).to(cd)  # PEFT casts x_lora to fp32 adapters: the products stay in x's dtype
         s = xl2 @ lora_a.t().to(cd)
@@ -147,7 +144,7 @@ def _backward(c: Choice, grad: Tensor, x_lora: Tensor, packed: list[Tensor], gro
         da = (ds.t() @ xl2).to(lora_a.dtype)
         if not merge_dx:
             dx_lora = (ds @ lora_a.to(cd)).view(x_lora.shape).to(x_lora.dtype)
-    dx = empty()
+    dx = reference.no_output(grad)
     if need_dx:
         w = dequantize(packed, k, group_size, cd, out=scratch(n, k, cd, grad.device), **c.tiles("dequant", grad.device))
         fold = merge_dx and lora_a is not None  # dx = dy W + dS A: the LoRA term as extra K-steps

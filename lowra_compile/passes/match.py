@@ -43,7 +43,7 @@ from .fx_nodes import (
 from .match_dora import dora_cast_reads, dora_read, packed_dora_read
 from .match_experts import experts_hint, grouped_site, is_grouped_mm
 from .sites import LinearSite, LoraBranch
-from .sources import is_parameter, is_peft_factor, placeholder_name
+from .sources import is_parameter, is_peft_factor, packed_site_name, placeholder_name
 
 # Matrix products other than F.linear, and the views a weight may pass through on its way to one.
 # (and nn.MultiheadAttention's forward, which Dynamo keeps as one call that runs all its projections inside)
@@ -232,7 +232,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
         elif is_lowra_op(node) and node.args[5] is None:
             x, _, packed, group_size, bias = node.args[:5]
             shape = (example_value(packed[0]).shape[0], example_value(x).shape[-1])
-            name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
+            name = packed_site_name(packed[0], outer)
             # one weight may have several packed ops (DoRA with dropout: the base output of the dropped-out
             # input too); its DoRA reads belong to the first
             dora = None if any(s.packed == list(packed) for s in sites) else packed_dora_read(list(packed))

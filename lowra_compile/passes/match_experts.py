@@ -32,7 +32,7 @@ from torch import fx
 
 from .fx_nodes import example_value, is_dequant, is_frozen_matrix
 from .sites import LinearSite
-from .sources import placeholder_name
+from .sources import packed_site_name, placeholder_name
 
 
 @dataclass
@@ -81,7 +81,7 @@ def grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) ->
             return None
         packed, k, group_size = dequant.args[:3]
         experts, n = example_value(source).shape[:2]
-        name = placeholder_name(outer.get(packed[0], packed[0])).removesuffix("._lowra_packed[0]")
+        name = packed_site_name(packed[0], outer)
         site = LinearSite(name, node, x, None, None, None, list(packed), group_size, None, (experts * n, k),
                           scope, experts=experts, offsets=offsets, erased=(dequant, source, *chain), experts_lora=lora)
     return site

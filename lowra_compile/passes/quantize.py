@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..runtime.format import CODEBOOK_DTYPE, PackedWeight, dequantize_absmax, pack_weight, quantize_absmax
+from ..runtime.format import BIT_WIDTHS, CODEBOOK_DTYPE, PackedWeight, dequantize_absmax, pack_weight, quantize_absmax
 from .gptq import HessianFactor, gptq_codes, output_error
 from .refit import refit_levels, refit_scales
 
@@ -219,9 +219,9 @@ def fit_levels(v: Tensor, u: Tensor, bits: int, codebook: str, lloyd_iters: int)
 def _prepare(weight: Tensor, bit_choices: tuple[int, ...], group_size: int) -> Groups:
     """Checked inputs -> the double-quantized group absmax."""
     _check_weight(weight)
-    bad = [b for b in bit_choices if b not in (1, 2, 3, 4)]
+    bad = [b for b in bit_choices if b not in BIT_WIDTHS]
     if bad:
-        raise ValueError(f"lowra: bit widths {bad} are not supported; choose from 1, 2, 3, 4")
+        raise ValueError(f"lowra: bit widths {bad} are not supported; choose from {', '.join(map(str, BIT_WIDTHS))}")
     return group_absmax(weight, group_size)
 
 

@@ -53,6 +53,12 @@ def placeholder_name(node: fx.Node) -> str:
     return f"{path}.{name}" if path else name
 
 
+def packed_site_name(packed0: fx.Node, outer: dict[fx.Node, fx.Node]) -> str:
+    """The weight's name of a packed op's site, from its first packed tensor (`....weight._lowra_packed[0]`);
+    `outer` maps a checkpointed body's placeholders to the graph's."""
+    return placeholder_name(outer.get(packed0, packed0)).removesuffix("._lowra_packed[0]")
+
+
 def is_parameter(node: fx.Node) -> bool:
     """Whether a placeholder is a module's parameter (reached through some module's `_parameters`), not an
     activation or a buffer."""

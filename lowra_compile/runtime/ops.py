@@ -59,13 +59,10 @@ lora_linear_backward = custom_op("lowra::lora_linear_backward", reference.lora_l
 
 @lora_linear_backward.register_fake
 def _(grad, x_lora, packed, group_size, k, lora_a, lora_b, scaling, need_dx, merge_dx, compute_dtype):
-    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
-        return grad.new_empty(0)
-
-    dx = grad.new_empty(*grad.shape[:-1], k) if need_dx else empty()
+    dx = grad.new_empty(*grad.shape[:-1], k) if need_dx else reference.no_output(grad)
     if lora_a is None:
-        return dx, empty(), empty(), empty()
-    dx_lora = empty() if merge_dx else x_lora.new_empty(x_lora.shape)
+        return dx, reference.no_output(grad), reference.no_output(grad), reference.no_output(grad)
+    dx_lora = reference.no_output(grad) if merge_dx else x_lora.new_empty(x_lora.shape)
     return dx, dx_lora, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 

@@ -24,6 +24,11 @@ from torch import Tensor
 from .format import BIT_WIDTHS, dequantize_absmax, unpack_codes
 
 
+def no_output(like: Tensor) -> Tensor:
+    """An empty tensor for an output an op does not compute: a fresh one each time, as op outputs may not alias."""
+    return like.new_empty(0)
+
+
 def _dense_rows(packed: list[Tensor], k: int, group_size: int, chunk: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """(original row indices [r], fp32 rows [r, K]) of the dense weight, `chunk` packed rows at a time (None:
     each bit group whole)."""
@@ -107,15 +112,12 @@ def lora_linear_backward(
     compute_dtype: x's dtype, which dy W runs in, as the dense linear's backward would (dy is fp32 next to
     fp32 adapters, and PEFT casts x_lora to them).
     """
-    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
-        return grad.new_empty(0)
-
-    dx = empty()
+    dx = no_output(grad)
     if need_dx:
         w = dequantize(packed, k, group_size, compute_dtype)
         dx = (grad.to(compute_dtype) @ w).to(grad.dtype)
     if lora_a is None:
-        return dx, empty(), empty(), empty()
+        return dx, no_output(grad), no_output(grad), no_output(grad)
     g2 = grad.reshape(-1, grad.shape[-1]).to(lora_b.dtype)
     xl2 = x_lora.reshape(-1, x_lora.shape[-1]).to(lora_a.dtype)
     s = xl2 @ lora_a.t()
@@ -124,7 +126,7 @@ def lora_linear_backward(
     da = ds.t() @ xl2
     dx_lora = (ds @ lora_a).view(*x_lora.shape[:-1], lora_a.shape[1])
     if merge_dx:
-        return dx + dx_lora.to(dx.dtype), empty(), da, db
+        return dx + dx_lora.to(dx.dtype), no_output(grad), da, db
     return dx, dx_lora.to(x_lora.dtype), da, db
 
 
