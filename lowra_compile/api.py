@@ -11,7 +11,8 @@ import torch
 from .config import LowRAConfig
 from .experts_class import hold_peft_experts, release_class
 from .passes.pipeline import quantize_layers
-from .passes.release import ReleasedWeight, leave_out_of_ddp_sync, materialize_weight, release
+from .passes.ddp_names import leave_out_of_ddp_sync
+from .passes.release import ReleasedWeight, materialize_weight, release
 from .recording import record_model
 from .wrappers import bare_model
 

@@ -354,7 +354,7 @@ class BoundGraph:
             return None
         return extra
 
-    def __call__(self, *args):
+    def __call__(self, *args: object) -> object:
         own = args[self.weight_indices[0]].__dict__.get("_lowra_graphs", {}).get(self.key)
         for graph in filter(None, (self, own)):
             extra = graph.packed_inputs(args)

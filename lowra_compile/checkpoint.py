@@ -27,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .passes.loftq import dora_magnitude
-from .passes.release import attach, leave_out_of_ddp_sync, packed_shape, packed_weight, quantized_with, release
+from .passes.ddp_names import leave_out_of_ddp_sync
+from .passes.release import attach, packed_shape, packed_weight, quantized_with, release
 from .report import dense_linear_weights
 from .runtime.format import TENSOR_COUNT, PackedWeight
 from .wrappers import bare_model

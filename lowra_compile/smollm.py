@@ -26,7 +26,7 @@ def gguf_path() -> Path:
     return path
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from the gguf to `dtype`, in eval mode."""
     path = gguf_path()
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]

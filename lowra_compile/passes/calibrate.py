@@ -355,14 +355,14 @@ class ModelCalibration:
         self.sums = _Sums()
         self.probes: list[tuple[Hashable, Tensor, Tensor | None]] = []
 
-    def run(self, gm: fx.GraphModule, sites: list[LinearSite], keys: Mapping[int, Hashable], inputs: list):
+    def run(self, gm: fx.GraphModule, sites: list[LinearSite], keys: Mapping[int, Hashable], inputs: list) -> object:
         """Run `gm` on `inputs` (its real arguments), recording `sites[i]` under `keys[i]` for each i in keys."""
         recorder = _Recorder(gm, sites, self.sums, want_grad=self.use_loss, want_gram=self.gram, keys=keys)
         out = recorder.run(*inputs)
         self.probes += recorder.probes
         return out
 
-    def end_batch(self, out) -> None:
+    def end_batch(self, out: object) -> None:
         """Add the gradient of the loss in `out`, the batch's output (`_find_loss`), to every layer it ran."""
         loss = _find_loss(out) if self.use_loss else None
         if loss is not None and not torch.isfinite(loss.detach()).all():

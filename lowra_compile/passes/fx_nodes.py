@@ -23,7 +23,7 @@ def is_lowra_op(node: fx.Node) -> bool:
     )
 
 
-def is_dequant(node) -> bool:
+def is_dequant(node: fx.Node) -> bool:
     """A `lowra.dequant` call whose only reader is the product it feeds (a packed weight seen after a recompile)."""
     return isinstance(node, fx.Node) and _calls_dequant(node) and len(node.users) == 1
 
@@ -37,7 +37,7 @@ def _calls_dequant(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (torch.ops.lowra.dequant.default, torch.ops.lowra.dequant)
 
 
-def example_value(node: fx.Node):
+def example_value(node: fx.Node) -> object:
     """The fake (or real) value Dynamo recorded for `node`."""
     return node.meta.get("example_value", node.meta.get("val"))
 
@@ -48,12 +48,12 @@ def linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     return x, w, bias
 
 
-def is_placeholder(node) -> bool:
+def is_placeholder(node: object) -> bool:
     """A graph input: a parameter, frozen or trained, or an activation after a graph break."""
     return isinstance(node, fx.Node) and node.op == "placeholder"
 
 
-def is_trainable_placeholder(node) -> bool:
+def is_trainable_placeholder(node: object) -> bool:
     if not is_placeholder(node):
         return False
     value = example_value(node)
@@ -65,7 +65,7 @@ def only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def is_frozen_matrix(value, dims: tuple[int, ...] = (2,)) -> bool:
+def is_frozen_matrix(value: object, dims: tuple[int, ...] = (2,)) -> bool:
     """A frozen floating-point tensor of `dims` dimensions (a weight matrix; 3 for experts stacked in one)."""
     return (
         isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() in dims

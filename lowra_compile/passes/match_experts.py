@@ -26,6 +26,7 @@ output); lhs and rhs are views of the adapter's A and B:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx
@@ -56,7 +57,8 @@ def is_grouped_mm(node: fx.Node) -> bool:
 _GROUPED_KWARGS = ("offs", "bias", "out_dtype")
 
 
-def grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense, scope) -> LinearSite | None:
+def grouped_site(node: fx.Node, outer: dict, index: dict, stays_dense: Callable[..., bool],
+                 scope: fx.Node | None) -> LinearSite | None:
     """A grouped product of rows sorted by expert with the transpose of frozen experts stacked (E, N, K),
     `grouped_mm(x, W.transpose(-2, -1), offs=offsets)`, possibly through PEFT's LoRA update of the stack,
     or, after a recompile, of such a weight already packed (read through `lowra.dequant`). None for any

@@ -12,7 +12,7 @@ from torch import fx
 _SKIP = {"_modules", "_parameters", "_buffers", "__dict__"}
 
 
-def source_to_fqn(source) -> str:
+def source_to_fqn(source: object) -> str:
     parts: list[str] = []
     while source is not None:
         member = getattr(source, "member", None)
@@ -34,7 +34,7 @@ def source_to_fqn(source) -> str:
 MODULE_PATHS = "lowra_module_paths"
 
 
-def _local_name(source) -> str | None:
+def _local_name(source: object) -> str | None:
     """The frame local a source starts from (`self` of `L['self']._modules['mlp']`)."""
     while getattr(source, "base", None) is not None:
         source = source.base
