@@ -15,7 +15,10 @@ holds all at once, gives a dequantized copy on the CPU: a checkpoint (PEFT's `sa
 whole state dict before it keeps the adapters) then never needs the dense model's memory on the GPU, only
 one layer's at a time. On the meta device, which holds no values, it gives the weight itself
 (`model.to("meta")`). `copy_()`, which `load_state_dict()` calls, and `.data =` accept only the weight's own
-values (a checkpoint of this model); any other values raise instead of being dropped. `requires_grad_(True)`
+values (a checkpoint of this model); any other values raise instead of being dropped, and so does any
+other write (an in-place op such as an initialiser's `normal_`, `w[i] = v`, an `out=`), which would land in a
+dequantized copy. `F.linear` of an input the weight cannot take (another width, an integer dtype) raises
+torch's own error, as for the dense weight. `requires_grad_(True)`
 raises too (`model.requires_grad_(True)` calls it): the packed op gives the weight no gradient, so it would
 stay as it is while the loop believed it trained. And `to()`, `cuda()`,
 `half()` and the like (what `model.to(...)` calls) return the weight itself when nothing changes, and
@@ -94,6 +97,16 @@ def packed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
 class ReleasedWeight(torch.nn.Parameter):
     """A frozen weight whose dense storage was freed; reads go through its packed form."""
 
+    def __new__(cls, data=None, requires_grad=False):
+        # `type(p)(value, requires_grad=...)`, how accelerate's set_module_tensor_to_device (and other loaders)
+        # wrap a parameter again: only `release` makes a released weight, so the class itself would make one
+        # without a packed form, which fails on its first read
+        if isinstance(data, ReleasedWeight):
+            if requires_grad:
+                _refuse_training(data, True)
+            return data
+        return torch.nn.Parameter(torch.empty(0) if data is None else data, requires_grad)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,6 +134,11 @@ class ReleasedWeight(torch.nn.Parameter):
                 # what registering a parametrization does to the parameter (PEFT's LoRA on stacked experts, on
                 # every forward): a no-op; densified, it would dequantize the whole stack twice each time
                 return args[0]
+
+            if not torch.compiler.is_compiling():  # the model's own code never writes a frozen weight
+                written = _written_in_place(func, args, kwargs)
+                if written is not None:
+                    _refuse_write(written, func)
 
             def densify(a):
                 return dequantized(a) if isinstance(a, ReleasedWeight) else a
@@ -166,7 +184,47 @@ def _linear_call(func, args: tuple, kwargs: dict) -> tuple | None:
         return None
     if w.dim() != 2:  # a mixture's stacked experts: dequantized, for the product to read as it is
         return None
+    # the packed op takes K from x and dequantizes to x's dtype: a wrong width would read a truncated weight and an
+    # integer x would round it to zeros, silently; densified, torch raises its own error for both
+    if x.shape[-1] != w.shape[0 if transposed else 1] or not x.dtype.is_floating_point:
+        return None
     return x, w, bias
+
+
+# In-place operators: `w += 1` and the like.
+_IN_PLACE_DUNDERS = (
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__",
+)
+# In-place by name but harmless on a packed weight: handled above, or (Module.share_memory) leaving it as it is.
+_IN_PLACE_ALLOWED = ("requires_grad_", "share_memory_", "detach_", "retain_grad")
+
+
+def _written_in_place(func, args: tuple, kwargs: dict) -> "ReleasedWeight | None":
+    """The released weight `func` would write into (its first argument, or `out=`), if any: densified, the
+    write would land in a temporary dequantized copy and be lost without a word."""
+    out = kwargs.get("out")
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, ReleasedWeight):
+            return t
+    name = getattr(func, "__name__", "")
+    if not (name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))) or name in _IN_PLACE_ALLOWED:
+        return None
+    first = args[0] if args else next(iter(kwargs.values()), None)  # nn.init's pass it as `tensor=`
+    for t in first if isinstance(first, (tuple, list)) else (first,):  # torch._foreach_mul_([w, ...], ...)
+        if isinstance(t, ReleasedWeight):
+            return t
+    return None
+
+
+def _refuse_write(p: "ReleasedWeight", func) -> None:
+    raise RuntimeError(
+        f"lowra: {getattr(func, '__name__', func)} cannot write into a quantized frozen weight of shape "
+        f"{tuple(p.shape)}: its dense storage is freed and only its packed form is kept, so the write would be lost. "
+        "Leave the packed layers' weights as they are (an initialiser run through model.apply: skip the layers whose "
+        "weight is a lowra ReleasedWeight), or lowra_compile.materialize(model) first to change them dense (compile "
+        "the model again to quantize the new values)."
+    )
 
 
 def _detached(p: "ReleasedWeight") -> Tensor:

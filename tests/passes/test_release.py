@@ -1,6 +1,7 @@
 """`release` frees a weight's dense storage whatever holds it: its own storage (in place), a memory-mapped one
 that cannot be resized, or a buffer or storage it shares with other tensors (left to them, unchanged)."""
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -87,3 +88,58 @@ def test_unfreezing_a_released_weight_is_refused_and_freezing_it_again_is_not(mo
     module.requires_grad_(True)
     module(torch.randn(2, 64)).sum().backward()
     assert p.grad is not None and p.grad.shape == (8, 64)
+
+
+def _initialisers() -> dict:
+    return {
+        "mul_": lambda w: w.mul_(0.5),
+        "normal_": torch.nn.init.normal_,
+        "zeros_": torch.nn.init.zeros_,
+        "setitem": lambda w: w.__setitem__(0, 0.0),
+        "out=": lambda w: torch.add(w, 1.0, out=w),
+        "foreach": lambda w: torch._foreach_mul_([w], 0.5),
+        "iadd": lambda w: w.__iadd__(1.0),
+    }
+
+
+@pytest.mark.parametrize("write", list(_initialisers()))
+def test_a_write_into_a_released_weight_is_refused_not_lost(write):
+    # densified, the write landed in a dequantized copy and was dropped: model.apply(init) on a packed model
+    # changed nothing, silently
+    p = _released(torch.randn(8, 64))
+    before = dequantized(p).clone()
+    with pytest.raises(RuntimeError, match="cannot write into a quantized frozen weight"), torch.no_grad():
+        _initialisers()[write](p)
+    torch.testing.assert_close(dequantized(p), before, rtol=0, atol=0)
+
+
+def test_reads_and_the_in_place_calls_a_module_makes_on_a_released_weight_still_work():
+    p = _released(torch.randn(8, 64))
+    torch.testing.assert_close(p.sum(), dequantized(p).sum())
+    p.requires_grad_(False)
+    p.share_memory_()
+    assert isinstance(p, ReleasedWeight) and not p.requires_grad
+
+
+@pytest.mark.parametrize("x", [torch.randn(3, 63), torch.randn(3, 8), torch.ones(3, 64, dtype=torch.long)],
+                         ids=["narrower", "much narrower", "integer"])
+def test_linear_of_an_input_the_weight_cannot_take_raises_as_for_a_dense_weight(x):
+    # the packed op takes K from x and dequantizes to x's dtype: a narrower x read a truncated weight and an
+    # integer x a weight rounded to zeros, with a result of the right shape
+    p = _released(torch.randn(8, 64))
+    with pytest.raises(RuntimeError) as dense:
+        torch.nn.functional.linear(x, dequantized(p))
+    with pytest.raises(RuntimeError) as packed:
+        torch.nn.functional.linear(x, p)
+    assert type(packed.value) is type(dense.value)
+
+
+def test_wrapping_a_released_weight_again_gives_it_back_and_a_dense_value_a_parameter():
+    # type(p)(value, requires_grad=...), how accelerate's set_module_tensor_to_device rebuilds a parameter, made
+    # a ReleasedWeight without a packed form, which failed on its first read
+    p = _released(torch.randn(8, 64))
+    assert ReleasedWeight(p, requires_grad=False) is p
+    with pytest.raises(RuntimeError, match="cannot train"):
+        ReleasedWeight(p, requires_grad=True)
+    dense = ReleasedWeight(torch.randn(8, 64), requires_grad=False)
+    assert type(dense) is torch.nn.Parameter and not dense.requires_grad
