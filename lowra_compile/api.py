@@ -53,7 +53,7 @@ def quantize_(
     hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
     layers, stats, seconds = record_model(model, batches, options, config)
     if layers:
-        quantize_layers(layers, stats, config, dict(bare_model(model).named_modules()), batches=len(batches),
+        quantize_layers(layers, stats, config, list(bare_model(model).modules()), batches=len(batches),
                         calibrate_seconds=seconds)
         for layer in layers:
             release(layer.weight)

@@ -139,11 +139,13 @@ def _frame_module_paths() -> dict[str, str]:
     return paths
 
 
-def _frame_model_modules() -> dict[str, torch.nn.Module]:
-    """The modules, by name, of the model whose piece Dynamo compiles: the outermost module call on the stack
-    ({} outside a compile)."""
+def _frame_model_modules() -> list[torch.nn.Module]:
+    """The modules of the model whose piece Dynamo compiles: the outermost module call on the stack, else (a
+    compiled function that calls the model) the modules the compiled frame holds, in its locals, closure or
+    arguments ([] outside a compile)."""
     calls = _module_calls()
-    return dict(bare_model(calls[-1]).named_modules()) if calls else {}
+    roots = [calls[-1]] if calls else _frame_modules()
+    return [m for root in roots for m in bare_model(root).modules()]
 
 
 def _module_calls() -> list[torch.nn.Module]:
@@ -173,9 +175,12 @@ _MODULE_CALLS = (torch.nn.Module._wrapped_call_impl.__code__, torch.nn.Module._c
 
 
 def _frame_modules() -> list[torch.nn.Module]:
-    """The modules among the compiled frame's locals, and in its `args` and `kwargs` (a decorated forward's
-    wrapper gets the model as `args[0]`)."""
-    values = list(_frame_locals().values())
+    """The modules among the compiled frame's locals, in its `args` and `kwargs` (a decorated forward's
+    wrapper gets the model as `args[0]`), and among the globals its code reads (a compiled step function
+    that calls a model of its script)."""
+    tx = _frame()
+    code_globals = [tx.f_globals[n] for n in tx.f_code.co_names if n in tx.f_globals] if tx is not None else []
+    values = list(_frame_locals().values()) + code_globals
     values += [v for c in values if isinstance(c, (tuple, list)) for v in c]
     values += [v for c in values if isinstance(c, dict) for v in c.values()]
     return [v for v in values if isinstance(v, torch.nn.Module)]

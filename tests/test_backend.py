@@ -1120,16 +1120,22 @@ def test_peft_s_own_merge_raises_naming_lowra_merge(merge):
     assert merge in str(raised.value)
 
 
-@pytest.mark.parametrize(("dora", "ahead"), [(False, False), (True, False), (False, True)])
-def test_a_quantizing_call_under_disable_adapter_starts_the_adapters_as_a_call_that_runs_them(dora, ahead):
+def _step(model, data):
+    return model(**data).loss
+
+
+@pytest.mark.parametrize(("dora", "how"), [(False, "model"), (True, "model"), (False, "step"), (False, "ahead")])
+def test_a_quantizing_call_under_disable_adapter_starts_the_adapters_as_a_call_that_runs_them(dora, how):
     # a DPO-style reference pass under disable_adapter() first: the adapters were in no graph, so LoftQ left them
     # at B = 0 and DoRA's magnitude at the dense weight's norm, silently. B is zero at the start, so both calls
     # see the same activations and must start alike
     models = [tiny_peft_llama(use_dora=dora) for _ in range(2)]
     for model, disabled in zip(models, (False, True)):
         with torch.no_grad(), model.disable_adapter() if disabled else contextlib.nullcontext():
-            if ahead:
+            if how == "ahead":
                 lowra_compile.quantize_(model, batch(8), QUIET)
+            elif how == "step":  # a compiled function calling the model: no module call on the stack
+                torch.compile(_step, backend="lowra", options=QUIET)(model, batch(8))
             else:
                 _compile(model)(**batch(8))
     adapters = [{n: p for n, p in m.named_parameters() if "lora_" in n} for m in models]

@@ -14,7 +14,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Hashable, Mapping
+from typing import Callable, Hashable, Iterable
 
 import torch
 from torch import fx
@@ -203,20 +203,22 @@ def _hint_more_calibration(stats: list[SiteStats | None], batches: int | None) -
         )
 
 
-def adapters_the_call_skipped(layers: list[Layer], modules: Mapping[str, torch.nn.Module]) -> list[Layer]:
-    """`layers` with, for a PEFT LoRA layer (`....base_layer.weight`, `modules` by name) whose quantizing call ran
-    none of its adapters (under PEFT's disable_adapter(), a reference pass before the first step), its first
-    active adapter, as if the call had run it: LoftQ and DoRA's start reach the adapter that will train. An
-    adapter merged into the base is quantized with it for good (it cannot be unmerged): warns, naming them."""
+def adapters_the_call_skipped(layers: list[Layer], modules: Iterable[torch.nn.Module]) -> list[Layer]:
+    """`layers` with, for a PEFT LoRA layer among `modules` (the one whose `base_layer.weight` is the layer's)
+    whose quantizing call ran none of its adapters (under PEFT's disable_adapter(), a reference pass before the
+    first step), its first active adapter, as if the call had run it: LoftQ and DoRA's start reach the adapter
+    that will train. An adapter merged into the base is quantized with it for good (it cannot be unmerged):
+    warns, naming them."""
+    owners = {id(m.base_layer.weight): m for m in modules  # LoRA's layers only: not IA3's, whose base_layer too
+              if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and hasattr(m, "base_layer")}
     started, merged = [], []
     for layer in layers:
-        name = layer.site.name
-        module = modules.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
-        lora_a = getattr(module, "lora_A", None)
-        if layer.site.adapter is not None or not isinstance(lora_a, torch.nn.ModuleDict):  # not LoRA's (IA3's)
+        module = owners.get(id(layer.weight)) if layer.site.adapter is None else None
+        if module is None:
             started.append(layer)
             continue
-        merged += [name] if module.merged_adapters else []
+        lora_a = module.lora_A
+        merged += [layer.site.name] if module.merged_adapters else []
         adapter = next((a for a in module.active_adapters if a in lora_a), None)
         if adapter is None or module.merged_adapters:  # nothing of this layer's trains on the quantized base alone
             started.append(layer)
@@ -344,11 +346,11 @@ GRAPH_FIX = (
 @torch.no_grad()
 def quantize_sites(
     gm: fx.GraphModule, sites: list[LinearSite], new: list[int], example_inputs: list, config: LowRAConfig,
-    modules: Mapping[str, torch.nn.Module],
+    modules: Iterable[torch.nn.Module],
 ) -> None:
     """Quantize `sites[i]` for i in `new`, calibrated on this graph's first batch (the backend's path; `modules`:
-    the model's, by name). A weight called at several sites is one layer, planned once on the statistics of all
-    its calls."""
+    the model's). A weight called at several sites is one layer, planned once on the statistics of all its
+    calls."""
     new = one_site_per_weight(sites, new, lambda i: sites[i].weight_index)
     layers = graph_layers(gm, sites, new, example_inputs)
     device = layers[0].weight.device
@@ -359,13 +361,13 @@ def quantize_sites(
 
 @torch.no_grad()
 def quantize_layers(
-    layers: list[Layer], stats: list[SiteStats | None], config: LowRAConfig, modules: Mapping[str, torch.nn.Module],
+    layers: list[Layer], stats: list[SiteStats | None], config: LowRAConfig, modules: Iterable[torch.nn.Module],
     batches: int | None, calibrate_seconds: float,
 ) -> None:
     """Quantize `layers` under one whole-model bit budget and attach the packed weights; `stats[j]` are
     layer j's statistics (None for all with calibrate="off"), from `batches` batches given to `quantize_`
-    (None: the first batch of a compiled model); `modules` are the model's, by name (LoftQ finds there the
-    adapters the quantizing call did not run: `adapters_the_call_skipped`).
+    (None: the first batch of a compiled model); `modules` are the model's (LoftQ finds there the adapters the
+    quantizing call did not run: `adapters_the_call_skipped`).
 
     Each weight also gets the seconds spent on it per stage (the report sums them): its own quantize,
     pack and LoftQ time, and an equal share of the calibration and the plan, which are whole-model."""
