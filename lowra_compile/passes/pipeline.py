@@ -209,8 +209,10 @@ def adapters_the_call_skipped(layers: list[Layer], modules: Iterable[torch.nn.Mo
     first step), its first active adapter, as if the call had run it: LoftQ and DoRA's start reach the adapter
     that will train. An adapter merged into the base is quantized with it for good (it cannot be unmerged):
     warns, naming them."""
-    owners = {id(m.base_layer.weight): m for m in modules  # LoRA's layers only: not IA3's, whose base_layer too
-              if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and hasattr(m, "base_layer")}
+    # LoRA's layers of a linear only: not IA3's (a base_layer too), nor LoRA on a mixture's experts (ParamWrapper,
+    # whose base_layer is the experts' module)
+    owners = {id(w): m for m in modules if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+              and isinstance(w := getattr(getattr(m, "base_layer", None), "weight", None), torch.Tensor)}
     started, merged = [], []
     for layer in layers:
         module = owners.get(id(layer.weight)) if layer.site.adapter is None else None
