@@ -53,11 +53,11 @@ def quantize_(
     hold_peft_experts(model.modules())  # one class for every layer's experts: one compiled frame serves all
     layers, stats, seconds = record_model(model, batches, options, config)
     if layers:
-        quantize_layers(layers, stats, config, list(bare_model(model).modules()), batches=len(batches),
-                        calibrate_seconds=seconds)
+        inner = bare_model(model)  # the module DDP wraps, inside a torch.compile wrapper
+        quantize_layers(layers, stats, config, list(inner.modules()), batches=len(batches), calibrate_seconds=seconds)
         for layer in layers:
             release(layer.weight)
-        leave_out_of_ddp_sync(bare_model(model))  # the module DDP wraps, inside a torch.compile wrapper
+        leave_out_of_ddp_sync(inner)
     return model
 
 

@@ -209,6 +209,8 @@ def adapters_the_call_skipped(layers: list[Layer], modules: Iterable[torch.nn.Mo
     first step), its first active adapter, as if the call had run it: LoftQ and DoRA's start reach the adapter
     that will train. An adapter merged into the base is quantized with it for good (it cannot be unmerged):
     warns, naming them."""
+    if all(layer.site.adapter is not None for layer in layers):  # the call ran every layer's adapter
+        return layers
     # LoRA's layers of a linear only: not IA3's (a base_layer too), nor LoRA on a mixture's experts (ParamWrapper,
     # whose base_layer is the experts' module)
     owners = {id(w): m for m in modules if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
