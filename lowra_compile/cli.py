@@ -62,7 +62,8 @@ def _output_file(text: str) -> Path:
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=2.0, help="average code bits per weight (budget)")
     p.add_argument("--choices", type=_widths, default=(1, 2, 3, 4), help="bit widths a channel may take, comma separated")
-    p.add_argument("--calibrate", default="fisher", choices=CALIBRATION)
+    p.add_argument("--calibrate", default="fisher", choices=CALIBRATION,
+                   help="sensitivity the plan weighs each channel's error by (README, Options)")
     p.add_argument("--window", type=_window, default=256, help="tokens per calibration window")
     # 4,096 tokens, what the demo calibrates on: below that the plan is worse and quantize_ says so
     p.add_argument("--windows", type=_count, default=16, help="calibration windows")
@@ -84,7 +85,7 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", default="eager", choices=INNER_COMPILERS,
                         help="compiler run on the rewritten graph (inductor compiles slowly on CPU)")
     parser.add_argument("--dora", action="store_true", help="PEFT's DoRA (a magnitude per output channel) instead of plain LoRA")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the text split, batch order, adapters and dropout")
 
 
 def plan_config(args: argparse.Namespace) -> LowRAConfig:
@@ -220,9 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--markdown", type=_output_file, help="write the report as a Markdown table to this file")
     rep.add_argument("--png", type=_output_file, help="plot bits per layer (and kernel times) to this PNG (matplotlib)")
     bench = sub.add_parser("bench", help="time one layer step on this device")
-    for name, default in (("m", 512), ("k", 1024), ("n", 1024), ("rank", 16), ("iters", 5)):
-        bench.add_argument(f"--{name}", type=_count, default=default)
-    bench.add_argument("--bits", type=float, default=2.0, choices=sorted(_BENCH_WIDTHS))
+    for name, default, meaning in (("m", 512, "tokens (rows of x)"), ("k", 1024, "input features"),
+                                   ("n", 1024, "output features"), ("rank", 16, "LoRA rank"),
+                                   ("iters", 5, "timed forward + backward steps, after 2 warm-up steps")):
+        bench.add_argument(f"--{name}", type=_count, default=default, help=f"{meaning} (default {default})")
+    bench.add_argument("--bits", type=float, default=2.0, choices=sorted(_BENCH_WIDTHS),
+                       help="code bits per weight of the random packed layer; 1.5 and 2.5 mix widths (default 2.0)")
     return parser
 
 
