@@ -221,7 +221,8 @@ def refuse_fsdp(sites: list[LinearSite]) -> None:
             "FSDP-sharded weights: FSDP gathers them dense for every forward, so a packed copy would save "
             "nothing, and the shards, the state_dict and the report would stay dense. A 1-4 bit base fits "
             "where a sharded dense one was needed: train without FSDP, the whole model on each GPU under "
-            "DistributedDataParallel (lowra_compile.quantize_(model, batches) on every rank, then DDP; README)."
+            "DistributedDataParallel (lowra_compile.quantize_(model, batches) on every rank, then DDP; docs/usage.md, "
+            "'Data-parallel training')."
         )
 
 
@@ -237,7 +238,8 @@ def refuse_ddp_split(site: LinearSite) -> None:
         "into (at DDP's gradient buckets), on stand-in tensors: lowra cannot calibrate it there nor plan the "
         "whole model's bit budget over the pieces. Quantize before DDP wraps the model: "
         "lowra_compile.quantize_(model, batches) on every rank (or load_quantized), then DDP(model) and "
-        "torch.compile; or set torch._dynamo.config.optimize_ddp = False before the first step (README)."
+        "torch.compile; or set torch._dynamo.config.optimize_ddp = False before the first step (docs/usage.md, "
+        "'Data-parallel training')."
     )
 
 

@@ -31,7 +31,7 @@ def test_every_lora_linear_is_packed_and_gradients_match_the_dequantized_model(a
 
 # DoRA where the layers differ from Llama's: x @ W.T (Falcon), fused q/k/v (Phi-3, GPT-NeoX), biased q/k/v
 # (Qwen2), weights stored (in, out) that PEFT's DoRA transposes (GPT-2's Conv1D); a one-off run of all 22
-# families packed and matched too (README)
+# families packed and matched too (docs/usage.md, "DoRA")
 @pytest.mark.parametrize("architecture", ["falcon", "gpt2", "gpt_neox", "phi3", "qwen2"])
 def test_every_dora_linear_is_packed_and_gradients_match_the_dequantized_model(architecture):
     model = tiny_peft_model(architecture, use_dora=True)

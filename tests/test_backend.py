@@ -1404,7 +1404,8 @@ def test_moving_a_quantized_model_to_where_it_is_costs_nothing_and_a_cast_moves_
 
 def _forget_graphs_before_torch_2_13():
     # Dynamo before 2.13 skips the guards of parameters whose module dicts did not change, so it runs the old
-    # graphs after an in-place `model.to(...)`, for any model (README): there the user, like this test, resets.
+    # graphs after an in-place `model.to(...)`, for any model (docs/usage.md,
+    # "Copies and moving the model"): there the user, like this test, resets.
     if torch.__version__ < "2.13":
         torch._dynamo.reset()
 

@@ -48,8 +48,9 @@ def test_a_packed_model_moves_to_meta_and_back_through_to_empty_and_load_quantiz
 
 
 def test_the_readmes_meta_and_back_recipe_restores_a_rope_models_outputs(tmp_path):
-    # load_state_dict brings back the buffers a state dict holds; RoPE's inv_freq is in none, so the README
-    # keeps every buffer across the move (without it the logits differed, silently)
+    # load_state_dict brings back the buffers a state dict holds; RoPE's inv_freq is in none, so the recipe in
+    # docs/usage.md ("The meta device and to_empty") keeps every buffer across the move (without it the logits
+    # differed, silently)
     from .tiny_models import batch, tiny_peft_llama
 
     data = batch(16)
@@ -148,8 +149,9 @@ def test_a_damaged_file_is_refused_naming_the_layer_before_any_layer_is_loaded(t
 
 
 def test_peft_adapters_saved_from_the_trainable_tensors_match_the_full_save_without_dequantizing(tmp_path, monkeypatch):
-    # README: PEFT's save_pretrained builds the whole state dict, every packed weight dequantized into host
-    # memory; given the trainable tensors it writes the same adapter file and dequantizes none
+    # docs/usage.md ("Saving the adapters alone"): PEFT's save_pretrained builds the whole state dict, every
+    # packed weight dequantized into host memory; given the trainable tensors it writes the same adapter file and
+    # dequantizes none
     from safetensors.torch import load_file
 
     from lowra_compile.passes import release

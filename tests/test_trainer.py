@@ -2,7 +2,8 @@
 
 Trainer's own `torch_compile_backend` only takes the backends accelerate lists, so the model is compiled in
 place (`nn.Module.compile`) and handed over as it is: Trainer still sees the PeftModel, its forward's
-arguments and its adapter checkpoints (README, "With the Hugging Face Trainer").
+arguments and its adapter checkpoints (README, "With the Hugging Face Trainer"; docs/usage.md, "Hugging Face
+Trainer details").
 """
 
 import pytest

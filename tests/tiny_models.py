@@ -96,7 +96,7 @@ def tiny_peft_model(architecture: str, seed: int = 0, **lora_kwargs):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **lora_kwargs)
     base = transformers.AutoModelForCausalLM.from_config(config)
     # GPT2LMHeadModel's name maps to no loss type: its first loss logs a warning, and that breaks the graph
-    # before the loss (what a user of GPT-2 sets too: README)
+    # before the loss (what a user of GPT-2 sets too: docs/usage.md, "GPT-2")
     base.loss_type = "ForCausalLM"
     model = get_peft_model(base, lora)
     model.train()
