@@ -47,7 +47,7 @@ def test_a_packed_model_moves_to_meta_and_back_through_to_empty_and_load_quantiz
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
-def test_the_readmes_meta_and_back_recipe_restores_a_rope_models_outputs(tmp_path):
+def test_the_meta_and_back_recipe_of_the_usage_docs_restores_a_rope_models_outputs(tmp_path):
     # load_state_dict brings back the buffers a state dict holds; RoPE's inv_freq is in none, so the recipe in
     # docs/usage.md ("The meta device and to_empty") keeps every buffer across the move (without it the logits
     # differed, silently)
