@@ -1231,6 +1231,31 @@ def test_bfloat16_model_trains_as_the_dequantized_model():
     _assert_lora_grads_close(model, reference)
 
 
+@pytest.mark.parametrize("half", ["model.half()", "float16 autocast"])
+def test_a_float16_first_call_quantizes_and_trains_as_the_dequantized_model(half):
+    # float16 graphs take the loss gradients scaled (calibrate._loss_gradients), and the backend quantizes under
+    # no_grad: the scaled loss had no grad_fn, and the first call raised "element 0 of tensors does not require grad"
+    model = tiny_peft_llama()
+    if half == "model.half()":
+        model.half()
+    compiled = _compile(model)
+    data = batch(16)
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=half != "model.half()")
+    with autocast:
+        first = compiled(**data).loss
+    first.backward()
+    assert math.isfinite(first.item())
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
+    model.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(model)
+    with autocast:
+        out, ref = compiled(**data), reference(**data)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=1e-2)
+    _assert_lora_grads_close(model, reference)
+
+
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
 def test_training_under_autocast_matches_the_dequantized_model_under_autocast(inner):
     # Trainer(bf16=True) on a float32 model: accelerate runs the forward under torch.autocast, where each

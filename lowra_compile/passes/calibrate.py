@@ -226,7 +226,9 @@ def _loss_gradients(loss: Tensor, probes: list[Tensor], float16: bool) -> tuple[
     if not float16:
         return list(torch.autograd.grad(loss, probes, allow_unused=True)), 1.0
     for scale in _FP16_LOSS_SCALES:
-        grads = torch.autograd.grad(loss * scale, probes, allow_unused=True, retain_graph=scale > 1)
+        with torch.enable_grad():  # the backend quantizes under no_grad: `loss * scale` needs its grad_fn
+            scaled = loss * scale
+        grads = torch.autograd.grad(scaled, probes, allow_unused=True, retain_graph=scale > 1)
         finite = [torch.isfinite(g).all() for g in grads if g is not None]
         if scale == 1 or not finite or bool(torch.stack(finite).all()):  # one device sync per try
             return list(grads), scale
