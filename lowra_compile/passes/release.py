@@ -30,6 +30,8 @@ new device or dtype and recompile.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -116,12 +118,13 @@ class ReleasedWeight(torch.nn.Parameter):
                 x, w, bias = linear
                 return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
             if func in (Tensor.requires_grad_, Tensor.requires_grad.__set__) and isinstance(args[0], ReleasedWeight):
-                _refuse_training(args[0], args[1] if len(args) > 1 else kwargs.get("requires_grad", True))
+                _refuse_training(args[0], args[1] if len(args) > 1 else kwargs.get("requires_grad", True),
+                                 sys._getframe(1).f_code is _PARAMETER_NEW)
                 return func(*args, **kwargs)  # on the weight itself: PEFT freezes every base so, each dequantized before
             if func in _METADATA:
                 return func(*args, **kwargs)
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
-                return _detached(args[0])
+                return _detached(args[0], sys._getframe(1).f_code is _PARAMETER_NEW)
             if func == Tensor.data.__set__ and isinstance(args[0], ReleasedWeight) and isinstance(args[1], ReleasedWeight):
                 _adopt(args[0], args[1])  # Module._apply after a move or cast (`_converted`), or `p.data = p`
                 return None
@@ -227,24 +230,36 @@ def _refuse_write(p: "ReleasedWeight", func) -> None:
     )
 
 
-def _detached(p: "ReleasedWeight") -> Tensor:
-    """`p.detach()`: the dequantized weight on the CPU (see the module's docstring), or `p` itself on the meta
-    device, where there are no values to dequantize or copy: `model.to("meta")` wraps the moved weight in
-    `Parameter(...)`, which detaches it and wants a `ReleasedWeight` back. The weight is frozen, so
+# `Parameter(data, requires_grad)` of a tensor subclass is `data.detach().requires_grad_(requires_grad)`, and
+# raises unless that is of `data`'s class (torch's own message, naming detach()). Module._apply calls it on
+# every moved or cast weight under `torch.__future__.set_overwrite_module_params_on_conversion(True)` or
+# `set_swap_module_params_on_conversion(True)`, and `model.to("meta")` always.
+_PARAMETER_NEW = torch.nn.Parameter.__new__.__code__
+
+
+def _detached(p: "ReleasedWeight", for_parameter: bool = False) -> Tensor:
+    """`p.detach()`: the dequantized weight on the CPU (see the module's docstring), or `p` itself where a
+    dense copy would be wrong: on the meta device, which holds no values to dequantize or copy, and when
+    `Parameter(p, ...)` calls it (`for_parameter`: the caller's frame is `Parameter.__new__`), which wants a
+    `ReleasedWeight` back: `Parameter(p, requires_grad=False)` is then `p` itself, as `ReleasedWeight(p)` is,
+    and `Parameter(p)` (requires_grad=True) raises as unfreezing `p` does. The weight is frozen, so
     detaching it changes nothing else."""
-    if p.is_meta:
+    if p.is_meta or for_parameter:
         return p
     return dequantized(p).cpu()
 
 
-def _refuse_training(p: "ReleasedWeight", requires_grad: bool) -> None:
+def _refuse_training(p: "ReleasedWeight", requires_grad: bool, in_parameter: bool = False) -> None:
     """`p.requires_grad_(True)` (`model.requires_grad_(True)` calls it on every parameter): a packed weight has
-    no dense values to update and the packed op gives it no gradient, so it would stay as it is, silently."""
+    no dense values to update and the packed op gives it no gradient, so it would stay as it is, silently.
+    `in_parameter`: `torch.nn.Parameter(p)` asked, whose requires_grad is True unless given."""
     if requires_grad:
+        wrap = (" torch.nn.Parameter(w) asks for a trainable parameter by default; "
+                "torch.nn.Parameter(w, requires_grad=False) gives the packed weight itself." if in_parameter else "")
         raise RuntimeError(
             f"lowra: a quantized frozen weight of shape {tuple(p.shape)} cannot train: its dense storage is freed "
-            "and only its packed form is kept, which gets no gradient. Keep the packed layers frozen and unfreeze "
-            "the others by name, or lowra_compile.materialize(model) first to train every weight dense."
+            f"and only its packed form is kept, which gets no gradient.{wrap} Keep the packed layers frozen and "
+            "unfreeze the others by name, or lowra_compile.materialize(model) first to train every weight dense."
         )
 
 

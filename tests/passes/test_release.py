@@ -143,3 +143,37 @@ def test_wrapping_a_released_weight_again_gives_it_back_and_a_dense_value_a_para
         ReleasedWeight(p, requires_grad=True)
     dense = ReleasedWeight(torch.randn(8, 64), requires_grad=False)
     assert type(dense) is torch.nn.Parameter and not dense.requires_grad
+
+
+def test_a_released_weight_wrapped_in_a_frozen_parameter_is_itself_and_in_a_trainable_one_is_refused():
+    # Parameter(data) of a tensor subclass is data.detach(), which gave the dequantized CPU copy state_dict()
+    # wants, so torch raised its own "requires that detach() returns an instance of the same type"
+    p = _released(torch.randn(8, 64))
+    assert torch.nn.Parameter(p, requires_grad=False) is p and not p.requires_grad
+    with pytest.raises(RuntimeError, match=r"cannot train.*Parameter\(w, requires_grad=False\)"):
+        torch.nn.Parameter(p)
+    assert not p.requires_grad
+    assert type(p.detach()) is torch.Tensor  # state_dict()'s read stays a dense copy
+
+
+@pytest.mark.parametrize("flag", ["overwrite", "swap"])
+@pytest.mark.parametrize("convert", ["double", "half", "same dtype"])
+def test_a_model_with_a_released_weight_converts_under_torch_s_future_module_conversion_flags(flag, convert):
+    # Module._apply wraps every converted weight in Parameter(...) under these flags: torch raised its own
+    # detach() message (overwrite), or "Couldn't swap Linear.weight" (swap)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    p = model[0].weight = _released(torch.randn(8, 64))
+    dense = dequantized(p).clone()
+    dtype = {"double": torch.float64, "half": torch.float16, "same dtype": torch.float32}[convert]
+    setter = getattr(torch.__future__, f"set_{flag}_module_params_on_conversion")
+    setter(True)
+    try:
+        model.half() if convert == "half" else model.to(dtype)
+    finally:
+        setter(False)
+    w = model[0].weight
+    assert isinstance(w, ReleasedWeight) and w.dtype == dtype and not w.requires_grad
+    assert w is p if flag == "swap" else True  # swap keeps the Parameter object; overwrite may replace it
+    torch.testing.assert_close(dequantized(w), dense.to(dtype), rtol=0, atol=0)
+    x = torch.randn(2, 64, dtype=dtype)
+    torch.testing.assert_close(model(x), torch.nn.functional.linear(x, dense.to(dtype), model[0].bias))
