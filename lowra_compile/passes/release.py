@@ -123,6 +123,8 @@ class ReleasedWeight(torch.nn.Parameter):
                 return func(*args, **kwargs)  # on the weight itself: PEFT freezes every base so, each dequantized before
             if func in _METADATA:
                 return func(*args, **kwargs)
+            if func == Tensor.data.__get__ and isinstance(args[0], ReleasedWeight) and not torch.compiler.is_compiling():
+                return _data_alias(args[0])
             if func is Tensor.detach and isinstance(args[0], ReleasedWeight):
                 return _detached(args[0], sys._getframe(1).f_code is _PARAMETER_NEW)
             if func == Tensor.data.__set__ and isinstance(args[0], ReleasedWeight) and isinstance(args[1], ReleasedWeight):
@@ -247,6 +249,22 @@ def _detached(p: "ReleasedWeight", for_parameter: bool = False) -> Tensor:
     if p.is_meta or for_parameter:
         return p
     return dequantized(p).cpu()
+
+
+_PACKED_ATTRIBUTES = ("_lowra_weight", "_lowra_packed", "_lowra_group_size", "_lowra_seconds", "_lowra_transposed")
+
+
+def _data_alias(p: "ReleasedWeight") -> "ReleasedWeight":
+    """`p.data`: a released weight on `p`'s own (freed) storage and packed form, frozen, as `p.data` of a dense
+    weight is `p`'s values without autograd. Densified, it was a dequantized copy, so `w.data.mul_(...)`,
+    `w.data.copy_(...)` and `w.data[i] = v` (the writes an initialiser or a weight surgery makes) landed in it
+    and were lost without a word; on the alias they raise as on `p`, while reads (`w.data.float()`,
+    `F.linear(x, w.data)`, `w.data.shape`) read `p`'s packed form. No copy: the alias shares the packed tensors."""
+    alias = Tensor.data.__get__(p)  # a plain tensor on p's storage (size 0), without autograd
+    alias.__class__ = ReleasedWeight
+    for attr in _PACKED_ATTRIBUTES:
+        setattr(alias, attr, getattr(p, attr))
+    return alias
 
 
 def _refuse_training(p: "ReleasedWeight", requires_grad: bool, in_parameter: bool = False) -> None:
@@ -409,6 +427,6 @@ def materialize_weight(p: Tensor) -> None:
         with torch.no_grad():
             p.untyped_storage().resize_(dense.numel() * dense.element_size())
             p.copy_(dense)
-    for attr in ("_lowra_weight", "_lowra_packed", "_lowra_group_size", "_lowra_seconds", "_lowra_transposed"):
+    for attr in _PACKED_ATTRIBUTES:
         delattr(p, attr)
     p.__dict__.pop("_lowra_graphs", None)  # graphs compiled for its packed form (backend.BoundGraph)

@@ -177,3 +177,29 @@ def test_a_model_with_a_released_weight_converts_under_torch_s_future_module_con
     torch.testing.assert_close(dequantized(w), dense.to(dtype), rtol=0, atol=0)
     x = torch.randn(2, 64, dtype=dtype)
     torch.testing.assert_close(model(x), torch.nn.functional.linear(x, dense.to(dtype), model[0].bias))
+
+
+@pytest.mark.parametrize("write", ["mul_", "copy_", "setitem", "normal_"])
+def test_a_write_through_the_data_of_a_released_weight_is_refused_not_lost(write):
+    # w.data was densified: a dequantized copy, into which w.data.mul_(...) (an initialiser's, a weight surgery's)
+    # wrote and which was then dropped, silently
+    p = _released(torch.randn(8, 64))
+    before = dequantized(p).clone()
+    writes = {"mul_": lambda d: d.mul_(0.5), "copy_": lambda d: d.copy_(torch.zeros(8, 64)),
+              "setitem": lambda d: d.__setitem__(0, 1.0), "normal_": torch.nn.init.normal_}
+    with pytest.raises(RuntimeError, match="cannot write"):
+        writes[write](p.data)
+    torch.testing.assert_close(dequantized(p), before, rtol=0, atol=0)
+
+
+def test_reads_of_the_data_of_a_released_weight_read_its_packed_form_without_a_copy():
+    p = _released(torch.randn(8, 64))
+    data, dense, x = p.data, dequantized(p), torch.randn(3, 64)
+    assert isinstance(data, ReleasedWeight) and not data.requires_grad and data.shape == p.shape
+    assert data.data_ptr() == p.data_ptr() and data._lowra_packed is p._lowra_packed  # no dequantized copy
+    torch.testing.assert_close(data.float(), dense, rtol=0, atol=0)
+    torch.testing.assert_close(torch.nn.functional.linear(x, data), torch.nn.functional.linear(x, dense))
+    data.copy_(dense)  # its own values, as load_state_dict writes them: accepted, as on the weight itself
+    p.data = p.data
+    assert isinstance(p, ReleasedWeight) and torch.equal(dequantized(p), dense)
+    assert type(p.data.detach()) is torch.Tensor and type(p.data.clone()) is torch.Tensor
