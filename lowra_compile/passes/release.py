@@ -119,7 +119,7 @@ class ReleasedWeight(torch.nn.Parameter):
                 return torch.ops.lowra.lora_linear(x, x, list(w._lowra_packed), w._lowra_group_size, bias, None, None, 0.0)
             if func in (Tensor.requires_grad_, Tensor.requires_grad.__set__) and isinstance(args[0], ReleasedWeight):
                 _refuse_training(args[0], args[1] if len(args) > 1 else kwargs.get("requires_grad", True),
-                                 sys._getframe(1).f_code is _PARAMETER_NEW)
+                                 sys._getframe(1))
                 return func(*args, **kwargs)  # on the weight itself: PEFT freezes every base so, each dequantized before
             if func in _METADATA:
                 return func(*args, **kwargs)
@@ -267,18 +267,52 @@ def _data_alias(p: "ReleasedWeight") -> "ReleasedWeight":
     return alias
 
 
-def _refuse_training(p: "ReleasedWeight", requires_grad: bool, in_parameter: bool = False) -> None:
+# `Module.requires_grad_(True)` is `for p in self.parameters(): p.requires_grad_(True)`: the refusal of the first
+# packed weight comes after the parameters before it were unfrozen, and their earlier flags are gone by then
+# (nothing records them), so they cannot be set back; the error names them instead.
+_MODULE_REQUIRES_GRAD = torch.nn.Module.requires_grad_.__code__
+
+
+def _refuse_training(p: "ReleasedWeight", requires_grad: bool, caller=None) -> None:
     """`p.requires_grad_(True)` (`model.requires_grad_(True)` calls it on every parameter): a packed weight has
     no dense values to update and the packed op gives it no gradient, so it would stay as it is, silently.
-    `in_parameter`: `torch.nn.Parameter(p)` asked, whose requires_grad is True unless given."""
-    if requires_grad:
-        wrap = (" torch.nn.Parameter(w) asks for a trainable parameter by default; "
-                "torch.nn.Parameter(w, requires_grad=False) gives the packed weight itself." if in_parameter else "")
-        raise RuntimeError(
-            f"lowra: a quantized frozen weight of shape {tuple(p.shape)} cannot train: its dense storage is freed "
-            f"and only its packed form is kept, which gets no gradient.{wrap} Keep the packed layers frozen and "
-            "unfreeze the others by name, or lowra_compile.materialize(model) first to train every weight dense."
-        )
+    `caller`: the frame that asked, when known: `torch.nn.Parameter(p)` (whose requires_grad is True unless
+    given), or `Module.requires_grad_`, whose parameters before `p` it already unfroze (named in the error)."""
+    if not requires_grad:
+        return
+    code = getattr(caller, "f_code", None)
+    state = ""
+    if code is _PARAMETER_NEW:
+        state = (" torch.nn.Parameter(w) asks for a trainable parameter by default; "
+                 "torch.nn.Parameter(w, requires_grad=False) gives the packed weight itself.")
+    elif code is _MODULE_REQUIRES_GRAD and isinstance(caller.f_locals.get("self"), torch.nn.Module):
+        state = _unfrozen_before(caller.f_locals["self"], p)
+    raise RuntimeError(
+        f"lowra: a quantized frozen weight of shape {tuple(p.shape)} cannot train: its dense storage is freed "
+        f"and only its packed form is kept, which gets no gradient.{state} Keep the packed layers frozen and "
+        "unfreeze the others by name, or lowra_compile.materialize(model) first to train every weight dense."
+    )
+
+
+def _unfrozen_before(module: torch.nn.Module, p: "ReleasedWeight") -> str:
+    """What `module.requires_grad_(True)` changed before it reached the packed weight `p`, for the error."""
+    names = []
+    for name, q in module.named_parameters():
+        if q is p:
+            break
+        names.append(name)
+    else:
+        return ""
+    where = next((n for n, q in module.named_parameters() if q is p), "?")
+    if not names:
+        return f" requires_grad_(True) stopped at {where!r}, its first parameter: nothing was changed."
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f" requires_grad_(True) stopped at {where!r}, after setting requires_grad=True on the {len(names)} "
+        f"parameter(s) before it ({shown}), whatever they were; the parameters from {where!r} on are unchanged. "
+        "Set those back as you had them (e.g. model.get_parameter(name).requires_grad_(False) for each one that "
+        "was frozen, such as the embedding) before training."
+    )
 
 
 def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> None:

@@ -203,3 +203,19 @@ def test_reads_of_the_data_of_a_released_weight_read_its_packed_form_without_a_c
     p.data = p.data
     assert isinstance(p, ReleasedWeight) and torch.equal(dequantized(p), dense)
     assert type(p.data.detach()) is torch.Tensor and type(p.data.clone()) is torch.Tensor
+
+
+def test_unfreezing_a_model_names_the_parameters_it_unfroze_before_its_first_released_weight():
+    # Module.requires_grad_(True) unfreezes parameter after parameter: the refusal at the first packed weight left
+    # those before it (a frozen embedding) trainable, and the error did not say so. Their earlier flags are not
+    # recorded anywhere, so they cannot be set back: the error names them and says what to do
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8, bias=False))
+    model[0].requires_grad_(False)
+    model[1].weight = _released(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match=r"cannot train.*stopped at '1\.weight', after setting requires_grad=True "
+                                           r"on the 2 parameter\(s\) before it \('0\.weight', '0\.bias'\).*"
+                                           r"Set those back.*materialize"):
+        model.requires_grad_(True)
+    assert not model[1].weight.requires_grad
+    with pytest.raises(RuntimeError, match=r"stopped at 'weight', its first parameter: nothing was changed"):
+        model[1].requires_grad_(True)
