@@ -76,7 +76,16 @@ def peak_mib(fn, device: torch.device) -> float | None:
 
 def packed_at_budget(n: int, k: int, bits: float, device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     """Random packed tensors of an [n, k] weight whose rows average `bits` code bits."""
-    return random_packed_weight(n, k, WIDTH_MIX[bits], group_size=64, dtype=dtype, device=device, seed=seed).tensors()
+    return packed_widths(n, k, WIDTH_MIX[bits], device, dtype, seed)
+
+
+@functools.cache
+def packed_widths(n: int, k: int, widths: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Random packed tensors of an [n, k] weight whose rows take `widths` in turn. Built once per process and
+    argument set (the ops only read them): packing runs on the CPU, ~30 s for a Mixtral expert stack, which a
+    benchmark would otherwise pay again per token count, rank or M on the GPU machine's clock."""
+    return random_packed_weight(n, k, widths, group_size=64, dtype=dtype, device=device, seed=seed).tensors()
 
 
 def device_name(device: torch.device) -> str:

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import lowra_compile  # noqa: F401  (registers the ops and their kernels)
-from bench_utils import bench, bnb_available, device_and_dtype, environment, packed_at_budget, parser, write_json
+from bench_utils import (bench, bnb_available, device_and_dtype, environment, packed_at_budget, packed_widths, parser,
+                         write_json)
 from lowra_compile import codegen
 from lowra_compile.codegen import select
-from lowra_compile.runtime.synthetic import random_packed_weight
 
 MS = [1, 16, 128]
 SHAPES = [(4096, 4096), (4096, 11008)]  # (K, N)
@@ -38,7 +38,7 @@ def variants(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -
 
         w4, state = bnbf.quantize_4bit(w, quant_type="nf4")
         out["bnb NF4"] = lambda: bnb.matmul_4bit(x, w4.t(), quant_state=state)
-    two_bit = random_packed_weight(n, k, (2,), group_size=64, dtype=dtype, device=device).tensors()
+    two_bit = packed_widths(n, k, (2,), device, dtype)
     mix = packed_at_budget(n, k, 2.0, device, dtype)
     out["lowra 2-bit"] = lambda: torch.ops.lowra.lora_linear(x, x, two_bit, 64, None, None, None, 1.0)
     out["lowra 2.0 mix"] = lambda: torch.ops.lowra.lora_linear(x, x, mix, 64, None, None, None, 1.0)
