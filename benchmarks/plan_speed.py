@@ -21,9 +21,10 @@ import platform
 from pathlib import Path
 
 import torch
+import triton
 from tqdm.auto import tqdm
 
-from bench_utils import RESULTS, device_name
+from bench_utils import RESULTS, code_digest, device_name
 from lowra_compile.config import SCALES, LowRAConfig
 from lowra_compile.passes.gptq import LatestFactor
 from lowra_compile.passes.pipeline import codebook_fit, device_clock
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(device == "cuda" for _, device in runs) and not torch.cuda.is_available():
         parser.error("this run needs a CUDA GPU (7B: the shapes of Llama-2-7B; --device cpu runs it on the CPU, slowly)")
     date = datetime.date.today().isoformat()
-    result = {"date": date, "torch": torch.__version__, "host": platform.processor() or platform.machine(), "runs": []}
+    result = {"date": date, "torch": torch.__version__, "triton": triton.__version__, "code": code_digest(),
+              "host": platform.processor() or platform.machine(), "runs": []}
     for model, device in runs:
         row = time_model(model, torch.device(device), config)
         print(json.dumps(row), flush=True)
