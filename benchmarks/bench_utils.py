@@ -11,6 +11,7 @@ import argparse
 import datetime
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -105,11 +106,20 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device: torch.device) -> dict:
     import triton
 
     return {"device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "host": platform.node(), "code": code_digest()}
+            "torch": torch.__version__, "triton": triton.__version__, "host": platform.node(), "code": code_digest(),
+            # the baselines' versions (PEFT's LoRA and DoRA layers, bitsandbytes' NF4 kernels), read without importing
+            **{p: _version(p) for p in ("transformers", "peft", "bitsandbytes")}}
 
 
 def write_json(name: str, result: dict, out: Path | None) -> Path:
