@@ -120,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
             del steps
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    result = {"benchmark": "layer_step", "env": env, "dtype": str(dtype), "rows": rows, "dequant": dequant,
-              "kernels": kernels, "autotune": select.measured()}
-    write_json("layer_step" + "".join(f"_{s}" for s in args.shapes or []), result, args.out)
+            # after every (shape, rank): a GPU call cut off by its limit keeps what was measured before
+            result = {"benchmark": "layer_step", "env": env, "dtype": str(dtype), "rows": rows, "dequant": dequant,
+                      "kernels": kernels, "autotune": select.measured()}
+            write_json("layer_step" + "".join(f"_{s}" for s in args.shapes or []), result, args.out)
     if args.write_table and select.measured():
         select.save_table(args.write_table, select.measured(), note=f"measured by benchmarks/layer_step.py on {env['device']}, {env['date']}")
         print(f"selection table: {args.write_table}")
