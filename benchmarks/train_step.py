@@ -104,14 +104,16 @@ def run_variant(variant: str, quick: bool, inner: str | None, mixtral: bool = Fa
     model = build_model(quick, device, dtype, mixtral)
     if variant.startswith("bnb"):
         to_nf4(model, dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # transformers adds an input-requires-grad hook; non-reentrant checkpointing does not need it, and
-    # under torch.compile it breaks the graph before the first layer (the lowra plan would lose E[g^2]).
-    model.disable_input_require_grads()
     targets = ATTENTION if mixtral else TARGETS
     config = LoraConfig(r=4 if quick else 64, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                         use_dora=variant.endswith("DoRA"))
     model = get_peft_model(model, config)
+    # Checkpointing after get_peft_model: on a model already checkpointed, get_peft_model registers transformers'
+    # input-requires-grad hook a second time and the first one's handle is lost, so no call removes it.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers adds an input-requires-grad hook; non-reentrant checkpointing does not need it, and
+    # under torch.compile it breaks the graph before the first layer (the lowra plan would lose E[g^2]).
+    model.disable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
