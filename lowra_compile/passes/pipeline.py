@@ -339,7 +339,8 @@ class _HessianFactors:
 GRAPH_FIX = (
     "The plan is better when the first call is a training batch with labels, the model computes the loss itself "
     "(Trainer computes it from the logits, outside the model, when label_smoothing_factor or compute_loss_func "
-    "is set or compute_loss is overridden, and so do trainers of preference losses), and the layers and the loss "
+    "is set or compute_loss is overridden, and so do trainers of preference losses; TRL's trainers replace the "
+    "forward's loss with a fused LM head that breaks the graph before it), and the layers and the loss "
     "are in one graph (no graph break between them: see torch._dynamo.explain; gradient checkpointing keeps one "
     "graph when it is non-reentrant, gradient_checkpointing_kwargs={'use_reentrant': False}, and "
     "model.disable_input_require_grads() removes the hook that breaks it), or when the model is quantized "
