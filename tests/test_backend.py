@@ -1156,6 +1156,8 @@ def test_a_base_with_a_merged_adapter_warns_that_it_is_quantized_for_good():
     [message] = [str(w.message) for w in caught if "merged into the base" in str(w.message)]
     assert "base_layer.weight" in message and "cannot be unmerged" in message
     assert not any(p.any() for n, p in model.named_parameters() if "lora_B" in n)  # no LoftQ on top of a merge
+    with pytest.raises(RuntimeError, match=r"unmerge_adapter write so.*cannot be unmerged"):
+        model.unmerge_adapter()  # its write into the packed base would be lost: it raises, naming the case
 
 
 @pytest.mark.parametrize("dora", [False, True])

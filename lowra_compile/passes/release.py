@@ -228,7 +228,9 @@ def _refuse_write(p: "ReleasedWeight", func) -> None:
         f"{tuple(p.shape)}: its dense storage is freed and only its packed form is kept, so the write would be lost. "
         "Leave the packed layers' weights as they are (an initialiser run through model.apply: skip the layers whose "
         "weight is a lowra ReleasedWeight), or lowra_compile.materialize(model) first to change them dense (compile "
-        "the model again to quantize the new values)."
+        "the model again to quantize the new values). PEFT's merge_and_unload, merge_adapter and unmerge_adapter "
+        "write so: to fold the adapters into the base, call lowra_compile.merge(model), which dequantizes first; an "
+        "adapter merged before the model was quantized is part of the packed base and cannot be unmerged."
     )
 
 
