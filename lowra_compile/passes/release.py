@@ -299,13 +299,12 @@ def _refuse_training(p: "ReleasedWeight", requires_grad: bool, caller=None) -> N
 def _unfrozen_before(module: torch.nn.Module, p: "ReleasedWeight") -> str:
     """What `module.requires_grad_(True)` changed before it reached the packed weight `p`, for the error."""
     names = []
-    for name, q in module.named_parameters():
+    for where, q in module.named_parameters():
         if q is p:
             break
-        names.append(name)
+        names.append(where)
     else:
         return ""
-    where = next((n for n, q in module.named_parameters() if q is p), "?")
     if not names:
         return f" requires_grad_(True) stopped at {where!r}, its first parameter: nothing was changed."
     shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
