@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 import lowra_compile
+from lowra_compile.codegen.dequant import free_scratch
 from lowra_compile.runtime.synthetic import random_packed_weight
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,9 +65,12 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -
 
 
 def peak_mib(fn, device: torch.device) -> float | None:
-    """Memory one call adds at its peak over what was allocated before it (CUDA only)."""
+    """Memory one call adds at its peak over what was allocated before it (CUDA only). The dequant paths' dense
+    scratch buffers (`codegen.dequant.scratch`, kept between calls) are released first, so that a path which
+    needs one counts it: it stays allocated as long as the model runs that path."""
     if device.type != "cuda":
         return None
+    free_scratch()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
