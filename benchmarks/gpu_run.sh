@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_run.sh tests      # the whole suite on CUDA tensors, kernels' tests first (xdist; failures streamed to failures.txt)
 #   bash benchmarks/gpu_run.sh kernels    # decode.py, grouped_step.py, then layer_step.py, side by side with the baselines
 #   bash benchmarks/gpu_run.sh plan       # plan_speed 7B (nearest, gptq) and the gptq_block kernel
-#   bash benchmarks/gpu_run.sh train      # train_step.py (lowra 2.0, bf16 LoRA, bnb QLoRA, lowra 1.5), Llama 7B
+#   bash benchmarks/gpu_run.sh train [train_step.py args]  # train_step.py (lowra 2.0, bf16 LoRA, bnb QLoRA, lowra 1.5),
+#                                         # Llama 7B; up to 420 s a variant, so a 600 s call may need two:
+#                                         # train --variants "lowra 2.0" "bf16 LoRA", then the rest (JSONs named apart)
 #   bash benchmarks/gpu_run.sh train-mixtral  # train_step.py --model mixtral (lowra 2.0 / 1.5, bf16 LoRA)
 #   bash benchmarks/gpu_run.sh dora       # dora_norm.py (PEFT's dense norm vs lowra's op), then train_step.py --dora
 #                                         # (bf16 DoRA, bnb QDoRA, lowra 2.0 DoRA), Llama 7B
@@ -71,7 +73,7 @@ case "$stage" in
     run layer_step.txt python benchmarks/layer_step.py
     ;;
   train)
-    run train_step.txt python benchmarks/train_step.py
+    run train_step.txt python benchmarks/train_step.py "$@"
     ;;
   train-mixtral)
     run train_step_mixtral.txt python benchmarks/train_step.py --model mixtral
