@@ -739,6 +739,80 @@ def test_a_recompile_of_checkpointed_layers_fuses_their_lora_branches_again(monk
         assert (got[name] - want[name]).abs().max() <= 1e-5, name
 
 
+class _HandWrittenLora(torch.nn.Module):
+    """Two frozen linears with a LoRA branch written by hand, as other fine-tuning libraries spell it."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.spelling, self.scaling, self.rank = spelling, 2.0, 4
+        self.base = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)
+        self.head = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)
+        self.lora_a = torch.nn.Linear(64, self.rank, bias=False)
+        self.lora_b = torch.nn.Linear(self.rank, 64, bias=False)
+        torch.nn.init.normal_(self.lora_b.weight, std=0.05)  # non-zero: the branch changes the output
+        self.trained_scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.register_buffer("channel_scales", torch.linspace(0.5, 2.0, 64))
+
+    def branch(self, x):
+        a, b = self.lora_a, self.lora_b
+        if self.spelling == "s * B(A(x))":  # torchtune's LoRALinear
+            return self.scaling * b(a(x))
+        if self.spelling == "(x @ A.T @ B.T) * s":  # litgpt's LoRALinear
+            return (x @ a.weight.transpose(0, 1) @ b.weight.transpose(0, 1)) * self.scaling
+        if self.spelling == "B(A(x)) / r":
+            return b(a(x)) / self.rank
+        if self.spelling == "B(A(x)) * trained s":
+            return b(a(x)) * self.trained_scale
+        if self.spelling == "B(A(x)) * s per channel":
+            return b(a(x)) * self.channel_scales
+        if self.spelling == "B(A(x)) * computed s":
+            return b(a(x)) * self.channel_scales.mean()
+        if self.spelling == "B(A(x)) * 0":
+            return b(a(x)) * 0.0
+        return b(a(x))  # no scaling
+
+    def forward(self, x):
+        if self.spelling == "add(y, B(A(x)) * s, alpha=a)":
+            h = torch.add(self.base(x), self.lora_b(self.lora_a(x)) * self.scaling, alpha=0.5)
+        else:
+            h = self.base(x) + self.branch(x)
+        return CausalLMOutput(loss=self.head(torch.relu(h)).pow(2).mean())
+
+
+@pytest.mark.parametrize("spelling", ["s * B(A(x))", "(x @ A.T @ B.T) * s", "B(A(x)) / r", "B(A(x))",
+                                      "B(A(x)) * trained s", "B(A(x)) * s per channel", "add(y, B(A(x)) * s, alpha=a)"])
+def test_a_lora_branch_written_by_hand_is_fused_and_trains_as_the_dequantized_model(spelling, monkeypatch):
+    # unscaled, divided, and litgpt's matrix products of the factors ran unfused, the branch as ordinary ops;
+    # a trainable scale was fused as a float and got no gradient, a per-channel one failed in the op, and
+    # torch.add's alpha was dropped (a wrong output): those now run unfused, beside the packed layer
+    graphs = []
+    rewrite = lowra_compile.backend.rewrite
+
+    def spy(*args, **kwargs):
+        gm, extra = rewrite(*args, **kwargs)
+        graphs.append(gm)
+        return gm, extra
+
+    monkeypatch.setattr(lowra_compile.backend, "rewrite", spy)
+    model, data = _HandWrittenLora(spelling), {"x": torch.randn(4, 8, 64)}
+    assert_trains_as_dequantized(model, data)
+    ops = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.lowra.lora_linear.default]
+    fused = [n.args[7] for n in ops if n.args[5] is not None]  # the head has no adapter
+    assert len(ops) == 2 and fused == {"s * B(A(x))": [2.0], "(x @ A.T @ B.T) * s": [2.0], "B(A(x)) / r": [0.25],
+                                       "B(A(x))": [1.0]}.get(spelling, [])
+
+
+@pytest.mark.parametrize("spelling", ["B(A(x)) * computed s", "B(A(x)) * 0"])
+def test_a_fresh_hand_written_adapter_with_a_computed_or_zero_scaling_trains_as_the_dequantized_model(spelling):
+    # B zero, so LoftQ would start the adapter from its scaling: it raised "cannot read the LoRA scaling from graph
+    # node" for a scaling computed in the forward (now unfused) and "needs a non-zero LoRA scaling" for 0 (now
+    # fused, not started: there is nothing to start)
+    model = _HandWrittenLora(spelling)
+    torch.nn.init.zeros_(model.lora_b.weight)
+    assert_trains_as_dequantized(model, {"x": torch.randn(4, 8, 64)})
+
+
 def test_multiple_active_adapters_fuse_the_first_and_warn():
     from peft import LoraConfig
 

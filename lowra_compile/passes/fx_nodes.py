@@ -10,6 +10,7 @@ from torch import fx
 
 ADD = (operator.add, torch.add)
 MUL = (operator.mul, torch.mul)
+DIV = (operator.truediv, torch.div)
 
 
 def is_linear(node: fx.Node) -> bool:

@@ -29,6 +29,9 @@ hands Dynamo the packed op directly (`release`), and only the flattening is left
                             None, None, 0.0)
     %y  = view(%y2, (B, T, N))
 
+A LoRA branch written with matrix products of its trainable factors (litgpt's `(x @ A.T @ B.T) * s`) becomes
+linears the same way, `linear(linear(x, A), B)`, the form PEFT's branch has.
+
 All right-hand forms are what `match` already knows (a LoRA branch added onto `%y` is then fused as
 usual). Only a transpose or a flattening whose one user is the product is rewritten, so nothing else
 reads it. Dynamo's own graph is left as it is: the result is a copy when there is anything to rewrite.
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from .fx_nodes import example_value, is_dequant, is_frozen_matrix, is_lowra_op
+from .fx_nodes import example_value, is_dequant, is_frozen_matrix, is_lowra_op, is_trainable_placeholder
 from .match import checkpoint_bodies
 from .rewrite import copy_graph_module
 
@@ -63,6 +66,12 @@ def _transposed(node) -> fx.Node | None:
 
 def _frozen_weight(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "placeholder" and is_frozen_matrix(example_value(node))
+
+
+def _trainable_factor(node) -> bool:
+    """A trainable 2-D graph input: a LoRA factor multiplied as `x @ A.T` (litgpt's LoRA), made a linear so that
+    `match` finds the branch (any other such product is a linear of a trainable weight all the same)."""
+    return is_trainable_placeholder(node) and example_value(node).dim() == 2
 
 
 _PRODUCTS = (operator.matmul, torch.matmul, torch.mm, "matmul", "mm", "__matmul__")  # x @ W, as a linear's
@@ -85,7 +94,7 @@ def _linear_form(node: fx.Node) -> tuple | None:
     if _frozen_weight(w):  # x @ W, W (in, out)
         return F.linear, (x, w, bias), True
     w = _transposed(w)
-    if _frozen_weight(w):
+    if _frozen_weight(w) or _trainable_factor(w):
         return F.linear, (x, w, bias), False
     if is_dequant(w):
         packed, _, group_size, _ = w.args

@@ -11,7 +11,8 @@ A site is one frozen linear, in one of two forms, optionally followed by a LoRA 
     %h  = linear(%xl, %A, None)
     %z  = linear(%h, %B, None)
     %m  = mul(%z, scaling)                # scaling: python float, or a SymFloat node under dynamic=True
-    %o  = add(%y, %m)
+    %o  = add(%y, %m)                     # (or mul(scaling, %z), truediv(%z, c); a hand-written LoRA
+                                          #  with trainable A and B may add %z itself: scaling 1)
 
 A mixture's experts stacked in one tensor and run by a grouped product are grouped sites (`match_experts`).
 `match_sites` only reads the graph (`sites` holds what it finds); `rewrite` turns each site into one
@@ -37,7 +38,7 @@ from torch import fx
 
 from ..config import skips
 from .fx_nodes import (
-    ADD, MUL, example_value, is_frozen_matrix, is_linear, is_lowra_op, is_placeholder, is_trainable_placeholder, linear_args,
+    ADD, DIV, MUL, example_value, is_frozen_matrix, is_linear, is_lowra_op, is_placeholder, is_trainable_placeholder, linear_args,
     only_user,
 )
 from .match_dora import dora_cast_reads, dora_read, packed_dora_read
@@ -62,16 +63,15 @@ _DERIVED_METHODS = {"mul", "div", "neg", "to", "float", "half", "bfloat16", "clo
 
 def _match_lora(base: fx.Node) -> LoraBranch | None:
     """The LoRA branch added onto `base`, if `base`'s only user is `add(base, mul(linear(linear(xl, A), B, bB), s))`
-    (bB, B's bias, may be None)."""
+    (bB, B's bias, may be None; the scaling as `_scaled`)."""
     add = only_user(base)
-    if add is None or add.op != "call_function" or add.target not in ADD or len(add.args) != 2:
+    # (no kwargs: torch.add's alpha scales the branch, and the op would drop it)
+    if add is None or add.op != "call_function" or add.target not in ADD or len(add.args) != 2 or add.kwargs:
         return None
-    other = add.args[1] if add.args[0] is base else add.args[0]
-    if not isinstance(other, fx.Node) or other.target not in MUL or len(other.users) != 1:
+    scaled = _scaled(add.args[1] if add.args[0] is base else add.args[0])
+    if scaled is None:
         return None
-    lin_b, scaling = other.args
-    if not isinstance(lin_b, fx.Node):
-        lin_b, scaling = scaling, lin_b
+    lin_b, scaling, scaling_nodes = scaled
     if not isinstance(lin_b, fx.Node) or not is_linear(lin_b) or len(lin_b.users) != 1:
         return None
     h, lora_b, b_bias = linear_args(lin_b)  # b_bias: a node, or None
@@ -80,9 +80,43 @@ def _match_lora(base: fx.Node) -> LoraBranch | None:
     x_lora, lora_a, a_bias = linear_args(h)
     if a_bias is not None or not _lora_factors(lora_a, lora_b):
         return None
-    if not isinstance(scaling, (int, float, fx.Node)):
+    if not scaling_nodes and not (is_trainable_placeholder(lora_a) and is_trainable_placeholder(lora_b)):
+        return None  # two frozen low-rank linears added unscaled: a base model's own layers, not an adapter
+    if not _constant_scalar(scaling):
         return None
-    return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, other, add), add, b_bias)
+    return LoraBranch(x_lora, lora_a, lora_b, scaling, (h, lin_b, *scaling_nodes, add), add, b_bias)
+
+
+def _constant_scalar(scaling: object) -> bool:
+    """Whether the packed op can take `scaling` as its float, and the pipeline read it for LoftQ: a number, a
+    graph input that is a symbolic one (dynamic=True) or a 0-dim tensor nothing trains (PEFT keeps the scaling
+    so for a compiled hotswap), or the `item()` of a graph input. A trainable scale would get no
+    gradient through the op, a per-channel one is no scalar, and one computed in the forward is no input: such a
+    branch runs unfused."""
+    if isinstance(scaling, (int, float)):
+        return True
+    if not isinstance(scaling, fx.Node):
+        return False
+    value = example_value(scaling)
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        # (PEFT's float scaling under dynamic=True: `item()` of a placeholder Dynamo made of it)
+        return is_placeholder(scaling) or (scaling.target == "item" and is_placeholder(scaling.args[0]))
+    return (is_placeholder(scaling) and isinstance(value, torch.Tensor) and value.dim() == 0
+            and not value.requires_grad and value.dtype.is_floating_point)
+
+
+def _scaled(branch: object) -> tuple[object, object, tuple[fx.Node, ...]] | None:
+    """(z, s, the nodes that scale z) of the branch a LoRA layer adds onto its base output: `mul(z, s)` or
+    `mul(s, z)` (PEFT's, torchtune's), `truediv(z, c)` of a number c (s = 1 / c), or `z` alone (s = 1: a
+    hand-written LoRA without a scaling)."""
+    if not isinstance(branch, fx.Node) or len(branch.users) != 1:
+        return None
+    if branch.target in MUL and len(branch.args) == 2 and not branch.kwargs:
+        z, s = branch.args
+        return (s, z, (branch,)) if isinstance(s, fx.Node) and is_linear(s) else (z, s, (branch,))
+    if branch.target in DIV and len(branch.args) == 2 and not branch.kwargs and isinstance(branch.args[1], (int, float)):
+        return (branch.args[0], 1 / branch.args[1], (branch,)) if branch.args[1] else None
+    return branch, 1.0, ()
 
 
 def _lora_factors(lora_a, lora_b) -> bool:

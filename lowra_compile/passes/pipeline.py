@@ -101,7 +101,9 @@ def graph_layers(gm: fx.GraphModule, sites: list[LinearSite], indices: list[int]
         fresh = not lora_b.any()
         scaling = _scaling_value(adapter.scaling, values) if fresh else None
         magnitude = values[adapter.magnitude] if fresh and adapter is site.dora else None
-        layers.append(Layer(site, weight, lora_a, lora_b, scaling, magnitude, loftq=fresh and lora_a.requires_grad))
+        # (a zero scaling leaves the adapter nothing to start: LoftQ divides by it)
+        layers.append(Layer(site, weight, lora_a, lora_b, scaling, magnitude,
+                            loftq=fresh and lora_a.requires_grad and scaling != 0))
     return layers
 
 

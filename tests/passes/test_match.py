@@ -107,6 +107,15 @@ def test_a_frozen_weight_scaled_or_sliced_before_its_linear_stays_dense_with_a_w
     assert "1 frozen weight(s) stay dense" in message and f"read by linear of {op}(W)" in message
 
 
+def test_two_frozen_low_rank_linears_added_unscaled_onto_a_frozen_one_are_three_sites_not_an_adapter():
+    # an unscaled branch is taken as a hand-written LoRA only with trainable factors: frozen, it is the base
+    # model's own layers (a bottleneck beside a projection), each quantized; fused as an adapter they stayed dense
+    base, down, up = (torch.nn.Linear(k, n, bias=False).requires_grad_(False) for k, n in ((32, 32), (32, 4), (4, 32)))
+    gm, _ = capture_graph(lambda x: base(x) + up(down(x)), torch.randn(2, 32))
+    sites = match_sites(gm)
+    assert len(sites) == 3 and all(s.lora is None for s in sites)
+
+
 def test_scaling_as_symfloat_under_dynamic_shapes():
     model = tiny_peft_llama()
     captured = []
