@@ -8,7 +8,7 @@ import torch
 from lowra_compile.passes.release import ReleasedWeight
 
 from .dequantized import assert_trains_as_dequantized
-from .tiny_models import batch, tiny_llama
+from .tiny_models import batch, tiny_llama, tiny_peft_model
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -28,6 +28,14 @@ VARIANTS = {
     "dora": ({"use_dora": True}, 14),
     "dora_dropout": ({"use_dora": True, "lora_dropout": 0.1}, 14),  # the base runs again on the dropped-out input
 }
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trainable_biases_of_packed_layers_get_the_gradients_of_the_dequantized_model(bias):
+    # PEFT's bias option unfreezes the base layers' biases: the packed op takes them as its bias input
+    model = tiny_peft_model("qwen2", bias=bias)  # q/k/v carry biases
+    got = assert_trains_as_dequantized(model, batch(16))
+    assert sum(n.endswith(".base_layer.bias") for n in got) == 6 and len(got) == 2 * 14 + 6
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
