@@ -1441,7 +1441,14 @@ def test_state_dict_gives_dequantized_cpu_copies_and_loads_only_the_same_values(
     model.load_state_dict(state)  # its own values: accepted, nothing changes
     assert all(isinstance(p, ReleasedWeight) for p in released.values())
 
+    model.load_state_dict({n: v.bfloat16() for n, v in state.items()})  # written in bf16: the same values
     name = next(iter(released))
+    # a merged LoRA update, 0.2% of the weight's norm: it passed the norm-wise allowance and was not applied
+    torch.manual_seed(0)
+    update = torch.randn(state[name].shape[0], 4) @ torch.randn(4, state[name].shape[1])
+    merged = dict(state, **{name: state[name] + 2e-3 * state[name].norm() / update.norm() * update})
+    with pytest.raises(RuntimeError, match=r"cannot write new values into a quantized frozen weight.*materialize"):
+        model.load_state_dict(merged)
     state[name] = state[name] + 0.1 * state[name].abs().mean()
     with pytest.raises(RuntimeError, match=r"cannot write new values into a quantized frozen weight.*materialize"):
         model.load_state_dict(state)
