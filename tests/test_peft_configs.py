@@ -87,3 +87,28 @@ def test_a_lorafa_adapter_with_a_frozen_a_is_fused_and_loftq_leaves_it_alone():
     assert len(got) == 14 and all(".lora_B." in n for n in got)
     fused = [e for e in lowra_compile.codegen.kernel_log() if e["op"] == "lora_linear" and e["rank"] == 4]
     assert sum(e["calls"] for e in fused) == 2 * 14  # both steps ran every adapted layer through the fused op
+
+
+# PEFT's other methods on the linears: each keeps the base layer's linear, which is packed, and runs its adapter
+# as ordinary ops beside the packed op (a scaled input, a rotation, a spectral update, ...)
+OTHER_METHODS = {
+    "adalora": lambda peft: peft.AdaLoraConfig(r=4, init_r=4, target_r=2, total_step=10, target_modules=LINEARS),
+    "vera": lambda peft: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]),
+    "ia3": lambda peft: peft.IA3Config(target_modules=LINEARS, feedforward_modules=["down_proj"]),
+    "oft": lambda peft: peft.OFTConfig(r=0, oft_block_size=8, target_modules=LINEARS),
+    "boft": lambda peft: peft.BOFTConfig(boft_block_size=8, target_modules=LINEARS),
+    "fourierft": lambda peft: peft.FourierFTConfig(n_frequency=16, target_modules=LINEARS),
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_another_peft_method_packs_every_base_linear_and_trains_as_the_dequantized_model(method):
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(), OTHER_METHODS[method](peft)).train()
+    with torch.no_grad():  # away from each method's start at the identity, so that every adapter changes the output
+        for p in model.parameters():
+            if p.requires_grad and p.dim() > 0:
+                p.add_(0.01 * torch.randn_like(p))
+    assert assert_trains_as_dequantized(model, batch(16))
+    assert sum(isinstance(p, ReleasedWeight) for p in model.parameters()) == 14
