@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -29,7 +30,9 @@ def lora_model(model: torch.nn.Module, rank: int, seed: int = 0, dora: bool = Fa
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
                         use_dora=dora)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT asks for transformers' deprecated is_gradient_checkpointing: not ours to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def run(args: argparse.Namespace) -> None:
