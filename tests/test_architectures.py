@@ -56,6 +56,25 @@ def test_a_sequence_classifier_packs_its_decoder_and_trains_its_saved_head_as_th
     assert len(got) == 2 * 6 + 1 and any("score" in n for n in got)  # LoRA A and B on 6 linears, the head
 
 
+def test_a_vision_transformer_packs_its_encoder_and_warns_of_nothing_left_dense():
+    # ViT's class token and position embeddings ([1, T, D] frozen parameters) were named in a warning that frozen
+    # weights (taken for a mixture's stacked experts) stay dense
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                    image_size=32, patch_size=8, num_labels=3)
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.ViTForImageClassification(config), LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear")).train()
+    data = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2])}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = assert_trains_as_dequantized(model, data)
+    assert not [str(w.message) for w in caught if "stay dense" in str(w.message)]
+    assert len(lowra_compile.report(model).layers) == 12 and len(got) == 2 * 12 + 2  # 6 linears a layer; the head
+
+
 @pytest.mark.parametrize("architecture", ["falcon", "gpt2"])
 def test_products_run_the_packed_op_with_its_lora_after_a_recompile_too(architecture, monkeypatch):
     """Falcon's x @ W.T reaches a recompile as a dequantization, GPT-2's Conv1D as the packed op on the

@@ -224,7 +224,7 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
                 frozen = is_frozen_matrix(example_value(w), dims=(2, 3))  # 3: stacked experts
                 if w in outer and frozen and is_parameter(outer[w]):  # not an activation after a graph break
                     other_products[placeholder_name(outer[w])] = _op_name(node)
-        elif node.op == "placeholder" and node in outer and is_parameter(outer[node]) and is_frozen_matrix(example_value(node), dims=(3,)):
+        elif node.op == "placeholder" and node in outer and is_parameter(outer[node]) and _stack_of_matrices(node):
             stacked[node] = placeholder_name(outer[node])
         if is_linear(node) and node not in adapters:
             x, w, bias = linear_args(node)
@@ -281,6 +281,13 @@ def _scan(graph: fx.Graph, outer: dict[fx.Node, fx.Node], index: dict[fx.Node, i
             other_products[name] = _op_name(readers[0])
     _warn_other_products(other_products, stacked, stays_dense)
     return sites
+
+
+def _stack_of_matrices(node: fx.Node) -> bool:
+    """A frozen 3-D parameter holding more than one matrix: a mixture's experts, not a tensor of one broadcast
+    over the batch (ViT's class token and position embeddings, [1, T, D]), which no product reads as weights."""
+    value = example_value(node)
+    return is_frozen_matrix(value, dims=(3,)) and value.shape[0] > 1
 
 
 def is_matmul(node: fx.Node) -> bool:
