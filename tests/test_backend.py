@@ -44,6 +44,19 @@ def _assert_lora_grads_close(model, reference, fraction: float = 3e-2):
         assert (grad - want[name]).abs().max() <= fraction * want[name].abs().max(), name
 
 
+def _rewritten_graphs(monkeypatch) -> list:
+    """The graphs the backend's rewrite pass returns from now on (a spy on `backend.rewrite`)."""
+    graphs, rewrite = [], lowra_compile.backend.rewrite
+
+    def spy(*args, **kwargs):
+        gm, extra = rewrite(*args, **kwargs)
+        graphs.append(gm)
+        return gm, extra
+
+    monkeypatch.setattr(lowra_compile.backend, "rewrite", spy)
+    return graphs
+
+
 def _train(compiled, model, steps: int) -> list[float]:
     """The user's unchanged loop: AdamW over the trainable parameters, loss.backward(), step."""
     opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
@@ -127,15 +140,7 @@ def test_lora_gradients_match_eager_model_on_dequantized_weights(inner, dynamic)
 
 
 def test_four_sequence_lengths_recompile_at_most_once_and_fuse_lora(monkeypatch):
-    graphs = []
-    rewrite = lowra_compile.backend.rewrite
-
-    def spy(*args, **kwargs):
-        gm, extra = rewrite(*args, **kwargs)
-        graphs.append(gm)
-        return gm, extra
-
-    monkeypatch.setattr(lowra_compile.backend, "rewrite", spy)
+    graphs = _rewritten_graphs(monkeypatch)
     model = tiny_peft_llama()
     compiled = _compile(model)
     counters.clear()
@@ -786,15 +791,7 @@ def test_a_lora_branch_written_by_hand_is_fused_and_trains_as_the_dequantized_mo
     # unscaled, divided, and litgpt's matrix products of the factors ran unfused, the branch as ordinary ops;
     # a trainable scale was fused as a float and got no gradient, a per-channel one failed in the op, and
     # torch.add's alpha was dropped (a wrong output): those now run unfused, beside the packed layer
-    graphs = []
-    rewrite = lowra_compile.backend.rewrite
-
-    def spy(*args, **kwargs):
-        gm, extra = rewrite(*args, **kwargs)
-        graphs.append(gm)
-        return gm, extra
-
-    monkeypatch.setattr(lowra_compile.backend, "rewrite", spy)
+    graphs = _rewritten_graphs(monkeypatch)
     model, data = _HandWrittenLora(spelling), {"x": torch.randn(4, 8, 64)}
     assert_trains_as_dequantized(model, data)
     ops = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.lowra.lora_linear.default]
