@@ -34,6 +34,7 @@ from .passes.release import packed_weight, quantized_with, release
 from .passes.rewrite import rewrite
 from .passes.sites import LinearSite
 from .passes.sources import MODULE_PATHS
+from .prequantized import warn_prequantized
 from .recompile_room import count_layer
 from .wrappers import bare_model
 
@@ -139,13 +140,17 @@ def _frame_module_paths() -> dict[str, str]:
     return paths
 
 
-def _frame_model_modules() -> list[torch.nn.Module]:
-    """The modules of the model whose piece Dynamo compiles: the outermost module call on the stack, else (a
-    compiled function that calls the model) the modules the compiled frame holds, in its locals, closure or
-    arguments ([] outside a compile)."""
+def _frame_model_roots() -> list[torch.nn.Module]:
+    """The model whose piece Dynamo compiles: the outermost module call on the stack, else (a compiled function
+    that calls the model) the modules the compiled frame holds, in its locals, closure or arguments ([] outside
+    a compile); each without its torch.compile or DDP wrapper."""
     calls = _module_calls()
-    roots = [calls[-1]] if calls else _frame_modules()
-    return [m for root in roots for m in bare_model(root).modules()]
+    return [bare_model(root) for root in ([calls[-1]] if calls else _frame_modules())]
+
+
+def _frame_model_modules() -> list[torch.nn.Module]:
+    """The modules of the model whose piece Dynamo compiles (`_frame_model_roots`)."""
+    return [m for root in _frame_model_roots() for m in root.modules()]
 
 
 def _module_calls() -> list[torch.nn.Module]:
@@ -287,10 +292,12 @@ def warn_kept_quantization(
 
 def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | LowRAConfig | None,
                 config: LowRAConfig) -> tuple[fx.GraphModule, list[LinearSite]]:
-    """`gm` with its linears written as such (`linear_forms`, a copy) and its sites; a graph with sites
-    raises under FSDP and warns when it asks other quantizing options of layers packed earlier."""
+    """`gm` with its linears written as such (`linear_forms`, a copy) and its sites; warns of layers another
+    library quantized; a graph with sites raises under FSDP and warns when it asks other quantizing options of
+    layers packed earlier."""
     gm = linear_forms(gm)
     gm.meta[MODULE_PATHS] = _frame_module_paths()
+    warn_prequantized(item for root in _frame_model_roots() for item in root.named_modules())
     sites = match_sites(gm, config.skip, config.pack_routers, _frame_holds_frozen_matrix)
     if sites:
         refuse_fsdp(sites)

@@ -810,6 +810,47 @@ def test_a_fresh_hand_written_adapter_with_a_computed_or_zero_scaling_trains_as_
     assert_trains_as_dequantized(model, {"x": torch.randn(4, 8, 64)})
 
 
+class _Int8Linear(torch.nn.Module):
+    """A linear layer another library quantized: int8 codes and a scale per row (as bitsandbytes' Linear8bitLt)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.weight = torch.nn.Parameter(torch.round(w / scale).to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype) * self.scale)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_layers_another_library_quantized_are_named_in_a_warning_and_run_as_they_are(ahead):
+    # a QLoRA user who kept quantization_config got bitsandbytes' base under backend="lowra", with no word that
+    # lowra packed none of those layers
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = _Int8Linear(layer.self_attn.q_proj)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"])).train()
+    message = r"lowra: 2 layer\(s\) hold weights another library quantized already \(e.g. '.*layers.0.self_attn.q_proj', a _Int8Linear\)"
+    with pytest.warns(UserWarning, match=message):
+        if ahead:
+            lowra_compile.quantize_(model, batch(16), QUIET)
+        else:
+            _compile(model)(**batch(16)).loss.backward()
+    assert len(lowra_compile.report(model).layers) == 12  # the other 6 linears of each layer are packed
+    assert_trains_as_dequantized(model, batch(16))
+
+
+def test_a_model_of_float_weights_gets_no_warning_of_another_library_s_quantization():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compile(tiny_peft_llama())(**batch(16)).loss.backward()
+    assert not [w for w in caught if "another library" in str(w.message)]
+
+
 def test_multiple_active_adapters_fuse_the_first_and_warn():
     from peft import LoraConfig
 
