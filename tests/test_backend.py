@@ -787,7 +787,7 @@ class _HandWrittenLora(torch.nn.Module):
 
 @pytest.mark.parametrize("spelling", ["s * B(A(x))", "(x @ A.T @ B.T) * s", "B(A(x)) / r", "B(A(x))",
                                       "B(A(x)) * trained s", "B(A(x)) * s per channel", "add(y, B(A(x)) * s, alpha=a)"])
-def test_a_lora_branch_written_by_hand_is_fused_and_trains_as_the_dequantized_model(spelling, monkeypatch):
+def test_a_lora_branch_written_by_hand_is_fused_where_the_op_can_take_its_scaling_and_trains_as_the_dequantized_model(spelling, monkeypatch):
     # unscaled, divided, and litgpt's matrix products of the factors ran unfused, the branch as ordinary ops;
     # a trainable scale was fused as a float and got no gradient, a per-channel one failed in the op, and
     # torch.add's alpha was dropped (a wrong output): those now run unfused, beside the packed layer
