@@ -228,10 +228,16 @@ def _refuse_write(p: "ReleasedWeight", func) -> None:
         f"{tuple(p.shape)}: its dense storage is freed and only its packed form is kept, so the write would be lost. "
         "Leave the packed layers' weights as they are (an initialiser run through model.apply: skip the layers whose "
         "weight is a lowra ReleasedWeight), or lowra_compile.materialize(model) first to change them dense (compile "
-        "the model again to quantize the new values). PEFT's merge_and_unload, merge_adapter and unmerge_adapter "
-        "write so: to fold the adapters into the base, call lowra_compile.merge(model), which dequantizes first; an "
-        "adapter merged before the model was quantized is part of the packed base and cannot be unmerged."
+        "the model again to quantize the new values). " + _MERGE_HINT
     )
+
+
+# what both write refusals say of PEFT's merges, which write the merged values into the base weight
+_MERGE_HINT = (
+    "PEFT's merge_and_unload, merge_adapter and unmerge_adapter write so: to fold the adapters into the base, call "
+    "lowra_compile.merge(model), which dequantizes first; an adapter merged before the model was quantized is part "
+    "of the packed base and cannot be unmerged."
+)
 
 
 # `Parameter(data, requires_grad)` of a tensor subclass is `data.detach().requires_grad_(requires_grad)`, and
@@ -327,10 +333,7 @@ def _copy_own_values(p: "ReleasedWeight", source: Tensor) -> None:
     if ((source - dense).abs() > 2**-7 * dense.abs() + 2**-24).any():
         raise RuntimeError(
             f"lowra: cannot write new values into a quantized frozen weight of shape {tuple(p.shape)}: its dense "
-            "storage is freed and only its packed form is kept. To merge LoRA adapters into the base (PEFT's "
-            "merge_and_unload), call lowra_compile.merge(model), which dequantizes first; PEFT's merge_adapter, the "
-            "merge it undoes later, has no packed form (the adapters already run inside the packed op), and an adapter "
-            "merged before the model was quantized is part of the packed base and cannot be unmerged. To resume on "
+            f"storage is freed and only its packed form is kept. {_MERGE_HINT} To resume on "
             "the same packed base, load_quantized the file save_quantized wrote into a fresh model, then its "
             "adapters. To load other weights, load the checkpoint before compiling, or "
             "lowra_compile.materialize(model), load it, and compile the model anew (which quantizes it again)."
