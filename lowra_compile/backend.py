@@ -297,7 +297,7 @@ def graph_sites(gm: fx.GraphModule, example_inputs: list, options: Mapping | Low
     layers packed earlier."""
     gm = linear_forms(gm)
     gm.meta[MODULE_PATHS] = _frame_module_paths()
-    warn_prequantized(item for root in _frame_model_roots() for item in root.named_modules())
+    warn_prequantized(_frame_model_roots())
     sites = match_sites(gm, config.skip, config.pack_routers, _frame_holds_frozen_matrix)
     if sites:
         refuse_fsdp(sites)

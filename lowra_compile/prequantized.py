@@ -9,6 +9,7 @@ runs it. A QLoRA user who adds `backend="lowra"` and keeps `quantization_config=
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -32,15 +33,24 @@ def prequantized_layers(named_modules: Iterable[tuple[str, torch.nn.Module]]) ->
     return found
 
 
-def warn_prequantized(named_modules: Iterable[tuple[str, torch.nn.Module]]) -> None:
-    """Warn, naming one, when layers among `named_modules` were quantized by another library."""
-    found = prequantized_layers(named_modules)
-    if found:
-        name, kind = found[0]
-        warnings.warn(
-            f"lowra: {len(found)} layer(s) hold weights another library quantized already (e.g. {name!r}, a "
-            f"{kind}): lowra packs floating-point weights only, so these stay as that library runs them. To have "
-            "lowra quantize them, load the model in bfloat16 without quantization_config (BitsAndBytesConfig, "
-            "GPTQ, AWQ, HQQ).",
-            stacklevel=3,
-        )
+# models already looked at: the backend asks for every graph it compiles (one per layer after a graph break in
+# each), and a model's layers keep their form
+_checked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def warn_prequantized(models: Iterable[torch.nn.Module]) -> None:
+    """Warn, naming one, when layers of `models` were quantized by another library; once per model."""
+    for model in models:
+        if model in _checked:
+            continue
+        _checked.add(model)
+        found = prequantized_layers(model.named_modules())
+        if found:
+            name, kind = found[0]
+            warnings.warn(
+                f"lowra: {len(found)} layer(s) hold weights another library quantized already (e.g. {name!r}, a "
+                f"{kind}): lowra packs floating-point weights only, so these stay as that library runs them. To "
+                "have lowra quantize them, load the model in bfloat16 without quantization_config "
+                "(BitsAndBytesConfig, GPTQ, AWQ, HQQ).",
+                stacklevel=3,
+            )
